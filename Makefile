@@ -1,0 +1,47 @@
+# Quick start: `make demo` and `make test`. Each sets up .venv first (created if missing, pinned requirements,
+# the package in editable mode, the optional selective-scan kernel). No other set-up step.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.requirements-installed
+KERNEL_STAMP := $(VENV)/.kernel-built
+KERNEL_SOURCES := $(shell find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name 'setup.py' \) 2>/dev/null)
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup kernels kernels-cpu test demo bench clean
+
+setup: $(SETUP_STAMP) $(KERNEL_STAMP)
+
+$(SETUP_STAMP): requirements.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+# The CPU selective-scan kernel is optional: when its build fails, everything runs on the `torch` backend.
+$(KERNEL_STAMP): $(SETUP_STAMP) $(KERNEL_SOURCES)
+	@SELECTIVE_SCAN_CUDA=0 $(PY) -m pip install -q --no-build-isolation ./kernels/selective_scan > $(VENV)/kernel-build.log 2>&1 \
+		&& echo "selective-scan CPU kernel built" \
+		|| echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log); using the 'torch' backend"
+	@touch $@
+
+kernels-cpu: $(KERNEL_STAMP)
+
+# CPU and CUDA kernels; CUDA target architectures come from TORCH_CUDA_ARCH_LIST (default below), never from a GPU.
+kernels: $(SETUP_STAMP)
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" SELECTIVE_SCAN_CUDA=1 \
+		$(PY) -m pip install -v --no-build-isolation ./kernels/selective_scan
+
+test: setup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+demo: setup
+	$(PY) -m classification.data.digits --root data/digits
+	$(PY) main.py --cfg configs/demo/digits.yaml --data-path data/digits --output output/demo
+
+bench: setup
+	$(PY) benchmarks/bench_selective_scan.py
+
+clean:
+	rm -rf $(VENV) build output *.egg-info

@@ -1,0 +1,1 @@
+"""DefMamba / DAMamba research framework: models, ops, data, config and training engine."""

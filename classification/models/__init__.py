@@ -1,0 +1,1 @@
+"""DefMamba and DAMamba models, the model registry and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""Utilities: checkpoints, distributed helpers, logging, FLOP counting. Imports torch only."""
