@@ -1,1 +1,3 @@
 """Ops shared by the model families. Every op comes with a plain-PyTorch ``*_ref`` twin of the same signature."""
+
+from .deformable import bilinear_sample, bilinear_sample_ref

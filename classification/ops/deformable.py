@@ -1,0 +1,81 @@
+"""Deformable-scan ops shared by the model families.
+
+Grouped bilinear point sampling with zero padding: the deformable sampling op of both families.
+
+DefMamba samples its features at deformed points (one group, ``grid_sample`` with ``align_corners=True`` in the
+release) and its offset-bias table at displacements; DAMamba's 1x1 DCNv3 samples each group of 16 channels at its own
+offsets (``align_corners=False``). Both are the same operation once the points are given in pixel-index coordinates,
+which is the convention here: pixel ``(i, j)`` of a map sits at ``(x, y) = (j, i)``, independent of the map size, so
+no side length ever divides anything (a 1-pixel side is fine).
+
+``bilinear_sample`` runs on ``torch.nn.functional.grid_sample``; ``bilinear_sample_ref`` is its plain-gather twin
+(same signature), written from the definition.
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+NUM_COORDS = 2  # (x, y)
+
+
+def _check_inputs(features: Tensor, points: Tensor) -> tuple[int, int]:
+    """Validates the layouts and returns (groups, channels per group)."""
+    if features.dim() != 4:
+        raise ValueError(f"features: expected (batch, channels, height, width), got shape {tuple(features.shape)}")
+    if points.dim() != 5 or points.shape[-1] != NUM_COORDS:
+        raise ValueError(
+            f"points: expected (batch, groups, out_height, out_width, 2), got shape {tuple(points.shape)}"
+        )
+    batch, channels = features.shape[:2]
+    groups = points.shape[1]
+    if points.shape[0] != batch:
+        raise ValueError(f"points: batch {points.shape[0]} does not match the features' batch {batch}")
+    if groups == 0 or channels % groups:
+        raise ValueError(f"points: {groups} groups do not divide the {channels} feature channels")
+    if points.dtype != features.dtype:
+        raise ValueError(f"points: dtype {points.dtype} differs from the features' dtype {features.dtype}")
+    return groups, channels // groups
+
+
+def bilinear_sample(features: Tensor, points: Tensor) -> Tensor:
+    """Samples each channel group of ``features`` at its own points, bilinearly, with zero padding.
+
+    A point contributes the bilinear mix of its four neighbouring pixels ``floor`` and ``floor + 1`` along x and y;
+    neighbours outside the map contribute zero, so a point outside ``(-1, W) x (-1, H)`` samples zero.
+
+    Args:
+        features: (batch, groups * group_channels, height, width). Group ``g`` is channels
+            ``g * group_channels ... (g + 1) * group_channels - 1``.
+        points: (batch, groups, out_height, out_width, 2), ``(x, y)`` in pixel-index coordinates.
+
+    Returns:
+        (batch, groups * group_channels, out_height, out_width), differentiable in ``features`` and ``points``.
+    """
+    groups, _ = _check_inputs(features, points)
+    height, width = features.shape[-2:]
+    grouped = rearrange(features, "b (g c) h w -> (b g) c h w", g=groups)
+    # Pixel-index coordinates -> grid_sample's align_corners=False normalisation (pixel k spans [k - 0.5, k + 0.5]).
+    scale = points.new_tensor([2.0 / width, 2.0 / height])
+    grid = rearrange((points + 0.5) * scale - 1.0, "b g h w xy -> (b g) h w xy")
+    sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return rearrange(sampled, "(b g) c h w -> b (g c) h w", g=groups)
+
+
+def bilinear_sample_ref(features: Tensor, points: Tensor) -> Tensor:
+    """Reference twin of :func:`bilinear_sample` (same signature): explicit four-neighbour gathers."""
+    groups, group_channels = _check_inputs(features, points)
+    height, width = features.shape[-2:]
+    out_height, out_width = points.shape[2:4]
+    flat = rearrange(features, "b (g c) h w -> b g c (h w)", g=groups)
+    x, y = points.unbind(-1)  # (batch, groups, out_height, out_width) each
+    x0, y0 = x.floor(), y.floor()
+    out = features.new_zeros(features.shape[0], groups, group_channels, out_height * out_width)
+    for corner_x, weight_x in ((x0, x0 + 1 - x), (x0 + 1, x - x0)):
+        for corner_y, weight_y in ((y0, y0 + 1 - y), (y0 + 1, y - y0)):
+            inside = (corner_x >= 0) & (corner_x <= width - 1) & (corner_y >= 0) & (corner_y <= height - 1)
+            index = (corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)).long()
+            index = rearrange(index, "b g h w -> b g 1 (h w)").expand(-1, -1, group_channels, -1)
+            weight = rearrange(weight_x * weight_y * inside, "b g h w -> b g 1 (h w)")
+            out = out + weight * torch.gather(flat, 3, index)
+    return rearrange(out, "b g c (h w) -> b (g c) h w", h=out_height)
