@@ -1,0 +1,164 @@
+"""Loading model weights: our own checkpoints and the released ones of each family.
+
+:func:`load_checkpoint` reads a file (or takes a dict), unwraps the state dict, converts its keys with the model
+family's checkpoint filter, then loads it, failing with a message that lists the missing, unexpected and mis-shaped
+keys.
+
+How a family provides its filter: the family module calls ``register_checkpoint_filter(ModelClass, filter_fn)`` once
+at import (e.g. ``register_checkpoint_filter(DefMamba, checkpoint_filter_fn)`` in ``defmamba.py``). The filter has
+timm's signature ``filter_fn(state_dict, model) -> state_dict``; it maps released key names (and layouts) to ours and
+passes keys that are already ours through unchanged. It is a pure key-by-key renaming / reshaping, so it also converts
+a partial dict or a dict of gradients keyed like the parameters. Subclasses of a registered class use its filter
+(lookup along the method resolution order). A model without a registered filter loads the state dict as it is.
+"""
+import logging
+import pickle
+import zipfile
+from os import PathLike
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+_logger = logging.getLogger(__name__)
+
+CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
+
+MAX_LISTED_KEYS = 10  # how many problem keys an error message names before giving the count
+STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
+EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
+DATA_PARALLEL_PREFIX = "module."
+
+_FILTERS: dict[type, CheckpointFilter] = {}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def register_checkpoint_filter(model_cls: type, filter_fn: CheckpointFilter) -> None:
+    """Declares ``filter_fn`` as the released-to-ours key converter of ``model_cls`` (and its subclasses)."""
+    _FILTERS[model_cls] = filter_fn
+
+
+def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
+    """The filter registered for ``model``'s class or its nearest registered base class, if any."""
+    for cls in type(model).__mro__:
+        if cls in _FILTERS:
+            return _FILTERS[cls]
+    return None
+
+
+def _read_file(path: Path, weights_only: bool) -> object:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated ({err})"
+        ) from err
+
+
+def _is_state_dict(candidate: object) -> bool:
+    return isinstance(candidate, Mapping) and all(
+        isinstance(key, str) and isinstance(value, Tensor) for key, value in candidate.items()
+    )
+
+
+def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) -> dict[str, Tensor]:
+    """Unwraps the weights of a checkpoint dict and strips the ``module.`` prefix of (Distributed)DataParallel.
+
+    Args:
+        checkpoint: A bare state dict, or a training checkpoint holding it under ``model`` / ``state_dict`` (and the
+            EMA weights under ``model_ema`` / ``state_dict_ema``).
+        use_ema: Take the EMA weights; an error when the checkpoint has none.
+
+    Returns:
+        The state dict, keys as stored apart from the prefix.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    entries = EMA_STATE_DICT_ENTRIES if use_ema else STATE_DICT_ENTRIES
+    state_dict = next((checkpoint[entry] for entry in entries if entry in checkpoint), None)
+    if state_dict is None:
+        if use_ema:
+            raise CheckpointError(
+                f"use_ema=True but the checkpoint has no {' / '.join(entries)} entry; entries: {sorted(checkpoint)}"
+            )
+        state_dict = checkpoint
+    if not _is_state_dict(state_dict):
+        raise CheckpointError(
+            f"no state dict found: expected a dict of tensors or one of the entries {STATE_DICT_ENTRIES}, "
+            f"got entries {_listing(sorted(map(str, checkpoint)))}"
+        )
+    return {
+        (key[len(DATA_PARALLEL_PREFIX):] if key.startswith(DATA_PARALLEL_PREFIX) else key): value
+        for key, value in state_dict.items()
+    }
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"[{shown}{more}]"
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | PathLike | Mapping[str, object],
+    strict: bool = True,
+    use_ema: bool = False,
+    weights_only: bool = False,
+) -> nn.modules.module._IncompatibleKeys:
+    """Loads our own or a released checkpoint into ``model``.
+
+    Args:
+        model: The model to fill (any dtype/device; tensors are copied into its parameters).
+        path_or_state_dict: A file written by ``torch.save``, or an already loaded checkpoint / state dict.
+        strict: Fail on missing or unexpected keys (shape mismatches always fail).
+        use_ema: Load the EMA weights of a training checkpoint.
+        weights_only: Passed to ``torch.load``; released training checkpoints hold a yacs config, which needs
+            ``False``. Only load files you trust when it is ``False``.
+
+    Returns:
+        The missing and unexpected keys (both empty when ``strict``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: the file is unreadable (corrupt, truncated), holds no state dict, or does not fit the model;
+            the message names the problem keys (the first few and their count).
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        checkpoint = path_or_state_dict
+    else:
+        checkpoint = _read_file(Path(path_or_state_dict), weights_only)
+    state_dict = extract_state_dict(checkpoint, use_ema=use_ema)
+    filter_fn = get_checkpoint_filter(model)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state_dict and state_dict[key].shape != value.shape
+    ]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches {_listing(mismatched)}")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+    if missing or unexpected:
+        _logger.warning(
+            "non-strict load into %s: %d missing keys %s, %d unexpected keys %s",
+            type(model).__name__, len(missing), _listing(missing), len(unexpected), _listing(unexpected),
+        )
+    return model.load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,205 @@
+"""Pieces shared by the model families: the timm model contract, implemented once.
+
+:class:`Backbone` gives a family ``forward_features``, ``forward_head``, ``forward``, ``get_classifier`` /
+``reset_classifier``, ``forward_intermediates`` / ``prune_intermediate_layers`` (timm's semantics),
+``set_grad_checkpointing`` and ``feature_info``. A family supplies its modules and three small hooks:
+
+- ``self.stem``: image (batch, in_chans, height, width) -> the first stage's input (in the family's layout);
+- ``self.stages``: ``nn.ModuleList``; stage ``i`` maps stage ``i - 1``'s output to its own output, which is the
+  intermediate that ``forward_intermediates`` returns (so a family that downsamples between stages does it at the
+  start of the next stage, and a family that normalises each stage's output does it at the stage's end); each stage
+  has a ``grad_checkpointing`` attribute that it honours;
+- ``self.head``: a module with a ``fc`` attribute (the classifier, ``nn.Identity`` when ``num_classes == 0``);
+- :meth:`Backbone.to_nchw`: a stage's output -> (batch, channels, height, width);
+- :meth:`Backbone.final_norm`: the head's normalisation of the last map (channels-first in and out), applied to the
+  last intermediate when ``forward_intermediates(norm=True)``; ``nn.Identity``-like when the family has none there;
+- :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
+"""
+import torch
+from timm.models import feature_take_indices
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+SUPPORTED_OUTPUT_FORMAT = "NCHW"
+SUPPORTED_GLOBAL_POOL = "avg"
+
+
+def trunc_normal_linear_init(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal Linear weights and zero biases, LayerNorm weight 1 and bias 0 (timm's ``_init_weights``)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Tensor:
+    """Runs ``blocks`` in order, each under activation checkpointing when asked (and when autograd records)."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def linear_drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over all blocks, split per stage."""
+    rates = torch.linspace(0, drop_path_rate, sum(depths), dtype=torch.float64).tolist()
+    starts = [sum(depths[:stage]) for stage in range(len(depths))]
+    return [rates[start:start + depth] for start, depth in zip(starts, depths)]
+
+
+class Backbone(nn.Module):
+    """Base class of both families: the timm model contract on top of ``stem``, ``stages`` and ``head``.
+
+    Subclasses set ``num_classes``, ``num_features`` (channels of the last map), ``head_hidden_size``,
+    ``feature_info`` (one ``dict(num_chs, reduction, module)`` per stage), ``stem``, ``stages``, ``head``, and
+    implement :meth:`to_nchw`, :meth:`final_norm` and :meth:`forward_head`.
+    """
+
+    num_classes: int
+    num_features: int
+    head_hidden_size: int
+    feature_info: list[dict[str, object]]
+    stem: nn.Module
+    stages: nn.ModuleList
+    head: nn.Module
+
+    def to_nchw(self, x: Tensor) -> Tensor:
+        """A stage's output -> (batch, channels, height, width)."""
+        raise NotImplementedError
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The head's normalisation of the last map, channels-first in and out."""
+        raise NotImplementedError
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Channels-first last map (batch, num_features, height, width) -> logits (batch, num_classes).
+
+        With ``pre_logits`` it returns the pooled features (batch, num_features) that the classifier reads.
+        """
+        raise NotImplementedError
+
+    def make_classifier(self, num_classes: int) -> nn.Module:
+        """A fresh classifier for ``num_classes`` (``nn.Identity`` for 0), on the model's device and dtype."""
+        if num_classes == 0:
+            return nn.Identity()
+        reference = next(self.parameters())
+        return nn.Linear(self.num_features, num_classes, device=reference.device, dtype=reference.dtype)
+
+    def get_classifier(self) -> nn.Module:
+        """The final classifier (timm API)."""
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces the classifier by a freshly initialised one for ``num_classes`` (0: pooled features out).
+
+        Args:
+            num_classes: New number of classes.
+            global_pool: timm's argument; only average pooling (``'avg'`` or ``None``) exists in these models.
+        """
+        if global_pool not in (None, SUPPORTED_GLOBAL_POOL):
+            raise ValueError(f"global_pool={global_pool!r}: these models only have {SUPPORTED_GLOBAL_POOL!r} pooling")
+        self.num_classes = num_classes
+        self.head.fc = self.make_classifier(num_classes)
+        if num_classes:
+            trunc_normal_linear_init(self.head.fc)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes each block's activations in the backward pass instead of storing them (same results)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image (batch, in_chans, height, width) -> last stage's map (batch, num_features, h, w), before the head."""
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.to_nchw(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Image (batch, in_chans, height, width) -> logits (batch, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = SUPPORTED_OUTPUT_FORMAT,
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Per-stage feature maps, timm's semantics.
+
+        Args:
+            x: Image (batch, in_chans, height, width).
+            indices: Stages to return: ``None`` all, an int ``n`` the last ``n``, a sequence the listed ones
+                (negative counts from the end).
+            norm: Apply the head's normalisation (:meth:`final_norm`) to the last stage's map when it is taken.
+            stop_early: Stop after the last taken stage (only with ``intermediates_only``).
+            output_fmt: Only ``'NCHW'`` (channels-first maps).
+            intermediates_only: Return only the maps.
+
+        Returns:
+            The list of maps (batch, channels_i, height_i, width_i), or ``(forward_features(x), maps)``.
+        """
+        if output_fmt != SUPPORTED_OUTPUT_FORMAT:
+            raise ValueError(f"output_fmt={output_fmt!r}: only {SUPPORTED_OUTPUT_FORMAT!r} is supported")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_index = len(self.stages) - 1
+        stages = self.stages[:max_index + 1] if stop_early and intermediates_only else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for index, stage in enumerate(stages):
+            x = stage(x)
+            if index in take_indices:
+                feature = self.to_nchw(x)
+                intermediates.append(self.final_norm(feature) if norm and index == last_index else feature)
+        if intermediates_only:
+            return intermediates
+        return self.to_nchw(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drops the stages after the last one in ``indices`` (and the classifier), timm's semantics.
+
+        Args:
+            indices: As in :meth:`forward_intermediates`.
+            prune_norm: Also drop the head's normalisation.
+            prune_head: Drop the classifier.
+
+        Returns:
+            The absolute indices of the kept stages to take.
+        """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        if prune_norm:
+            self.prune_final_norm()
+        return take_indices
+
+    def prune_final_norm(self) -> None:
+        """Replaces the head's normalisation by the identity."""
+        raise NotImplementedError
+
+
+def channels_last_to_first(x: Tensor) -> Tensor:
+    """(batch, height, width, channels) -> (batch, channels, height, width)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def channels_first_to_last(x: Tensor) -> Tensor:
+    """(batch, channels, height, width) -> (batch, height, width, channels)."""
+    return x.permute(0, 2, 3, 1)
+
