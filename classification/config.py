@@ -1,0 +1,276 @@
+"""Configuration: yacs defaults (one comment per key), yaml overrides, command-line overrides.
+
+``get_config(args)`` returns a frozen clone of the defaults merged with, in this order, the yaml file of ``--cfg``
+(and the files its ``BASE`` list names, relative to it), the command-line flags and ``--opts KEY VALUE ...``. An
+unknown key, a value of the wrong type or a missing yaml raises :class:`ConfigError` naming the key or the file,
+before any work starts. The learning rates in the frozen config are scaled linearly by
+``total batch / TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch x processes x accumulation steps).
+"""
+import argparse
+import ast
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode as CN
+
+AMP_MODES = ("bf16", "fp16", "off")
+MODEL_TYPES = ("defmamba", "damamba")
+SCAN_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
+
+_C = CN()
+_C.BASE = [""]  # yaml files (relative to the yaml that names them) merged before it; only meaningful inside yaml
+
+_C.DATA = CN()
+_C.DATA.BATCH_SIZE = 128  # images per process per step
+_C.DATA.DATA_PATH = ""  # dataset root holding train/ and val/ in ImageFolder layout
+_C.DATA.IMG_SIZE = 224  # side of the square training and evaluation crops
+_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation of the train and eval transforms
+_C.DATA.CROP_PCT = 0.875  # eval: resize the short side to IMG_SIZE / CROP_PCT, then centre-crop IMG_SIZE
+_C.DATA.NUM_WORKERS = 8  # data-loader worker processes per process (0 loads in the main process)
+_C.DATA.PIN_MEMORY = True  # pin host memory of batches (only used on CUDA)
+
+_C.MODEL = CN()
+_C.MODEL.TYPE = "defmamba"  # model family: defmamba | damamba (selects MODEL.DEFMAMBA or MODEL.DAMAMBA)
+_C.MODEL.NAME = "defmamba_tiny"  # registry name of the variant; also names the output sub-directory
+_C.MODEL.PRETRAINED = ""  # weights (released or ours) loaded with load_checkpoint before training/eval
+_C.MODEL.RESUME = ""  # training checkpoint to resume from (empty: auto-resume if TRAIN.AUTO_RESUME)
+_C.MODEL.NUM_CLASSES = 1000  # classifier outputs
+_C.MODEL.IN_CHANS = 3  # input image channels
+_C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (inside Mixup when Mixup/CutMix is on)
+_C.MODEL.SCAN_BACKEND = "auto"  # selective-scan backend: auto | cpu | cuda | triton | torch | ref
+
+_C.MODEL.DEFMAMBA = CN()
+_C.MODEL.DEFMAMBA.EMBED_DIM = 48  # stage-1 width C (stages are C, 2C, 4C, 8C)
+_C.MODEL.DEFMAMBA.DEPTHS = [2, 2, 5, 2]  # blocks per stage
+_C.MODEL.DEFMAMBA.D_STATE = 16  # SSM state size N
+_C.MODEL.DEFMAMBA.SSM_RATIO = 1.0  # SSM inner width / block width
+_C.MODEL.DEFMAMBA.MLP_RATIO = 4.0  # MLP hidden width / block width
+_C.MODEL.DEFMAMBA.DROP_RATE = 0.0  # dropout inside the MLP
+_C.MODEL.DEFMAMBA.DROP_PATH_RATE = 0.2  # stochastic depth, rising linearly to this over all blocks
+
+_C.MODEL.DAMAMBA = CN()
+_C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]  # stage widths
+_C.MODEL.DAMAMBA.DEPTHS = [3, 4, 12, 5]  # blocks per stage
+_C.MODEL.DAMAMBA.MLP_RATIOS = [4.0, 4.0, 3.0, 3.0]  # ConvFFN hidden width / block width, per stage
+_C.MODEL.DAMAMBA.LAYERSCALE = []  # indices of the stages with layer scale (empty: none)
+_C.MODEL.DAMAMBA.DROP_PATH_RATE = 0.15  # stochastic depth, rising linearly to this over all blocks
+
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0  # first epoch (overwritten when resuming)
+_C.TRAIN.EPOCHS = 300  # training epochs
+_C.TRAIN.WARMUP_EPOCHS = 20  # linear warm-up epochs (stepped per optimizer update)
+_C.TRAIN.WEIGHT_DECAY = 0.05  # AdamW decoupled weight decay of the decayed group
+_C.TRAIN.BASE_LR = 5e-4  # peak learning rate at TRAIN.LR_REFERENCE_BATCH images per update
+_C.TRAIN.WARMUP_LR = 5e-7  # warm-up start learning rate at the reference batch
+_C.TRAIN.MIN_LR = 5e-6  # cosine floor learning rate at the reference batch
+_C.TRAIN.LR_REFERENCE_BATCH = 512  # total batch the three learning rates refer to; 0 disables scaling
+_C.TRAIN.CLIP_GRAD = 5.0  # max global gradient norm (0 disables clipping)
+_C.TRAIN.AUTO_RESUME = True  # resume from the newest valid checkpoint in the output directory
+_C.TRAIN.ACCUMULATION_STEPS = 1  # steps whose gradients add up to one optimizer update
+_C.TRAIN.USE_CHECKPOINT = False  # activation (gradient) checkpointing in the model
+_C.TRAIN.NO_DECAY_SSM = False  # also exempt A_log, D, the dt bias and the offset-bias table from weight decay
+_C.TRAIN.SAVE_STEPS = 0  # also save the latest checkpoint every N updates within an epoch (0: epoch ends only)
+_C.TRAIN.DETERMINISTIC = False  # torch.use_deterministic_algorithms, no cudnn benchmark
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW epsilon
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
+
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLE = True  # keep an exponential moving average of the weights, evaluated alongside
+_C.TRAIN.EMA.DECAY = 0.9999  # EMA decay per optimizer update
+
+_C.TRAIN.MESA = CN()
+_C.TRAIN.MESA.WEIGHT = 0.0  # weight of the self-distillation loss from the EMA teacher (0 disables MESA)
+_C.TRAIN.MESA.START_EPOCH = 0  # first epoch with the MESA term
+
+_C.AUG = CN()
+_C.AUG.COLOR_JITTER = 0.4  # colour jitter strength (ignored when AUTO_AUGMENT is set)
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy ("" disables)
+_C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range
+_C.AUG.HFLIP = 0.5  # horizontal flip probability
+_C.AUG.REPROB = 0.25  # random erasing probability
+_C.AUG.REMODE = "pixel"  # random erasing fill mode
+_C.AUG.RECOUNT = 1  # random erasing boxes
+_C.AUG.MIXUP = 0.8  # mixup alpha (0 disables)
+_C.AUG.CUTMIX = 1.0  # cutmix alpha (0 disables)
+_C.AUG.MIXUP_PROB = 1.0  # probability of applying mixup or cutmix to a batch
+_C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of cutmix instead of mixup when both are on
+_C.AUG.MIXUP_MODE = "batch"  # mixup parameters per batch | pair | elem
+
+_C.AMP = "fp16"  # autocast precision: bf16 | fp16 (with a GradScaler) | off
+_C.OUTPUT = "output"  # output root; the run writes to OUTPUT/MODEL.NAME/TAG
+_C.TAG = "default"  # run name (output sub-directory)
+_C.SAVE_FREQ = 10  # keep a numbered checkpoint every N epochs (the latest/best ones are always written)
+_C.PRINT_FREQ = 10  # progress line every N steps
+_C.SEED = 0  # random seed (each process adds its rank for model randomness; data order uses SEED itself)
+_C.EVAL_MODE = False  # only evaluate
+_C.THROUGHPUT_MODE = False  # only measure throughput
+_C.THROUGHPUT_ITERS = 30  # timed forward passes of --throughput (after as many warm-up passes)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown key, wrong type, bad value or missing yaml."""
+
+
+def get_defaults() -> CN:
+    """A mutable copy of the defaults."""
+    return _C.clone()
+
+
+def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
+    """Checks ``value`` against the type of ``default`` (int -> float and list <-> tuple are allowed)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    elif isinstance(default, float) and isinstance(value, str):
+        try:  # yaml 1.1 reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        if default and value:
+            element = default[0]
+            value = [_coerce(f"{full_key}[{i}]", element, item, source) for i, item in enumerate(value)]
+        return type(default)(value)
+    elif type(default) is type(value):
+        return value
+    raise ConfigError(
+        f"{source}: {full_key} must be of type {type(default).__name__} (default {default!r}), got {value!r}"
+    )
+
+
+def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None:
+    for key, value in overrides.items():
+        full_key = f"{prefix}{key}"
+        if key not in cfg:
+            raise ConfigError(f"{source}: unknown config key {full_key}")
+        if isinstance(cfg[key], CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {full_key} is a section, got {value!r}")
+            _merge_dict(cfg[key], value, source, prefix=f"{full_key}.")
+        else:
+            cfg[key] = _coerce(full_key, cfg[key], value, source)
+
+
+def merge_yaml(cfg: CN, path: str | os.PathLike) -> None:
+    """Merges a yaml file (after the files of its ``BASE`` list) into ``cfg``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            overrides = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid yaml: {err}") from err
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(overrides).__name__}")
+    for base in overrides.pop("BASE", None) or []:
+        if base:
+            merge_yaml(cfg, path.parent / base)
+    _merge_dict(cfg, overrides, str(path))
+
+
+def _parse_value(text: str) -> Any:
+    """Reads a command-line value as a Python literal (number, bool, list, tuple), else keeps the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None = None) -> None:
+    """Sets one dotted key after checking that it exists and that ``value`` has its type.
+
+    ``text``, when given, is the unparsed command-line value, used as is for string keys.
+    """
+    node = cfg
+    *parents, leaf = full_key.split(".")
+    for part in parents:
+        if part not in node or not isinstance(node[part], CN):
+            raise ConfigError(f"{source}: unknown config key {full_key}")
+        node = node[part]
+    if leaf not in node or isinstance(node[leaf], CN):
+        raise ConfigError(f"{source}: unknown config key {full_key}")
+    if text is not None and isinstance(node[leaf], str):
+        value = text
+    node[leaf] = _coerce(full_key, node[leaf], value, source)
+
+
+def merge_opts(cfg: CN, opts: list[str]) -> None:
+    """Merges ``KEY VALUE`` pairs (dotted keys, values as Python literals or plain strings) into ``cfg``."""
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
+    for full_key, text in zip(opts[0::2], opts[1::2]):
+        _set_key(cfg, full_key, _parse_value(text), "--opts", text=text)
+
+
+def validate(cfg: CN) -> None:
+    """Checks values that a type check cannot (choices, ranges, consistency)."""
+    choices = {"AMP": (cfg.AMP, AMP_MODES), "MODEL.TYPE": (cfg.MODEL.TYPE, MODEL_TYPES),
+               "MODEL.SCAN_BACKEND": (cfg.MODEL.SCAN_BACKEND, SCAN_BACKENDS)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    positive = {"DATA.BATCH_SIZE": cfg.DATA.BATCH_SIZE, "TRAIN.ACCUMULATION_STEPS": cfg.TRAIN.ACCUMULATION_STEPS,
+                "TRAIN.EPOCHS": cfg.TRAIN.EPOCHS, "DATA.IMG_SIZE": cfg.DATA.IMG_SIZE, "PRINT_FREQ": cfg.PRINT_FREQ,
+                "SAVE_FREQ": cfg.SAVE_FREQ}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.TRAIN.MESA.WEIGHT > 0 and not cfg.TRAIN.EMA.ENABLE:
+        raise ConfigError("TRAIN.MESA.WEIGHT > 0 needs the EMA teacher: set TRAIN.EMA.ENABLE True")
+    if not 0.0 < cfg.DATA.CROP_PCT <= 1.0:
+        raise ConfigError(f"DATA.CROP_PCT must be in (0, 1], got {cfg.DATA.CROP_PCT}")
+
+
+def scale_learning_rates(cfg: CN, world_size: int) -> None:
+    """Scales BASE_LR, WARMUP_LR and MIN_LR by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release)."""
+    if cfg.TRAIN.LR_REFERENCE_BATCH <= 0:
+        return
+    total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
+    factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH
+    cfg.TRAIN.BASE_LR *= factor
+    cfg.TRAIN.WARMUP_LR *= factor
+    cfg.TRAIN.MIN_LR *= factor
+
+
+def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
+    """Builds the frozen run configuration.
+
+    Args:
+        args: Parsed ``main.py`` arguments (``cfg``, ``opts`` and the flags that map to single keys; a flag that
+            is None leaves its key alone).
+        world_size: Number of processes; default: the ``WORLD_SIZE`` environment variable (torchrun), else 1.
+
+    Returns:
+        The merged, validated, learning-rate-scaled and frozen config.
+
+    Raises:
+        ConfigError: On a missing yaml, an unknown key, a wrong type or an invalid value.
+    """
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = get_defaults()
+    if getattr(args, "cfg", None):
+        merge_yaml(cfg, args.cfg)
+    flag_keys = {
+        "batch_size": "DATA.BATCH_SIZE", "data_path": "DATA.DATA_PATH", "output": "OUTPUT", "tag": "TAG",
+        "resume": "MODEL.RESUME", "pretrained": "MODEL.PRETRAINED", "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+        "use_checkpoint": "TRAIN.USE_CHECKPOINT", "amp": "AMP", "eval": "EVAL_MODE", "throughput": "THROUGHPUT_MODE",
+        "model_ema": "TRAIN.EMA.ENABLE", "seed": "SEED", "scan_backend": "MODEL.SCAN_BACKEND",
+        "deterministic": "TRAIN.DETERMINISTIC",
+    }
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            _set_key(cfg, key, value, f"--{attr.replace('_', '-')}")
+    merge_opts(cfg, list(getattr(args, "opts", None) or []))
+    validate(cfg)
+    scale_learning_rates(cfg, world_size)
+    cfg.freeze()
+    return cfg

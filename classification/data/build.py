@@ -1,0 +1,231 @@
+"""ImageNet-style data: ImageFolder datasets, the release's timm transforms, resumable samplers, Mixup/CutMix.
+
+Every training sample is drawn with a key ``(index, sample_seed)`` where ``sample_seed`` is a function of
+(SEED, epoch, index) only. The dataset seeds the python/numpy/torch generators with it before applying the random
+transform, so a sample's augmentation depends neither on the worker that loads it nor on the number of processes,
+and a run resumed in the middle of an epoch sees exactly the batches the uninterrupted run would have seen.
+"""
+import dataclasses
+import hashlib
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import Mixup, create_transform
+from torch.utils.data import DataLoader, Sampler, default_collate, get_worker_info
+from torchvision.datasets import ImageFolder
+from yacs.config import CfgNode
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SPLIT = "train"
+VAL_SPLIT = "val"
+# What opening or decoding a bad image file raises.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+NUMPY_SEED_MODULUS = 2**32
+
+SampleKey = tuple[int, int]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the augmentation of sample ``index`` in ``epoch``."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder whose items are ``(image, target, skipped)``.
+
+    An unreadable image is logged and skipped: the next readable image (in index order, wrapping around) takes its
+    place, and ``skipped`` counts the files skipped for this item, so batches keep their size (which Mixup and
+    DDP need). Items may be fetched with a plain index or a :data:`SampleKey` (then the transform is seeded).
+    """
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        for skipped in range(len(self.samples)):
+            path, target = self.samples[(index + skipped) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except IMAGE_ERRORS as err:
+                logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                continue
+            return self._transform(image, seed), target, skipped
+        raise RuntimeError(f"no readable image in {self.root}")
+
+    def _transform(self, image: Image.Image, seed: int | None) -> torch.Tensor:
+        if self.transform is None:
+            raise ValueError("SafeImageFolder needs a transform that returns a tensor")
+        if seed is None:
+            return self.transform(image)
+        in_main_process = get_worker_info() is None
+        if in_main_process:  # leave the training process's generators as they were
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % NUMPY_SEED_MODULUS)
+        torch.manual_seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            if in_main_process:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def collate_with_skips(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stacks ``(image, target, skipped)`` items into images, targets and the number of skipped files."""
+    images, targets = default_collate([(image, target) for image, target, _ in batch])
+    return images, targets, sum(skipped for _, _, skipped in batch)
+
+
+class ResumableDistributedSampler(Sampler):
+    """Shards a per-epoch permutation over processes (like DistributedSampler) and can start mid-epoch.
+
+    Yields :data:`SampleKey` items. The permutation depends on (seed, epoch) only; the total is padded to a multiple
+    of ``num_replicas`` by repeating the first indices. Rank r takes positions r, r + R, r + 2R, ... so that the
+    union of the ranks' i-th batches is the i-th batch of a single process with R times the batch size.
+    """
+
+    def __init__(self, dataset_size: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__()
+        self.dataset_size = dataset_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_samples = math.ceil(dataset_size / num_replicas)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Selects the epoch's permutation and skips this rank's first ``start`` samples of it."""
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        padding = self.num_samples * self.num_replicas - self.dataset_size
+        order += (order * math.ceil(padding / self.dataset_size))[:padding]
+        mine = order[self.rank::self.num_replicas][self.start:]
+        return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in mine])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler):
+    """Evaluation sampler: rank r takes indices r, r + R, ... with no padding, so every image counts once."""
+
+    def __init__(self, dataset_size: int, num_replicas: int, rank: int):
+        super().__init__()
+        self.indices = list(range(rank, dataset_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclasses.dataclass
+class Data:
+    """Everything the training loop needs from the data side."""
+
+    train_set: SafeImageFolder
+    val_set: SafeImageFolder
+    train_sampler: ResumableDistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    mixup_fn: Mixup | None
+
+
+def check_image_folder(root: Path) -> None:
+    """Raises FileNotFoundError with a clear message when ``root`` is missing, has no class folder or no image."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    classes = [d for d in root.iterdir() if d.is_dir()]
+    if not classes:
+        raise FileNotFoundError(f"dataset folder {root} is empty: it needs one sub-folder of images per class")
+    if not any(f.is_file() for d in classes for f in d.iterdir()):
+        raise FileNotFoundError(f"dataset folder {root} holds class folders but no image files")
+
+
+def build_transform(config: CfgNode, is_train: bool) -> Callable:
+    """The release's timm transforms: RandAugment/random erasing for training, resize + centre crop for eval."""
+    if is_train:
+        return create_transform(
+            input_size=config.DATA.IMG_SIZE, is_training=True, scale=tuple(config.AUG.SCALE),
+            hflip=config.AUG.HFLIP, color_jitter=config.AUG.COLOR_JITTER,
+            auto_augment=config.AUG.AUTO_AUGMENT or None, interpolation=config.DATA.INTERPOLATION,
+            re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
+        )
+    return create_transform(input_size=config.DATA.IMG_SIZE, is_training=False,
+                            interpolation=config.DATA.INTERPOLATION, crop_pct=config.DATA.CROP_PCT)
+
+
+def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
+    """Train and val ImageFolders under DATA.DATA_PATH, checked for presence and matching classes."""
+    root = Path(config.DATA.DATA_PATH)
+    for split in (TRAIN_SPLIT, VAL_SPLIT):
+        check_image_folder(root / split)
+    train_set = SafeImageFolder(str(root / TRAIN_SPLIT), transform=build_transform(config, is_train=True))
+    val_set = SafeImageFolder(str(root / VAL_SPLIT), transform=build_transform(config, is_train=False))
+    if train_set.classes != val_set.classes:
+        only_train = sorted(set(train_set.classes) - set(val_set.classes))
+        only_val = sorted(set(val_set.classes) - set(train_set.classes))
+        raise ValueError(f"train/val class mismatch under {root}: only in train {only_train}, only in val {only_val}")
+    if len(train_set.classes) > config.MODEL.NUM_CLASSES:
+        raise ValueError(f"{root} has {len(train_set.classes)} classes but MODEL.NUM_CLASSES is "
+                         f"{config.MODEL.NUM_CLASSES}")
+    return train_set, val_set
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seeds python and numpy in a worker from its torch seed (torch seeds itself per worker)."""
+    worker_seed = torch.initial_seed() % NUMPY_SEED_MODULUS
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def build_mixup(config: CfgNode) -> Mixup | None:
+    """timm Mixup/CutMix with label smoothing, or None when both alphas are 0."""
+    if config.AUG.MIXUP <= 0 and config.AUG.CUTMIX <= 0:
+        return None
+    return Mixup(mixup_alpha=config.AUG.MIXUP, cutmix_alpha=config.AUG.CUTMIX, prob=config.AUG.MIXUP_PROB,
+                 switch_prob=config.AUG.MIXUP_SWITCH_PROB, mode=config.AUG.MIXUP_MODE,
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+
+
+def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) -> Data:
+    """Datasets, samplers and loaders for this process, plus the Mixup function.
+
+    Args:
+        config: Run configuration (DATA.*, AUG.*, MODEL.NUM_CLASSES, MODEL.LABEL_SMOOTHING, SEED).
+        rank: Global rank of this process.
+        world_size: Number of processes.
+        pin_memory: Pin batches in host memory (set when training on CUDA).
+    """
+    train_set, val_set = build_datasets(config)
+    train_sampler = ResumableDistributedSampler(len(train_set), world_size, rank, seed=config.SEED)
+    common = dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory and config.DATA.PIN_MEMORY,
+                  collate_fn=collate_with_skips, worker_init_fn=_seed_worker)
+    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=True,
+                              generator=torch.Generator().manual_seed(config.SEED), **common)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
+                         f"per process over {world_size} process(es)")
+    val_loader = DataLoader(val_set, sampler=ShardSampler(len(val_set), world_size, rank),
+                            batch_size=config.DATA.BATCH_SIZE, drop_last=False,
+                            generator=torch.Generator().manual_seed(config.SEED), **common)
+    return Data(train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
+                val_loader=val_loader, mixup_fn=build_mixup(config))

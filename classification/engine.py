@@ -1,0 +1,257 @@
+"""Training, evaluation and throughput loops. Explicit objects in, metric dicts out; no config, no globals."""
+import contextlib
+import datetime
+import logging
+import math
+import platform
+import time
+from typing import Callable
+
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from classification.utils.distributed import all_reduce_min, all_reduce_sum, is_distributed
+
+logger = logging.getLogger(__name__)
+
+TOP_K = (1, 5)
+THROUGHPUT_WARMUP_ITERS = 10
+
+# Called after every optimizer update with (epoch, steps done in the epoch, updates done in total).
+StepHook = Callable[[int, int, int], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (on any process)."""
+
+
+class AverageMeter:
+    """Running sum and count of a scalar, weighted by the number of items it covers."""
+
+    def __init__(self) -> None:
+        self.sum = 0.0
+        self.count = 0
+        self.last = 0.0
+
+    def update(self, value: float, n: int = 1) -> None:
+        """Adds ``value`` (the mean over ``n`` items)."""
+        self.last = value
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        """The mean so far (0 before any update)."""
+        return self.sum / max(self.count, 1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable device name (GPU model, or CPU architecture and thread count)."""
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    data_loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Scheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    epoch: int,
+    num_epochs: int,
+    *,
+    start_step: int = 0,
+    accumulation_steps: int = 1,
+    clip_grad: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    model_ema: ModelEmaV3 | None = None,
+    mixup_fn: Mixup | None = None,
+    mesa_weight: float = 0.0,
+    print_freq: int = 10,
+    step_hook: StepHook | None = None,
+) -> dict[str, float]:
+    """Trains one epoch (or its remainder after ``start_step`` batches).
+
+    Args:
+        model: The model, possibly wrapped in DistributedDataParallel.
+        criterion: Loss of (logits, targets); targets are soft when ``mixup_fn`` is given.
+        data_loader: Batches ``(images, targets, skipped)`` of the steps left in this epoch.
+        optimizer: Optimizer stepped once per ``accumulation_steps`` batches (and at the end of the epoch).
+        lr_scheduler: Per-update schedule, stepped with the total number of updates after each update.
+        scaler: Gradient scaler (enabled for fp16 autocast only).
+        device: Device of the model.
+        epoch: Epoch index (0-based).
+        num_epochs: Total epochs (for the progress line).
+        start_step: Batches of this epoch already trained (mid-epoch resume); a multiple of ``accumulation_steps``.
+        accumulation_steps: Batches whose gradients add up to one update.
+        clip_grad: Max global gradient norm (0: no clipping, the norm is still measured).
+        amp_dtype: Autocast dtype, or None for full precision.
+        model_ema: EMA of the weights, updated after each update; the MESA teacher.
+        mixup_fn: Mixup/CutMix applied to each batch.
+        mesa_weight: Weight of the self-distillation term from the EMA teacher (0: off).
+        print_freq: Progress line every this many steps.
+        step_hook: Called after every update (mid-epoch checkpoints).
+
+    Returns:
+        Mean loss, last learning rate, mean gradient norm, skipped images, images/s (all processes).
+
+    Raises:
+        NonFiniteLossError: When the loss is NaN or infinite on any process; no update is made with it.
+    """
+    if mesa_weight > 0 and model_ema is None:
+        raise ValueError("MESA needs the EMA model as its teacher")
+    model.train()
+    total_steps = start_step + len(data_loader)
+    updates_per_epoch = math.ceil(total_steps / accumulation_steps)
+    world_size = torch.distributed.get_world_size() if is_distributed() else 1
+    mesa_criterion = SoftTargetCrossEntropy()
+    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    skipped_images = 0
+    images_seen = 0
+    optimizer.zero_grad(set_to_none=True)
+    epoch_start = last = time.perf_counter()
+    for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        skipped_images += skipped
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        is_update = (step + 1) % accumulation_steps == 0 or step + 1 == total_steps
+        sync = contextlib.nullcontext() if is_update or not isinstance(model, DistributedDataParallel) \
+            else model.no_sync()
+        with sync:
+            with _autocast(device, amp_dtype):
+                outputs = model(images)
+                loss = criterion(outputs, targets)
+                if mesa_weight > 0:
+                    with torch.no_grad():
+                        teacher = torch.softmax(model_ema.module(images).float(), dim=-1)
+                    loss = loss + mesa_weight * mesa_criterion(outputs, teacher)
+            loss_value = loss.item()
+            finite = all_reduce_min(torch.tensor(float(math.isfinite(loss_value)), device=device))
+            if finite.item() == 0:
+                raise NonFiniteLossError(
+                    f"training loss is {loss_value} (on this or another process) at epoch {epoch} step {step}; "
+                    "stopping without saving. Lower the learning rate or try --amp bf16/off, and resume from the "
+                    "last good checkpoint."
+                )
+            scaler.scale(loss / accumulation_steps).backward()
+        if is_update:
+            scaler.unscale_(optimizer)
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates = epoch * updates_per_epoch + step // accumulation_steps + 1
+            if model_ema is not None:
+                model_ema.update(unwrap(model), step=num_updates)
+            lr_scheduler.step_update(num_updates=num_updates)
+            norm_meter.update(float(grad_norm))
+            if step_hook is not None:
+                step_hook(epoch, step + 1, num_updates)
+        loss_meter.update(loss_value, images.shape[0])
+        images_seen += images.shape[0]
+        now = time.perf_counter()
+        time_meter.update(now - last)
+        last = now
+        if (step + 1) % print_freq == 0 or step + 1 == total_steps:
+            eta = datetime.timedelta(seconds=int(time_meter.avg * (total_steps - step - 1)))
+            logger.info(
+                "Train [%d/%d][%d/%d] eta %s lr %.3e loss %.4f (%.4f) grad_norm %.3f (%.3f) %.1f img/s",
+                epoch, num_epochs, step + 1, total_steps, eta, optimizer.param_groups[0]["lr"], loss_meter.last,
+                loss_meter.avg, norm_meter.last, norm_meter.avg,
+                images_seen * world_size / max(now - epoch_start, 1e-9),
+            )
+    elapsed = time.perf_counter() - epoch_start
+    skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
+    if skipped_total:
+        logger.warning("epoch %d: %d unreadable training images skipped", epoch, skipped_total)
+    return {
+        "loss": loss_meter.avg, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_meter.avg,
+        "skipped_images": skipped_total, "images_per_sec": images_seen * world_size / max(elapsed, 1e-9),
+        "epoch_time": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Cross-entropy loss and top-1/top-5 accuracy (percent) over the loader, summed over processes.
+
+    Args:
+        model: The model (not wrapped in DistributedDataParallel: processes may see different batch counts).
+        data_loader: Batches ``(images, targets, skipped)``; each process holds its own shard.
+        device: Device of the model.
+        amp_dtype: Autocast dtype, or None for full precision.
+    """
+    model.eval()
+    top_k = list(TOP_K)
+    totals = torch.zeros(2 + len(top_k), dtype=torch.float64, device=device)  # loss sum, count, correct@k
+    skipped_images = 0
+    for images, targets, skipped in data_loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        skipped_images += skipped
+        with _autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        totals[1] += targets.numel()
+        ranked = logits.topk(min(max(top_k), logits.shape[-1]), dim=-1).indices
+        hits = ranked.eq(targets[:, None])
+        for i, k in enumerate(top_k):
+            totals[2 + i] += hits[:, :k].any(dim=-1).sum()
+    all_reduce_sum(totals)
+    skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
+    count = max(totals[1].item(), 1.0)
+    metrics = {"loss": totals[0].item() / count, "count": int(totals[1].item()), "skipped_images": skipped_total}
+    for i, k in enumerate(top_k):
+        metrics[f"acc{k}"] = 100.0 * totals[2 + i].item() / count
+    return metrics
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device: torch.device,
+               amp_dtype: torch.dtype | None = None, iters: int = 30,
+               warmup_iters: int = THROUGHPUT_WARMUP_ITERS) -> dict[str, float | str]:
+    """Inference images/s on random input, timed after ``warmup_iters`` untimed passes.
+
+    Returns:
+        ``images_per_sec``, ``batch_size``, ``img_size`` and ``device`` (named).
+    """
+    model.eval()
+    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with _autocast(device, amp_dtype):
+        for _ in range(warmup_iters):
+            model(images)
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(images)
+        synchronize()
+    elapsed = time.perf_counter() - start
+    return {"images_per_sec": batch_size * iters / elapsed, "batch_size": batch_size, "img_size": img_size,
+            "device": describe_device(device)}

@@ -1,0 +1,48 @@
+"""AdamW with the release's weight-decay policy.
+
+No weight decay for every 1-D parameter, every name ending in ``.bias`` and the names or keywords the model lists in
+``no_weight_decay()`` / ``no_weight_decay_keywords()``; every other parameter decays (as in both releases, that
+includes A_log and the offset-bias table). With ``no_decay_ssm`` the SSM parameters are exempt too: those the
+model helpers tagged ``param._no_weight_decay = True`` and, as a fallback, those whose last name component is in
+:data:`SSM_NO_DECAY_NAMES`.
+"""
+import logging
+
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+logger = logging.getLogger(__name__)
+
+# Last name components of A_log, D, the dt bias and the offset-bias table in our models and in the releases.
+SSM_NO_DECAY_NAMES = frozenset({"A_log", "A_logs", "D", "Ds", "dt_bias", "dt_projs_bias", "rpe_table",
+                                "offset_bias"})
+
+
+def split_weight_decay(model: nn.Module, no_decay_ssm: bool) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters that decay and of those that do not, in model order."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = (param.ndim <= 1 or name.endswith(".bias") or name in skip
+                  or any(keyword in name for keyword in keywords))
+        if no_decay_ssm:
+            exempt = exempt or getattr(param, "_no_weight_decay", False) or name.split(".")[-1] in SSM_NO_DECAY_NAMES
+        (no_decay if exempt else decay).append(name)
+    return decay, no_decay
+
+
+def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW over two groups, ``decay`` (TRAIN.WEIGHT_DECAY) and ``no_decay`` (0), at TRAIN.BASE_LR."""
+    decay, no_decay = split_weight_decay(model, config.TRAIN.NO_DECAY_SSM)
+    params = dict(model.named_parameters())
+    logger.info("weight decay on %d tensors, none on %d", len(decay), len(no_decay))
+    groups = [
+        {"params": [params[n] for n in decay], "weight_decay": config.TRAIN.WEIGHT_DECAY, "name": "decay"},
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
+                             eps=config.TRAIN.OPTIMIZER.EPS)
