@@ -1,0 +1,34 @@
+"""``build_model(config)``: the only reader of ``config.MODEL.*``; turns it into typed keyword arguments."""
+from torch import nn
+from yacs.config import CfgNode
+
+from .registry import create_model
+
+
+def model_kwargs(config: CfgNode) -> dict:
+    """Keyword arguments of the model constructor, one explicit entry per ``MODEL.<TYPE>.*`` key."""
+    model = config.MODEL
+    common = dict(num_classes=model.NUM_CLASSES, in_chans=model.IN_CHANS, scan_backend=model.SCAN_BACKEND)
+    if model.TYPE == "defmamba":
+        family = model.DEFMAMBA
+        return dict(common, embed_dim=family.EMBED_DIM, depths=tuple(family.DEPTHS), d_state=family.D_STATE,
+                    ssm_ratio=family.SSM_RATIO, mlp_ratio=family.MLP_RATIO, drop_rate=family.DROP_RATE,
+                    drop_path_rate=family.DROP_PATH_RATE)
+    if model.TYPE == "damamba":
+        family = model.DAMAMBA
+        return dict(common, dims=tuple(family.DIMS), depths=tuple(family.DEPTHS),
+                    mlp_ratios=tuple(family.MLP_RATIOS), layerscale=tuple(family.LAYERSCALE),
+                    drop_path_rate=family.DROP_PATH_RATE)
+    raise ValueError(f"MODEL.TYPE must be 'defmamba' or 'damamba', got {model.TYPE!r}")
+
+
+def build_model(config: CfgNode) -> nn.Module:
+    """The variant ``MODEL.NAME`` with every architecture key of ``MODEL.<TYPE>`` applied.
+
+    Args:
+        config: Run configuration; reads MODEL.TYPE, MODEL.NAME, MODEL.NUM_CLASSES, MODEL.IN_CHANS,
+            MODEL.SCAN_BACKEND and MODEL.DEFMAMBA.* or MODEL.DAMAMBA.*.
+    """
+    if not config.MODEL.NAME.startswith(config.MODEL.TYPE):
+        raise ValueError(f"MODEL.NAME {config.MODEL.NAME!r} is not a {config.MODEL.TYPE!r} variant (MODEL.TYPE)")
+    return create_model(config.MODEL.NAME, **model_kwargs(config))

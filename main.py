@@ -1,0 +1,293 @@
+"""Train, evaluate (``--eval``) or time (``--throughput``) a DefMamba / DAMamba model.
+
+Single process: ``python main.py --cfg configs/defmamba/tiny.yaml --data-path /data/imagenet``.
+Several GPUs or nodes: ``torchrun --nproc_per_node 8 main.py --cfg ...`` (``env://``; NCCL on GPU, gloo on CPU).
+The run writes to OUTPUT/MODEL.NAME/TAG: checkpoints, ``log.txt`` (one JSON line per epoch), ``train.log`` and
+TensorBoard scalars under ``tensorboard/``. A run restarted with the same output resumes from the newest valid
+checkpoint, in the middle of an epoch when TRAIN.SAVE_STEPS is set.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from yacs.config import CfgNode
+
+from classification.config import AMP_MODES, SCAN_BACKENDS, ConfigError, get_config
+from classification.data.build import build_eval_loader, build_loader
+from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
+from classification.lr_scheduler import build_scheduler
+from classification.models import build_model, load_checkpoint
+from classification.optim import build_optimizer
+from classification.utils import checkpoint as ckpt
+from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, cleanup
+from classification.utils.distributed import init_distributed
+from classification.utils.logging import setup_logging
+
+logger = logging.getLogger("main")
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+JSON_LOG_NAME = "log.txt"
+TENSORBOARD_DIR = "tensorboard"
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags; each one that is given overrides one config key (named in its help)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    flag = dict(action="store_const", const=True, default=None)
+    parser.add_argument("--cfg", help="yaml file of config overrides (e.g. configs/defmamba/tiny.yaml)")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides as KEY VALUE pairs, e.g. --opts TRAIN.EPOCHS 100 AUG.MIXUP 0.0")
+    parser.add_argument("--batch-size", type=int, help="images per process per step (DATA.BATCH_SIZE)")
+    parser.add_argument("--data-path", help="dataset root with train/ and val/ ImageFolders (DATA.DATA_PATH)")
+    parser.add_argument("--output", help="output root; the run writes to OUTPUT/MODEL.NAME/TAG (OUTPUT)")
+    parser.add_argument("--tag", help="run name, the last output sub-directory (TAG)")
+    parser.add_argument("--resume", help="training checkpoint to resume from (MODEL.RESUME); default: the newest "
+                        "valid checkpoint in the output directory")
+    parser.add_argument("--pretrained", help="weights to start from, released or ours (MODEL.PRETRAINED)")
+    parser.add_argument("--accumulation-steps", type=int, help="batches per optimizer update "
+                        "(TRAIN.ACCUMULATION_STEPS)")
+    parser.add_argument("--use-checkpoint", **flag, help="activation checkpointing to save memory "
+                        "(TRAIN.USE_CHECKPOINT)")
+    parser.add_argument("--amp", choices=AMP_MODES, help="autocast precision; fp16 uses a GradScaler (AMP)")
+    parser.add_argument("--eval", **flag, help="only evaluate: top-1/top-5 on val, params, GFLOPs (EVAL_MODE)")
+    parser.add_argument("--throughput", **flag, help="only measure inference images/s (THROUGHPUT_MODE)")
+    parser.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep and evaluate an EMA of the weights (TRAIN.EMA.ENABLE)")
+    parser.add_argument("--seed", type=int, help="random seed (SEED)")
+    parser.add_argument("--scan-backend", choices=SCAN_BACKENDS, help="selective-scan backend (MODEL.SCAN_BACKEND)")
+    parser.add_argument("--deterministic", **flag, help="deterministic algorithms and seeded workers "
+                        "(TRAIN.DETERMINISTIC)")
+    return parser.parse_args(argv)
+
+
+def output_dir_of(config: CfgNode) -> Path:
+    """OUTPUT/MODEL.NAME/TAG."""
+    return Path(config.OUTPUT) / config.MODEL.NAME / config.TAG
+
+
+def set_determinism(config: CfgNode, rank: int) -> None:
+    """Seeds python/numpy/torch with SEED + rank; deterministic algorithms when TRAIN.DETERMINISTIC."""
+    seed = config.SEED + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if config.TRAIN.DETERMINISTIC:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
+    """Soft-target CE after Mixup/CutMix (smoothing is inside Mixup), else label-smoothing CE or plain CE."""
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
+                             optimizer: torch.optim.Optimizer, lr_scheduler, scaler: torch.amp.GradScaler,
+                             epoch: int, step: int, num_updates: int, max_accuracy: float, config: CfgNode,
+                             is_main: bool) -> None:
+    """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+    rng_states = all_gather_objects(ckpt.capture_rng_state())
+    if not is_main:
+        return
+    ckpt.atomic_save({
+        "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
+        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
+        "max_accuracy": max_accuracy, "rng_states": rng_states, "config": config.dump(),
+    }, path)
+    logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
+
+
+def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
+    """``--eval``: top-1/top-5 on val, params and GFLOPs."""
+    loader = build_eval_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    metrics = evaluate(model, loader, ctx.device, amp_dtype)
+    from classification.utils.flops import model_flops  # TODO(h5): top-level once flops.py lands
+    flops = model_flops(model, config.DATA.IMG_SIZE)
+    logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %s",
+                metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"], count_parameters(model), flops)
+
+
+def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
+    """``--throughput``: inference images/s at DATA.BATCH_SIZE after warm-up."""
+    result = throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS, ctx.device,
+                        amp_dtype, iters=config.THROUGHPUT_ITERS)
+    logger.info("throughput: %.1f images/s (batch %d, %dx%d, amp %s) on %s", result["images_per_sec"],
+                result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"])
+
+
+def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
+          output_dir: Path) -> int:
+    """The epoch loop with resume, evaluation, checkpoints and logs. Returns the process exit status."""
+    data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    model_without_ddp = model
+    if ctx.distributed:
+        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    # After DDP construction, which broadcast rank 0's weights: every rank's EMA starts from the same weights.
+    model_ema = ModelEmaV3(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+    optimizer = build_optimizer(config, model_without_ddp)
+    updates_per_epoch = math.ceil(len(data.train_loader) / config.TRAIN.ACCUMULATION_STEPS)
+    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
+    criterion = build_criterion(config, mixup=data.mixup_fn is not None)
+
+    start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
+    resume_path = config.MODEL.RESUME
+    if not resume_path and config.TRAIN.AUTO_RESUME and ctx.is_main:
+        found = ckpt.find_resume_checkpoint(output_dir)
+        resume_path = str(found[0]) if found else ""
+    resume_path = broadcast_object(resume_path)
+    if resume_path:
+        checkpoint = ckpt.load_training_checkpoint(resume_path)
+        model_without_ddp.load_state_dict(checkpoint["model"])
+        if model_ema is not None and checkpoint.get("model_ema") is not None:
+            model_ema.module.load_state_dict(checkpoint["model_ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
+        max_accuracy = checkpoint.get("max_accuracy", 0.0)
+        rng_states = checkpoint.get("rng_states") or []
+        if len(rng_states) == ctx.world_size:
+            ckpt.restore_rng_state(rng_states[ctx.rank])
+        else:
+            logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
+                           len(rng_states), ctx.world_size)
+        logger.info("resumed from %s at epoch %d step %d", resume_path, start_epoch, start_step)
+        del checkpoint
+
+    save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                       scaler=scaler, config=config, is_main=ctx.is_main)
+    latest_path = output_dir / ckpt.LATEST_NAME
+    steps_per_epoch = len(data.train_loader)
+
+    def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
+        if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
+            save_training_checkpoint(latest_path, epoch=epoch, step=steps_done, num_updates=num_updates,
+                                     max_accuracy=max_accuracy, **save_kwargs)
+
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
+        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
+    logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
+                count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
+    start_time = time.time()
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
+        mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
+        try:
+            train_stats = train_one_epoch(
+                model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
+                config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
+                clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
+                mixup_fn=data.mixup_fn, mesa_weight=mesa_weight, print_freq=config.PRINT_FREQ,
+                step_hook=save_mid_epoch if config.TRAIN.SAVE_STEPS > 0 else None,
+            )
+        except NonFiniteLossError as err:
+            logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
+            return 1
+        start_step = 0
+        val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
+        ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
+        is_best = val_stats["acc1"] > max_accuracy
+        max_accuracy = max(max_accuracy, val_stats["acc1"])
+        max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
+        num_updates = (epoch + 1) * updates_per_epoch
+        position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy)
+        save_training_checkpoint(latest_path, **position, **save_kwargs)
+        if is_best:
+            save_training_checkpoint(output_dir / ckpt.BEST_NAME, **position, **save_kwargs)
+        if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
+            save_training_checkpoint(output_dir / ckpt.EPOCH_NAME.format(epoch=epoch), **position, **save_kwargs)
+        if model_ema is not None and ctx.is_main:
+            ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
+                             output_dir / ckpt.EMA_NAME)
+        logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
+                    val_stats["acc5"], max_accuracy,
+                    f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
+        if ctx.is_main:
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"val_{k}": v for k, v in val_stats.items()},
+                      **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
+                      "n_parameters": count_parameters(model_without_ddp)}
+            with open(output_dir / JSON_LOG_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+            writer.flush()
+    if writer is not None:
+        writer.close()
+    logger.info("training done in %.1f s; best val top-1 %.2f%% (EMA %.2f%%)", time.time() - start_time,
+                max_accuracy, max_accuracy_ema)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        config = get_config(args)
+    except ConfigError as err:
+        sys.stderr.write(f"config error: {err}\n")
+        return 2
+    ctx = init_distributed()
+    output_dir = output_dir_of(config)
+    setup_logging(output_dir, ctx.rank)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.dump())
+    logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
+    set_determinism(config, ctx.rank)
+    amp_dtype = AMP_DTYPES[config.AMP]
+    model = build_model(config)
+    if config.TRAIN.USE_CHECKPOINT:
+        model.set_grad_checkpointing(True)
+    if config.MODEL.PRETRAINED:
+        load_checkpoint(model, config.MODEL.PRETRAINED)
+        logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
+    model.to(ctx.device)
+    try:
+        if config.THROUGHPUT_MODE:
+            run_throughput(config, ctx, model, amp_dtype)
+            return 0
+        if config.EVAL_MODE:
+            if config.MODEL.RESUME:
+                load_checkpoint(model, config.MODEL.RESUME)
+                logger.info("loaded weights from %s", config.MODEL.RESUME)
+            run_eval(config, ctx, model, amp_dtype)
+            return 0
+        return train(config, ctx, model, amp_dtype, output_dir)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
