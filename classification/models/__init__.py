@@ -1,4 +1,5 @@
 """DefMamba and DAMamba models, the model registry and checkpoint loading."""
 from .checkpoint import CheckpointError, load_checkpoint, register_checkpoint_filter
 from .registry import create_model, is_model, list_models, register_model
+from .defmamba import DefMamba
 from .build import build_model

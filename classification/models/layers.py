@@ -16,7 +16,7 @@
 - :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
 """
 import torch
-from timm.models import feature_take_indices
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,7 +47,8 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Te
 
 def linear_drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
     """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over all blocks, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths), dtype=torch.float64).tolist()
+    # Always computed on the CPU, so that building a model under a meta-device context (to count parameters) works.
+    rates = torch.linspace(0, drop_path_rate, sum(depths), dtype=torch.float64, device="cpu").tolist()
     starts = [sum(depths[:stage]) for stage in range(len(depths))]
     return [rates[start:start + depth] for start, depth in zip(starts, depths)]
 

@@ -1,3 +1,4 @@
 """Ops shared by the model families. Every op comes with a plain-PyTorch ``*_ref`` twin of the same signature."""
 
 from .deformable import bilinear_sample, bilinear_sample_ref
+from .deformable import sort_tokens_straight_through, sort_tokens_straight_through_ref, unsort_tokens, unsort_tokens_ref

@@ -79,3 +79,85 @@ def bilinear_sample_ref(features: Tensor, points: Tensor) -> Tensor:
             weight = rearrange(weight_x * weight_y * inside, "b g h w -> b g 1 (h w)")
             out = out + weight * torch.gather(flat, 3, index)
     return rearrange(out, "b g c (h w) -> b (g c) h w", h=out_height)
+
+
+def _check_sort_inputs(features: Tensor, positions: Tensor) -> None:
+    if features.dim() != 3:
+        raise ValueError(f"features: expected (batch, channels, length), got shape {tuple(features.shape)}")
+    if positions.shape != (features.shape[0], features.shape[2]):
+        raise ValueError(
+            f"positions: expected (batch, length) = {(features.shape[0], features.shape[2])}, "
+            f"got {tuple(positions.shape)}"
+        )
+
+
+def scan_order(positions: Tensor) -> Tensor:
+    """The permutation that sorts ``positions`` (batch, length) ascending: ``order[b, j]`` is the j-th token."""
+    return torch.argsort(positions, dim=-1, stable=True)
+
+
+class _SortTokensStraightThrough(torch.autograd.Function):
+    """Gather in sorted order; straight-through gradient for the positions (see :func:`sort_tokens_straight_through`)."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        order = scan_order(positions)
+        ctx.save_for_backward(order)
+        ctx.mark_non_differentiable(order)
+        index = order.unsqueeze(1).expand_as(features)
+        return torch.gather(features, 2, index), order
+
+    @staticmethod
+    def backward(ctx, grad_sorted: Tensor, grad_order: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        (order,) = ctx.saved_tensors
+        grad_raster = torch.zeros_like(grad_sorted).scatter_(2, order.unsqueeze(1).expand_as(grad_sorted), grad_sorted)
+        grad_features = grad_raster if ctx.needs_input_grad[0] else None
+        grad_positions = (grad_sorted - grad_raster).mean(dim=1) if ctx.needs_input_grad[1] else None
+        return grad_features, grad_positions
+
+
+def sort_tokens_straight_through(features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Reorders tokens by ascending position, with DefMamba's straight-through gradient for the positions.
+
+    Forward: ``sorted[b, :, j] = features[b, :, order[b, j]]`` with ``order`` sorting ``positions[b]`` ascending.
+    Sorting has no gradient; the released DefMamba defines one, reproduced here exactly: with ``g_s`` the gradient
+    reaching ``sorted`` and ``g_o`` the same moved back to raster order (``g_o[:, :, order[j]] = g_s[:, :, j]``),
+    the features receive ``g_o`` and the positions receive ``mean over channels of (g_s - g_o)`` taken at the same
+    index ``l`` in both (one in sorted, one in raster order).
+
+    Args:
+        features: (batch, channels, length), tokens in raster order.
+        positions: (batch, length), each token's position on the scan line.
+
+    Returns:
+        ``sorted`` (batch, channels, length) and ``order`` (batch, length, int64, no gradient).
+    """
+    _check_sort_inputs(features, positions)
+    return _SortTokensStraightThrough.apply(features, positions)
+
+
+def sort_tokens_straight_through_ref(features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference twin of :func:`sort_tokens_straight_through` (same signature), from plain differentiable ops.
+
+    The straight-through rule comes from two terms whose value is exactly zero: ``(p - p.detach()) / C`` placed at
+    sorted index ``l`` contributes ``mean_c g_s[:, :, l]`` to the gradient of ``p[l]``; the same term gathered in sorted
+    order (raster index ``order[j]`` at sorted index ``j``) and subtracted contributes ``-mean_c g_o[:, :, l]``.
+    """
+    _check_sort_inputs(features, positions)
+    order = scan_order(positions.detach())
+    sorted_features = torch.gather(features, 2, order.unsqueeze(1).expand_as(features))
+    zero = (positions - positions.detach()) / features.shape[1]  # (batch, length), value 0
+    straight_through = zero - torch.gather(zero, 1, order)
+    return sorted_features + straight_through.unsqueeze(1), order
+
+
+def unsort_tokens(sorted_features: Tensor, order: Tensor) -> Tensor:
+    """Inverse of the scan order: ``out[b, :, order[b, j]] = sorted_features[b, :, j]`` (gather with the inverse)."""
+    inverse = torch.argsort(order, dim=-1)
+    return torch.gather(sorted_features, 2, inverse.unsqueeze(1).expand_as(sorted_features))
+
+
+def unsort_tokens_ref(sorted_features: Tensor, order: Tensor) -> Tensor:
+    """Reference twin of :func:`unsort_tokens` (same signature): a scatter to the raster positions."""
+    index = order.unsqueeze(1).expand_as(sorted_features)
+    return torch.zeros_like(sorted_features).scatter(2, index, sorted_features)

@@ -1,0 +1,518 @@
+"""DefMamba ("DefMamba: Deformable Visual State Space Model", CVPR 2025), exact to the released model.
+
+Architecture (spec ``defmamba.md``): conv stem -> four stages of pre-norm blocks (a DSSM token mixer and an MLP)
+with a stride-2 conv + LN downsampling at the start of stages 2-4 -> LN, global average pool, Linear. Activations
+between blocks are channels-last (batch, height, width, channels).
+
+The DSSM scans three sequences of the depthwise-conv features with one selective scan: raster order, reversed raster
+order, and the deformable sequence (features sampled at learned offsets plus a learned offset bias, in a learned
+order with the release's straight-through gradient). Their outputs are averaged back in raster order.
+
+Coordinates: the release samples with ``grid_sample(align_corners=True)`` on normalised grids; here every point is in
+pixel-index coordinates (``p = (g + 1) * (size - 1) / 2``), which simplifies to closed forms that never divide by
+``size - 1``. Side of length 1 (the release divides by zero there and returns NaN): the deformed point sits on the
+single pixel (no offset along that side), and the scan position of a single token is 0.
+
+Released checkpoints convert with :func:`checkpoint_filter_fn` (registered with :func:`load_checkpoint`).
+"""
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from torch import Tensor, nn
+
+from ..ops.deformable import bilinear_sample, sort_tokens_straight_through, unsort_tokens
+from ..ops.selective_scan import selective_scan_fn
+from .checkpoint import register_checkpoint_filter
+from .layers import (
+    Backbone,
+    channels_first_to_last,
+    channels_last_to_first,
+    linear_drop_path_rates,
+    run_blocks,
+    trunc_normal_linear_init,
+)
+from .registry import register_model
+
+__all__ = ["DefMamba", "checkpoint_filter_fn"]
+
+NUM_STAGES = 4
+NUM_SCAN_DIRECTIONS = 3  # raster, reversed raster, deformable
+RASTER, REVERSED, DEFORMABLE = range(NUM_SCAN_DIRECTIONS)
+NUM_OFFSET_CHANNELS = 3  # point offset (y, x) and the scan-index offset
+POINT_OFFSET_Y, POINT_OFFSET_X, INDEX_OFFSET = range(NUM_OFFSET_CHANNELS)
+STEM_STRIDE = 4
+DOWNSAMPLE_STRIDE = 2
+DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
+CHANNEL_ATTENTION_REDUCTION = 16
+OFFSET_BIAS_TABLE_SIZE = 7
+OFFSET_BIAS_TABLE_STD = 0.01
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4
+LAYER_NORM_EPS = 1e-5
+
+
+def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Tags ``param`` for the optional weight-decay exemption (TRAIN.NO_DECAY_SSM); the release decays it."""
+    param._no_weight_decay = True
+    return param
+
+
+class Stem(nn.Module):
+    """Conv 3x3/2 -> LN -> GELU -> Conv 3x3/2 -> LN: image (B, C_in, H, W) -> (B, H/4, W/4, dim)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2, eps=LAYER_NORM_EPS)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = channels_first_to_last(self.conv1(x))
+        x = channels_last_to_first(self.act(self.norm1(x)))
+        return self.norm2(channels_first_to_last(self.conv2(x)))
+
+
+class Downsample(nn.Module):
+    """Conv 3x3/2 (channels-first) -> LN: (B, H, W, in_dim) -> (B, ceil(H/2), ceil(W/2), out_dim)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=DOWNSAMPLE_STRIDE, padding=1)
+        self.norm = nn.LayerNorm(out_dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(channels_first_to_last(self.conv(channels_last_to_first(x))))
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-excitation gate: mean over H, W -> Linear -> GELU -> Linear -> Sigmoid, (B, D, H, W) -> (B, D)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = max(1, dim // CHANNEL_ATTENTION_REDUCTION)  # the release has dim // 16; widths < 16 need >= 1
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(2, 3))))))
+
+
+class OffsetNetwork(nn.Module):
+    """Predicts the raw offsets (B, 3, H, W) from features (B, D, H, W).
+
+    Depthwise conv k x k, gated by channel attention computed from the input, then LN -> GELU (LN first, as in the
+    release) and a bias-free 1x1 conv to the (y, x, index) offset channels.
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.channel_attention = ChannelAttention(dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.act = nn.GELU()
+        self.proj = nn.Conv2d(dim, NUM_OFFSET_CHANNELS, kernel_size=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gated = self.dwconv(x) * rearrange(self.channel_attention(x), "b d -> b d 1 1")
+        gated = channels_last_to_first(self.act(self.norm(channels_first_to_last(gated))))
+        return self.proj(gated)
+
+
+def deformed_coordinate(offset: Tensor, index: Tensor, size: int) -> Tensor:
+    """Pixel coordinate of the deformed points along one axis.
+
+    The release's normalised reference ``2 (i + 0.5) / (size - 1) - 1`` plus ``tanh(o) / (size - 1)`` is, in pixels,
+    ``i + 0.5 + tanh(o) / 2``. A side of length 1 has no offset: the point sits on its single pixel (coordinate 0).
+
+    Args:
+        offset: tanh of the raw offset, (batch, height, width).
+        index: Pixel index ``i`` along the axis, broadcastable to ``offset``.
+        size: Side length along the axis.
+
+    Returns:
+        (batch, height, width).
+    """
+    if size == 1:
+        return torch.zeros_like(offset)
+    return index + 0.5 + offset / 2
+
+
+class DeformableScan(nn.Module):
+    """The deformable sequence of the DSSM: sampled features with an offset bias, in the learned scan order."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.offset_net = OffsetNetwork(dim, kernel_size)
+        self.offset_bias_table = _no_weight_decay(
+            nn.Parameter(torch.empty(dim, OFFSET_BIAS_TABLE_SIZE, OFFSET_BIAS_TABLE_SIZE))
+        )
+        nn.init.trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
+
+    def deformed_points(self, point_offset: Tensor) -> Tensor:
+        """tanh'ed point offsets (B, 2, H, W) in (y, x) order -> deformed points (B, H, W, 2), pixel (x, y)."""
+        height, width = point_offset.shape[-2:]
+        rows = torch.arange(height, dtype=point_offset.dtype, device=point_offset.device)
+        cols = torch.arange(width, dtype=point_offset.dtype, device=point_offset.device)
+        y = deformed_coordinate(point_offset[:, POINT_OFFSET_Y], rows[:, None], height)
+        x = deformed_coordinate(point_offset[:, POINT_OFFSET_X], cols[None, :], width)
+        return torch.stack([x, y], dim=-1)
+
+    def offset_bias(self, points: Tensor, height: int, width: int) -> Tensor:
+        """The offset-bias table resized to (height, width), sampled at the displacement of each deformed point.
+
+        Args:
+            points: Deformed points (B, H, W, 2), pixel (x, y).
+
+        Returns:
+            (B, D, H, W).
+        """
+        table = F.interpolate(self.offset_bias_table.unsqueeze(0), size=(height, width), mode="bilinear",
+                              align_corners=False)
+        # Key grid linspace(0, size, size) in pixels; the release's displacement (key - p) / 2 in normalised units is
+        # (key - p) / 2 + (size - 1) / 2 in pixels of the resized table.
+        key_y = torch.linspace(0, height, height, dtype=points.dtype, device=points.device)
+        key_x = torch.linspace(0, width, width, dtype=points.dtype, device=points.device)
+        displacement_x = (key_x[None, None, :] - points[..., 0]) / 2 + (width - 1) / 2
+        displacement_y = (key_y[None, :, None] - points[..., 1]) / 2 + (height - 1) / 2
+        displacement = torch.stack([displacement_x, displacement_y], dim=-1)
+        return bilinear_sample(table.expand(points.shape[0], -1, -1, -1), displacement.unsqueeze(1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Features (B, D, H, W) -> the deformable sequence (B, D, H*W) in scan order and the order (B, H*W)."""
+        height, width = x.shape[-2:]
+        num_tokens = height * width
+        offsets = torch.tanh(self.offset_net(x))  # (B, 3, H, W)
+        points = self.deformed_points(offsets[:, :INDEX_OFFSET])
+        sampled = bilinear_sample(x, points.unsqueeze(1)) + self.offset_bias(points, height, width)
+        tokens = torch.arange(num_tokens, dtype=x.dtype, device=x.device)
+        # Reference scan positions 2 (l + 0.5) / (L - 1) - 1 (the release's half-cell shift); 0 for a single token.
+        reference = 2 * (tokens + 0.5) / (num_tokens - 1) - 1 if num_tokens > 1 else torch.zeros_like(tokens)
+        positions = reference + offsets[:, INDEX_OFFSET].flatten(1)
+        return sort_tokens_straight_through(sampled.flatten(2), positions)
+
+
+class DSSM(nn.Module):
+    """Deformable state-space token mixer: (B, H, W, dim) -> (B, H, W, dim).
+
+    Args:
+        dim: Block width.
+        d_state: SSM state size N.
+        ssm_ratio: Inner width / block width.
+        dt_rank: Rank R of the dt projection; None: ceil(inner width / 16).
+        offset_kernel_size: Kernel of the offset network's depthwise conv.
+        scan_backend: ``backend`` of :func:`classification.ops.selective_scan.selective_scan_fn`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int,
+        ssm_ratio: float,
+        dt_rank: int | None,
+        offset_kernel_size: int,
+        scan_backend: str,
+    ):
+        super().__init__()
+        inner = int(ssm_ratio * dim)
+        self.inner = inner
+        self.d_state = d_state
+        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(inner / DT_RANK_DIVISOR)
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
+        self.act = nn.SiLU()
+        self.deformable = DeformableScan(inner, offset_kernel_size)
+        self.x_proj_weight = nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, self.dt_rank + 2 * d_state, inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, inner, self.dt_rank))
+        self.dt_bias = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, inner)))
+        self.A_log = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS * inner, d_state)))
+        self.D = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS * inner)))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The release's SSM initialisation (x_proj, dt projection, A_log, D)."""
+        # Default nn.Linear init of each branch's x projection: U(+-1/sqrt(fan_in)).
+        bound = 1 / math.sqrt(self.inner)
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        dt_bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj_weight, -dt_bound, dt_bound)
+        log_dt = torch.rand_like(self.dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        dt = torch.exp(log_dt).clamp(min=DT_INIT_FLOOR)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        state_index = torch.arange(1, self.d_state + 1, dtype=self.A_log.dtype, device=self.A_log.device)
+        self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
+        nn.init.ones_(self.D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[1:3]
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
+        x = self.act(self.conv(channels_last_to_first(x)))  # (B, inner, H, W)
+        deformed, order = self.deformable(x)  # (B, inner, L), (B, L)
+        raster = x.flatten(2)
+        xs = torch.stack([raster, raster.flip(-1), deformed], dim=1)  # (B, K, inner, L)
+        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dt, B, C = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
+        y = selective_scan_fn(
+            xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_log), B, C,
+            D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
+        )
+        y = rearrange(y, "b (k d) l -> b k d l", k=NUM_SCAN_DIRECTIONS)
+        y = (y[:, RASTER] + y[:, REVERSED].flip(-1) + unsort_tokens(y[:, DEFORMABLE], order)) / NUM_SCAN_DIRECTIONS
+        y = rearrange(y, "b d (h w) -> b h w d", h=height, w=width)
+        return self.out_proj(y * self.act(z))
+
+
+class DefMambaBlock(nn.Module):
+    """x + DropPath(DSSM(LN(x))), then x + DropPath(MLP(LN(x))), on (B, H, W, dim)."""
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int,
+        ssm_ratio: float,
+        dt_rank: int | None,
+        mlp_ratio: float,
+        offset_kernel_size: int,
+        drop_rate: float,
+        drop_path_rate: float,
+        scan_backend: str,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mixer = DSSM(dim, d_state, ssm_ratio, dt_rank, offset_kernel_size, scan_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DefMambaStage(nn.Module):
+    """Optional downsampling from the previous stage, then the blocks; (B, H, W, in_dim) -> (B, H', W', dim)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        downsample: bool,
+        drop_path_rates: list[float],
+        d_state: int,
+        ssm_ratio: float,
+        dt_rank: int | None,
+        mlp_ratio: float,
+        offset_kernel_size: int,
+        drop_rate: float,
+        scan_backend: str,
+    ):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            DefMambaBlock(dim, d_state, ssm_ratio, dt_rank, mlp_ratio, offset_kernel_size, drop_rate, rate,
+                          scan_backend)
+            for rate in drop_path_rates
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
+
+
+class DefMambaHead(nn.Module):
+    """LN -> global average pool -> Linear; :meth:`DefMamba.forward_head` runs it."""
+
+    def __init__(self, num_features: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_features, eps=LAYER_NORM_EPS)
+        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class DefMamba(Backbone):
+    """DefMamba classifier / backbone.
+
+    Args:
+        num_classes: Classifier outputs; 0 for none (pooled features out).
+        in_chans: Input image channels.
+        embed_dim: Stage-1 width C; stages have C, 2C, 4C, 8C.
+        depths: Blocks per stage.
+        d_state: SSM state size N.
+        ssm_ratio: DSSM inner width / block width.
+        dt_rank: dt projection rank; None: ceil(inner width / 16).
+        mlp_ratio: MLP hidden width / block width.
+        drop_rate: Dropout inside the MLPs.
+        drop_path_rate: Stochastic depth, rising linearly to this over all blocks.
+        offset_kernel_sizes: Offset-network depthwise kernel per stage.
+        scan_backend: Selective-scan backend (``auto``, ``ref``, ``torch``, ``cpu``, ``cuda``, ``triton``).
+    """
+
+    flops_include_scan = True  # the released DefMamba counter counts the selective scan (see utils/flops.py)
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 9, 2),
+        d_state: int = 16,
+        ssm_ratio: float = 1.0,
+        dt_rank: int | None = None,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        offset_kernel_sizes: tuple[int, ...] = (9, 7, 5, 3),
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        if len(depths) != NUM_STAGES or len(offset_kernel_sizes) != NUM_STAGES:
+            raise ValueError(f"depths {depths} and offset_kernel_sizes {offset_kernel_sizes} need {NUM_STAGES} entries")
+        dims = [embed_dim * DOWNSAMPLE_STRIDE ** stage for stage in range(NUM_STAGES)]
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.stem = Stem(in_chans, embed_dim)
+        rates = linear_drop_path_rates(drop_path_rate, tuple(depths))
+        self.stages = nn.ModuleList([
+            DefMambaStage(
+                dims[max(stage - 1, 0)], dims[stage], stage > 0, rates[stage], d_state, ssm_ratio, dt_rank,
+                mlp_ratio, offset_kernel_sizes[stage], drop_rate, scan_backend,
+            )
+            for stage in range(NUM_STAGES)
+        ])
+        self.feature_info = [
+            dict(num_chs=dims[stage], reduction=STEM_STRIDE * DOWNSAMPLE_STRIDE ** stage, module=f"stages.{stage}")
+            for stage in range(NUM_STAGES)
+        ]
+        self.head = DefMambaHead(self.num_features, num_classes)
+        self.apply(trunc_normal_linear_init)
+
+    def to_nchw(self, x: Tensor) -> Tensor:
+        return channels_last_to_first(x)
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        return channels_last_to_first(self.head.norm(channels_first_to_last(x)))
+
+    def prune_final_norm(self) -> None:
+        self.head.norm = nn.Identity()
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        pooled = self.head.norm(channels_first_to_last(x)).mean(dim=(1, 2))
+        return pooled if pre_logits else self.head.fc(pooled)
+
+
+# Released key -> ours, applied in order to each key (block i of stage s; the released downsample after stage s is
+# our downsample at the start of stage s + 1).
+_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)\."
+_RELEASED_KEY_RULES: list[tuple[re.Pattern, object]] = [
+    (re.compile(r"^patch_embed\.0\."), "stem.conv1."),
+    (re.compile(r"^patch_embed\.2\."), "stem.norm1."),
+    (re.compile(r"^patch_embed\.5\."), "stem.conv2."),
+    (re.compile(r"^patch_embed\.7\."), "stem.norm2."),
+    (re.compile(r"^layers\.(\d+)\.downsample\.1\."), lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
+    (re.compile(r"^layers\.(\d+)\.downsample\.3\."), lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
+    (re.compile(r"^classifier\.norm\."), "head.norm."),
+    (re.compile(r"^classifier\.head\."), "head.fc."),
+    (re.compile(_BLOCK + r"norm\."), r"stages.\1.blocks.\2.norm1."),
+    (re.compile(_BLOCK + r"norm2\."), r"stages.\1.blocks.\2.norm2."),
+    (re.compile(_BLOCK + r"mlp\."), r"stages.\1.blocks.\2.mlp."),
+    (re.compile(_BLOCK + r"op\.in_proj\."), r"stages.\1.blocks.\2.mixer.in_proj."),
+    (re.compile(_BLOCK + r"op\.out_proj\."), r"stages.\1.blocks.\2.mixer.out_proj."),
+    (re.compile(_BLOCK + r"op\.conv2d\."), r"stages.\1.blocks.\2.mixer.conv."),
+    (re.compile(_BLOCK + r"op\.x_proj_weight$"), r"stages.\1.blocks.\2.mixer.x_proj_weight"),
+    (re.compile(_BLOCK + r"op\.dt_projs_weight$"), r"stages.\1.blocks.\2.mixer.dt_proj_weight"),
+    (re.compile(_BLOCK + r"op\.dt_projs_bias$"), r"stages.\1.blocks.\2.mixer.dt_bias"),
+    (re.compile(_BLOCK + r"op\.A_logs$"), r"stages.\1.blocks.\2.mixer.A_log"),
+    (re.compile(_BLOCK + r"op\.Ds$"), r"stages.\1.blocks.\2.mixer.D"),
+    (re.compile(_BLOCK + r"op\.DS\.rpe_table$"), r"stages.\1.blocks.\2.mixer.deformable.offset_bias_table"),
+    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.conv1\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.dwconv."),
+    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ca\.0\."),
+     r"stages.\1.blocks.\2.mixer.deformable.offset_net.channel_attention.fc1."),
+    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ca\.2\."),
+     r"stages.\1.blocks.\2.mixer.deformable.offset_net.channel_attention.fc2."),
+    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ln\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.norm."),
+    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.conv2\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.proj."),
+]
+
+
+def convert_released_key(key: str) -> str:
+    """A released DefMamba key -> ours; any other key (ours already, or unknown) is returned unchanged."""
+    for pattern, replacement in _RELEASED_KEY_RULES:
+        converted, count = pattern.subn(replacement, key)
+        if count:
+            return converted
+    return key
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
+    """Released DefMamba state dict -> ours (timm's filter signature): a pure key renaming, key by key.
+
+    Keys already in our naming pass through, so our own checkpoints, partial dicts and dicts of gradients keyed like
+    the parameters convert as well. Tensors are not changed (our layouts equal the release's).
+
+    Args:
+        state_dict: Released or own keys -> tensors.
+        model: Unused by the renaming; part of timm's filter signature.
+
+    Returns:
+        A new dict with our keys.
+    """
+    return {convert_released_key(key): value for key, value in state_dict.items()}
+
+
+register_checkpoint_filter(DefMamba, checkpoint_filter_fn)
+
+
+def _cfg() -> dict[str, object]:
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.conv1", classifier="head.fc",
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "defmamba_tiny": _cfg(),
+    "defmamba_small": _cfg(),
+    "defmamba_base": _cfg(),
+})
+
+
+def _create_defmamba(variant: str, pretrained: bool = False, **kwargs) -> DefMamba:
+    """timm's builder: pretrained cfg, released-weight filter, ``features_only`` via ``forward_intermediates``."""
+    return build_model_with_cfg(
+        DefMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_STAGES))),
+        **kwargs,
+    )
+
+
+@register_model
+def defmamba_tiny(pretrained: bool = False, **kwargs) -> DefMamba:
+    """DefMamba-T: C 48, depths 2-2-5-2, 7,547,878 parameters, 1.29 GFLOPs at 224."""
+    model_args = dict(embed_dim=48, depths=(2, 2, 5, 2), drop_path_rate=0.2)
+    return _create_defmamba("defmamba_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def defmamba_small(pretrained: bool = False, **kwargs) -> DefMamba:
+    """DefMamba-S: C 96, depths 2-2-6-2, 30,201,340 parameters, 5.01 GFLOPs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2)
+    return _create_defmamba("defmamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def defmamba_base(pretrained: bool = False, **kwargs) -> DefMamba:
+    """DefMamba-B: C 96, depths 2-3-16-2, 48,595,576 parameters, 8.93 GFLOPs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 3, 16, 2), drop_path_rate=0.4)
+    return _create_defmamba("defmamba_base", pretrained=pretrained, **dict(model_args, **kwargs))
