@@ -54,7 +54,7 @@ _C.MODEL.DAMAMBA = CN()
 _C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]  # stage widths
 _C.MODEL.DAMAMBA.DEPTHS = [3, 4, 12, 5]  # blocks per stage
 _C.MODEL.DAMAMBA.MLP_RATIOS = [4.0, 4.0, 3.0, 3.0]  # ConvFFN hidden width / block width, per stage
-_C.MODEL.DAMAMBA.LAYERSCALE = []  # indices of the stages with layer scale (empty: none)
+_C.MODEL.DAMAMBA.LAYERSCALE = []  # 0-based indices of the stages with layer scale (empty: none)
 _C.MODEL.DAMAMBA.DROP_PATH_RATE = 0.15  # stochastic depth, rising linearly to this over all blocks
 
 _C.TRAIN = CN()
@@ -186,7 +186,7 @@ def _parse_value(text: str) -> Any:
 def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None = None) -> None:
     """Sets one dotted key after checking that it exists and that ``value`` has its type.
 
-    ``text``, when given, is the unparsed command-line value, used as is for string keys.
+    ``text``, when given, is the unparsed command-line value, used as is for a string key it does not parse to.
     """
     node = cfg
     *parents, leaf = full_key.split(".")
@@ -196,7 +196,7 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None =
         node = node[part]
     if leaf not in node or isinstance(node[leaf], CN):
         raise ConfigError(f"{source}: unknown config key {full_key}")
-    if text is not None and isinstance(node[leaf], str):
+    if text is not None and isinstance(node[leaf], str) and not isinstance(value, str):
         value = text
     node[leaf] = _coerce(full_key, node[leaf], value, source)
 
