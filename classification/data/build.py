@@ -206,6 +206,17 @@ def build_mixup(config: CfgNode) -> Mixup | None:
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
 
 
+def _loader_options(config: CfgNode, pin_memory: bool) -> dict:
+    return dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory and config.DATA.PIN_MEMORY,
+                collate_fn=collate_with_skips, worker_init_fn=_seed_worker,
+                generator=torch.Generator().manual_seed(config.SEED))
+
+
+def _val_loader(config: CfgNode, val_set: SafeImageFolder, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(val_set, sampler=ShardSampler(len(val_set), world_size, rank),
+                      batch_size=config.DATA.BATCH_SIZE, drop_last=False, **_loader_options(config, pin_memory))
+
+
 def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) -> Data:
     """Datasets, samplers and loaders for this process, plus the Mixup function.
 
@@ -217,15 +228,18 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
     """
     train_set, val_set = build_datasets(config)
     train_sampler = ResumableDistributedSampler(len(train_set), world_size, rank, seed=config.SEED)
-    common = dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory and config.DATA.PIN_MEMORY,
-                  collate_fn=collate_with_skips, worker_init_fn=_seed_worker)
     train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=True,
-                              generator=torch.Generator().manual_seed(config.SEED), **common)
+                              **_loader_options(config, pin_memory))
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
                          f"per process over {world_size} process(es)")
-    val_loader = DataLoader(val_set, sampler=ShardSampler(len(val_set), world_size, rank),
-                            batch_size=config.DATA.BATCH_SIZE, drop_last=False,
-                            generator=torch.Generator().manual_seed(config.SEED), **common)
     return Data(train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
-                val_loader=val_loader, mixup_fn=build_mixup(config))
+                val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
+
+
+def build_eval_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
+    """The validation loader alone (``--eval`` needs no train/ folder)."""
+    root = Path(config.DATA.DATA_PATH) / VAL_SPLIT
+    check_image_folder(root)
+    val_set = SafeImageFolder(str(root), transform=build_transform(config, is_train=False))
+    return _val_loader(config, val_set, rank, world_size, pin_memory)
