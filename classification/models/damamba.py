@@ -1,0 +1,475 @@
+"""DAMamba: vision state-space model with a dynamic adaptive scan (spec: shared/spec/damamba.md).
+
+Activations between blocks are channels-first (batch, channels, height, width). Each block is
+
+    x = x + DW3(x) + b                                   # convolutional position encoding
+    x = x + DropPath(gamma1 * DynamicAdaptiveScanSSM(LN(x)))
+    x = x + DropPath(gamma2 * ConvFFN(BN(x)))            # gammas only in layer-scale stages
+
+The token mixer predicts, per group of ``head_dim`` channels, a free offset (in pixels) for every reference point,
+samples its value features there bilinearly (``classification.ops.bilinear_sample``: the release's 1x1 DCNv3),
+flattens the samples in raster order and runs a d_state = 1 selective scan over them
+(``classification.ops.selective_scan_fn``, which returns ``y_t = C_t h_t + D u_t``: exactly the release's
+scan-returns-h, then-``h * C + D * u``-in-PyTorch computation, so no extra scan mode is needed).
+"""
+import logging
+import math
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from torch import Tensor, nn
+
+from classification.ops import bilinear_sample, selective_scan_fn
+
+from .checkpoint import CheckpointError, register_checkpoint_filter
+from .layers import Backbone, linear_drop_path_rates, run_blocks
+from .registry import register_model
+
+_logger = logging.getLogger(__name__)
+
+LN_EPS = 1e-6  # every LayerNorm of the release
+D_STATE = 1  # SSM state size
+DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias) range and floor
+INIT_STD = 0.02  # trunc-normal std of every conv and linear weight
+NUM_COORDS = 2  # an offset is (dx, dy)
+STEM_STRIDE = 4  # two stride-2 convs in the stem
+DOWNSAMPLE_STRIDE = 2  # between stages
+NUM_STAGES = 4
+
+
+class ResidualDepthwiseConv(nn.Module):
+    """``x + DW3(x) + b``: a depthwise 3x3 conv (stride 1, pad 1, bias) with an identity shortcut.
+
+    The release stores the shortcut as a fixed identity tap added to the kernel (``conv_constant``); adding ``x`` is
+    the same function and has no parameter.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x)
+
+
+class ConvFFN(nn.Module):
+    """PW conv (dim -> hidden) -> GELU -> ``x + DW3(x) + b`` -> PW conv (hidden -> dim), all with biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, kernel_size=1)
+        self.act = nn.GELU()
+        self.dw_conv = ResidualDepthwiseConv(hidden_dim)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dw_conv(self.act(self.fc1(x))))
+
+
+class AdaptiveOffset(nn.Module):
+    """Offset branch: DW3 -> LN -> GELU -> Linear(dim -> 2 * groups), one free (dx, dy) in pixels per group."""
+
+    def __init__(self, dim: int, groups: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(dim, groups * NUM_COORDS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(batch, dim, height, width) -> offsets (batch, height, width, groups * 2), ordered (dx, dy) per group."""
+        x = rearrange(self.conv(x), "b c h w -> b h w c")
+        return self.proj(self.act(self.norm(x)))
+
+
+class DynamicAdaptiveScanSSM(nn.Module):
+    """The DAMamba token mixer (release: ``DASSM``); input and output (batch, dim, height, width).
+
+    Args:
+        dim: Channels (the SSM width; expand 1).
+        head_dim: Channels per sampling group (groups = dim // head_dim).
+        scan_backend: ``backend`` of :func:`classification.ops.selective_scan_fn`.
+    """
+
+    def __init__(self, dim: int, head_dim: int, scan_backend: str):
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"width {dim} is not a multiple of head_dim {head_dim}")
+        self.groups = dim // head_dim
+        self.dt_rank = math.ceil(dim / DT_RANK_DIVISOR)
+        self.scan_backend = scan_backend
+        self.in_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        self.dw_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.act = nn.SiLU()
+        self.offset = AdaptiveOffset(dim, self.groups)
+        self.x_proj = nn.Linear(dim, self.dt_rank + 2 * D_STATE, bias=False)  # rows: dt (dt_rank), B, C
+        self.dt_proj = nn.Linear(self.dt_rank, dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(dim))
+        self.A_log = nn.Parameter(torch.empty(dim, D_STATE))
+        self.D = nn.Parameter(torch.empty(dim))
+        for param in (self.A_log, self.D, self.dt_bias):
+            param._no_weight_decay = True  # optional exemption; the release's optimizer decays A_log
+        self.out_norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.out_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The release's initialisation of the bare SSM parameters (run after the model-wide conv/linear init)."""
+        dim = self.D.shape[0]
+        nn.init.uniform_(self.x_proj.weight, -dim**-0.5, dim**-0.5)  # nn.Linear's default
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        log_dt = torch.rand_like(self.dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+        dt = log_dt.exp().clamp(min=DT_FLOOR)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus, so softplus(dt_bias) = dt
+        self.A_log.zero_()  # A = -1
+        self.D.fill_(1.0)
+
+    def sampling_points(self, offsets: Tensor) -> Tensor:
+        """(batch, height, width, groups * 2) pixel offsets -> points (batch, groups, height, width, 2) as (x, y)."""
+        height, width = offsets.shape[1:3]
+        rows = torch.arange(height, device=offsets.device, dtype=offsets.dtype)
+        cols = torch.arange(width, device=offsets.device, dtype=offsets.dtype)
+        reference = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (height, width, 2): (j, i)
+        return rearrange(offsets, "b h w (g xy) -> b g h w xy", xy=NUM_COORDS) + reference
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        values = self.act(self.dw_conv(self.in_proj(x)))
+        points = self.sampling_points(self.offset(x))  # offsets come from the mixer input, not from the values
+        u = rearrange(bilinear_sample(values, points), "b c h w -> b c (h w)")  # raster order, one direction
+        dt_low, b, c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
+                                   [self.dt_rank, D_STATE, D_STATE], dim=1)
+        delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
+        y = selective_scan_fn(
+            u, delta, -torch.exp(self.A_log), b.unsqueeze(1), c.unsqueeze(1), D=self.D, delta_bias=self.dt_bias,
+            delta_softplus=True, backend=self.scan_backend,
+        )  # B, C: (batch, groups = 1, d_state, length), shared by all channels
+        y = rearrange(y, "b c (h w) -> b c h w", h=height, w=width)
+        return self.out_proj(self.out_norm(y))
+
+
+class DAMambaBlock(nn.Module):
+    """Position encoding, pre-LN token mixer and pre-BN ConvFFN, each residual; optional layer scale.
+
+    Args:
+        dim: Channels.
+        mlp_ratio: ConvFFN hidden width = int(mlp_ratio * dim).
+        head_dim: Channels per sampling group of the mixer.
+        layerscale_init: Initial layer-scale value, or None for no layer scale.
+        drop_path: Stochastic-depth rate of both residual branches.
+        scan_backend: Selective-scan backend.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, head_dim: int, layerscale_init: Optional[float], drop_path: float,
+                 scan_backend: str):
+        super().__init__()
+        self.pos_embed = ResidualDepthwiseConv(dim)
+        self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
+        self.mixer = DynamicAdaptiveScanSSM(dim, head_dim, scan_backend)
+        self.ls1 = nn.Identity() if layerscale_init is None else LayerScale2d(dim, layerscale_init)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.mlp = ConvFFN(dim, int(mlp_ratio * dim))
+        self.ls2 = nn.Identity() if layerscale_init is None else LayerScale2d(dim, layerscale_init)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pos_embed(x)
+        x = x + self.drop_path(self.ls1(self.mixer(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class DAMambaStage(nn.Module):
+    """Optional stride-2 downsampling (3x3 conv + BN), the blocks, then the stage's output LayerNorm."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, mlp_ratio: float, head_dim: int,
+                 layerscale_init: Optional[float], drop_path: list[float], scan_backend: str):
+        super().__init__()
+        self.downsample = nn.Sequential(
+            nn.Conv2d(in_dim, dim, kernel_size=3, stride=DOWNSAMPLE_STRIDE, padding=1), nn.BatchNorm2d(dim),
+        ) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            DAMambaBlock(dim, mlp_ratio, head_dim, layerscale_init, rate, scan_backend) for rate in drop_path[:depth]
+        ])
+        self.norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
+        return self.norm(x)
+
+
+def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
+    """Output stride 4: (conv3x3 -> BN -> GELU) x 3 -> conv3x3 -> BN, strides 2, 1, 2, 1, widths dim/2, dim/2, dim."""
+    half = dim // 2
+    layers: list[nn.Module] = []
+    for index, (cin, cout, stride) in enumerate([(in_chans, half, 2), (half, half, 1), (half, dim, 2), (dim, dim, 1)]):
+        if index:
+            layers.append(nn.GELU())
+        layers += [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers)
+
+
+class PooledLinearHead(nn.Module):
+    """Mean over height and width, then the classifier ``fc`` (no norm, no dropout)."""
+
+    def __init__(self, fc: nn.Module):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(batch, channels, height, width) -> logits (batch, classes), or the pooled (batch, channels)."""
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.fc(x)
+
+
+def final_map_size(height: int, width: int, num_stages: int) -> tuple[int, int]:
+    """The last stage's map size for an input of ``height x width``: each stride-2 conv maps n to ceil(n / 2)."""
+    for _ in range(int(math.log2(STEM_STRIDE)) + num_stages - 1):
+        height, width = -(-height // DOWNSAMPLE_STRIDE), -(-width // DOWNSAMPLE_STRIDE)
+    return height, width
+
+
+class DAMamba(Backbone):
+    """DAMamba classifier: conv stem (stride 4), stages (stride 2 between them), mean pool, linear head.
+
+    Args:
+        num_classes: Classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        in_chans: Input image channels.
+        dims: Width of each stage (each a multiple of ``head_dim``).
+        depths: Blocks per stage.
+        mlp_ratios: ConvFFN expansion of each stage.
+        layerscale: Indices (0-based) of the stages whose blocks use layer scale.
+        layerscale_init: Initial layer-scale value.
+        head_dim: Channels per deformable-sampling group.
+        drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks to this value.
+        scan_backend: Selective-scan backend (``backend`` of :func:`classification.ops.selective_scan_fn`).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        dims: tuple[int, ...] = (80, 160, 320, 512),
+        depths: tuple[int, ...] = (3, 4, 12, 5),
+        mlp_ratios: tuple[float, ...] = (4.0, 4.0, 3.0, 3.0),
+        layerscale: tuple[int, ...] = (),
+        layerscale_init: float = 1e-6,
+        head_dim: int = 16,
+        drop_path_rate: float = 0.0,
+        scan_backend: str = "auto",
+    ):
+        super().__init__()
+        if not len(dims) == len(depths) == len(mlp_ratios) > 0:
+            raise ValueError(f"dims {dims}, depths {depths} and mlp_ratios {mlp_ratios} need one entry per stage")
+        if any(index not in range(len(dims)) for index in layerscale):
+            raise ValueError(f"layerscale {layerscale}: stage indices must lie in 0..{len(dims) - 1}")
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.stem = conv_stem(in_chans, dims[0])
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        in_dim, reduction = dims[0], STEM_STRIDE
+        for index, (dim, depth, mlp_ratio, rates) in enumerate(
+            zip(dims, depths, mlp_ratios, linear_drop_path_rates(drop_path_rate, tuple(depths)))
+        ):
+            reduction *= DOWNSAMPLE_STRIDE if index else 1
+            self.stages.append(DAMambaStage(
+                in_dim, dim, depth, downsample=index > 0, mlp_ratio=mlp_ratio, head_dim=head_dim,
+                layerscale_init=layerscale_init if index in layerscale else None, drop_path=rates,
+                scan_backend=scan_backend,
+            ))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{index}"))
+            in_dim = dim
+        self.head = PooledLinearHead(nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity())
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """The release's init pass; ``apply`` visits children first, so the SSM's own init runs last."""
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=INIT_STD)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, DynamicAdaptiveScanSSM):
+            module.reset_ssm_parameters()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image (batch, in_chans, height, width) -> last stage's normalised map (batch, num_features, h, w)."""
+        if self.training and x.shape[0] == 1:
+            height, width = final_map_size(x.shape[-2], x.shape[-1], len(self.stages))
+            if height * width == 1:
+                raise ValueError(
+                    f"training with batch 1 on a {tuple(x.shape[-2:])} input gives 1x1 maps in the last stage, where "
+                    "BatchNorm has one value per channel and cannot compute batch statistics; use a batch of 2 or "
+                    "more, a larger input, or eval mode"
+                )
+        return super().forward_features(x)
+
+    def to_nchw(self, x: Tensor) -> Tensor:
+        """Stage outputs are already (batch, channels, height, width)."""
+        return x
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        """No normalisation between the last stage (which ends in its own LayerNorm) and the pooling."""
+        return x
+
+    def prune_final_norm(self) -> None:
+        """Nothing to prune: the head has no normalisation."""
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(batch, num_features, height, width) -> logits (batch, num_classes), or the pooled features."""
+        return self.head(x, pre_logits=pre_logits)
+
+
+# Released key -> ours, each pattern anchored at both ends; stage s and block i keep their indices. A key matching
+# none of them is not a DAMamba key.
+_BLOCK = r"(stages\.\d+\.blocks\.\d+)\."
+_RELEASED_KEYS = [
+    (r"(stem\.\d+\.\w+)", r"\1"),
+    (r"(stages\.\d+\.downsample\.[01]\.\w+)", r"\1"),
+    (_BLOCK + r"pos_embed\.conv\.(weight|bias)", r"\1.pos_embed.conv.\2"),
+    (_BLOCK + r"norm1\.norm\.(weight|bias)", r"\1.norm1.\2"),
+    (_BLOCK + r"token_mixer\.(in_proj\.weight|out_proj\.weight)", r"\1.mixer.\2"),
+    (_BLOCK + r"token_mixer\.conv2d\.(weight|bias)", r"\1.mixer.dw_conv.\2"),
+    (_BLOCK + r"token_mixer\.da_scan\.dw_conv\.0\.(weight|bias)", r"\1.mixer.offset.conv.\2"),
+    (_BLOCK + r"token_mixer\.da_scan\.dw_conv\.1\.1\.(weight|bias)", r"\1.mixer.offset.norm.\2"),
+    (_BLOCK + r"token_mixer\.da_scan\.offset\.(weight|bias)", r"\1.mixer.offset.proj.\2"),
+    (_BLOCK + r"token_mixer\.x_proj_weight", r"\1.mixer.x_proj.weight"),
+    (_BLOCK + r"token_mixer\.dt_projs_weight", r"\1.mixer.dt_proj.weight"),
+    (_BLOCK + r"token_mixer\.dt_projs_bias", r"\1.mixer.dt_bias"),
+    (_BLOCK + r"token_mixer\.A_logs", r"\1.mixer.A_log"),
+    (_BLOCK + r"token_mixer\.Ds", r"\1.mixer.D"),
+    (_BLOCK + r"token_mixer\.out_norm\.norm\.(weight|bias)", r"\1.mixer.out_norm.\2"),
+    (_BLOCK + r"(norm2\.\w+)", r"\1.\2"),
+    (_BLOCK + r"mlp\.(fc[12]\.(?:weight|bias))", r"\1.mlp.\2"),
+    (_BLOCK + r"mlp\.conv\.conv\.(weight|bias)", r"\1.mlp.dw_conv.conv.\2"),
+    (_BLOCK + r"layer_scale_([12])", r"\1.ls\2.gamma"),
+    (r"(head\.fc\.(?:weight|bias))", r"\1"),
+]
+_RELEASED_IDENTITY_TAP = re.compile(_BLOCK + r"(pos_embed|mlp\.conv)\.conv_constant")
+_RELEASED_STAGE_NORM = re.compile(r"norm([1-4])\.norm\.(weight|bias)")
+_KERNEL_CENTRE = (0, 0, 1, 1)
+
+
+def _convert_key(key: str) -> Optional[str]:
+    """Our name for a released key, or None when the key is not one of the release's DAMamba keys."""
+    for pattern, replacement in _RELEASED_KEYS:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    stage_norm = _RELEASED_STAGE_NORM.fullmatch(key)
+    if stage_norm:
+        return f"stages.{int(stage_norm.group(1)) - 1}.norm.{stage_norm.group(2)}"
+    return None
+
+
+def _is_identity_tap(value: Tensor) -> bool:
+    identity = torch.zeros(1, 1, 3, 3, dtype=value.dtype, device=value.device)
+    identity[_KERNEL_CENTRE] = 1
+    return value.shape == identity.shape and torch.equal(value, identity)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Converts a released DAMamba state dict to our names, key by key (values untouched).
+
+    Works on any dict keyed like the parameters (a partial dict, a dict of gradients); keys that are already
+    ``model``'s pass through unchanged. The release's fixed identity taps (``conv_constant``) are checked and dropped:
+    ``x + DW3(x)`` needs no stored tap. Whether the converted dict fits ``model`` (missing, unexpected, mis-shaped
+    keys, e.g. another variant's checkpoint) is checked by :func:`classification.models.load_checkpoint`.
+
+    Args:
+        state_dict: Released (or our) names -> tensors.
+        model: The DAMamba the dict is meant for.
+
+    Returns:
+        Our names -> the same tensors.
+
+    Raises:
+        CheckpointError: Keys that are neither ``model``'s nor released DAMamba names (e.g. a DefMamba checkpoint),
+            all listed; or a ``conv_constant`` that is not the 3x3 identity tap.
+    """
+    ours = model.state_dict()
+    converted, unknown = {}, []
+    for key, value in state_dict.items():
+        if key in ours:
+            converted[key] = value
+        elif _RELEASED_IDENTITY_TAP.fullmatch(key):
+            if not _is_identity_tap(value):
+                raise CheckpointError(
+                    f"{key}: expected the fixed 3x3 identity tap (1 at the centre, 0 elsewhere), got "
+                    f"{value.tolist()}; this residual conv is not x + DW3(x) and cannot be loaded"
+                )
+        else:
+            new_key = _convert_key(key)
+            if new_key is None:
+                unknown.append(key)
+            else:
+                converted[new_key] = value
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} keys are neither {type(model).__name__} keys nor released DAMamba keys "
+            f"(a checkpoint of another model family?): {unknown}"
+        )
+    return converted
+
+
+register_checkpoint_filter(DAMamba, checkpoint_filter_fn)
+
+
+def _cfg() -> dict[str, object]:
+    return dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.0", classifier="head.fc",
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    "damamba_tiny": _cfg(),
+    "damamba_small": _cfg(),
+    "damamba_base": _cfg(),
+})
+
+
+def _create_damamba(variant: str, pretrained: bool = False, **kwargs) -> DAMamba:
+    """timm's builder: pretrained cfg, released-weight filter, ``features_only`` via ``forward_intermediates``."""
+    return build_model_with_cfg(
+        DAMamba, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_STAGES))),
+        **kwargs,
+    )
+
+
+# Drop-path rates are the release's training yamls' (its own entrypoints say 0.3 / 0.4 / 0.6; no effect on weights).
+@register_model
+def damamba_tiny(pretrained: bool = False, **kwargs) -> DAMamba:
+    """DAMamba-T: dims 80-160-320-512, depths 3-4-12-5, 25,439,870 parameters, 4.848 GMACs (fvcore) at 224."""
+    model_args = dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4, 4, 3, 3), drop_path_rate=0.15)
+    return _create_damamba("damamba_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def damamba_small(pretrained: bool = False, **kwargs) -> DAMamba:
+    """DAMamba-S: dims 96-192-384-512, depths 4-8-20-6, 44,991,880 parameters, 10.299 GMACs (fvcore) at 224."""
+    model_args = dict(dims=(96, 192, 384, 512), depths=(4, 8, 20, 6), mlp_ratios=(4, 4, 3, 3), layerscale=(2, 3),
+                      drop_path_rate=0.4)
+    return _create_damamba("damamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def damamba_base(pretrained: bool = False, **kwargs) -> DAMamba:
+    """DAMamba-B: dims 112-224-448-640, depths 4-8-25-8, 85,713,488 parameters, 16.402 GMACs (fvcore) at 224."""
+    model_args = dict(dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), mlp_ratios=(4, 4, 3, 4), layerscale=(2, 3),
+                      drop_path_rate=0.5)
+    return _create_damamba("damamba_base", pretrained=pretrained, **dict(model_args, **kwargs))
