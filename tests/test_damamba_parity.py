@@ -122,7 +122,8 @@ def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, f
     assert "patch_embed.0.weight" in str(error.value)
 
     wider = DAMamba(num_classes=10, dims=(48, 96, 144, 192), depths=(1, 1, 2, 1), layerscale=(2, 3))
-    with pytest.raises(CheckpointError, match=r"shape mismatches \[stem\.0\.weight: checkpoint \(16, 3, 3, 3\) vs model \(24, 3, 3, 3\)"):
+    stem_mismatch = r"shape mismatches \[stem\.0\.weight: checkpoint \(16, 3, 3, 3\) vs model \(24, 3, 3, 3\)"
+    with pytest.raises(CheckpointError, match=stem_mismatch):
         load_checkpoint(wider, release["state_dict"])
     deeper = DAMamba(num_classes=10, dims=(32, 48, 96, 144), depths=(1, 1, 3, 1), layerscale=(2, 3))
     with pytest.raises(CheckpointError, match=r"missing keys \[stages\.2\.blocks\.2\."):

@@ -2,4 +2,5 @@
 from .checkpoint import CheckpointError, load_checkpoint, register_checkpoint_filter
 from .registry import create_model, is_model, list_models, register_model
 from .defmamba import DefMamba
+from .damamba import DAMamba
 from .build import build_model

@@ -12,26 +12,23 @@ flattens the samples in raster order and runs a d_state = 1 selective scan over 
 (``classification.ops.selective_scan_fn``, which returns ``y_t = C_t h_t + D u_t``: exactly the release's
 scan-returns-h, then-``h * C + D * u``-in-PyTorch computation, so no extra scan mode is needed).
 """
-import logging
 import math
 import re
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
-from classification.ops import bilinear_sample, selective_scan_fn
-
+from ..ops.deformable import bilinear_sample
+from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import CheckpointError, register_checkpoint_filter
 from .layers import Backbone, linear_drop_path_rates, run_blocks
 from .registry import register_model
 
-_logger = logging.getLogger(__name__)
 
 LN_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
