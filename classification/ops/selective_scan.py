@@ -1,0 +1,504 @@
+"""The Mamba selective scan in the layout DefMamba uses, with a plain-PyTorch reference and switchable backends.
+
+Layouts (``G`` groups of ``D`` channels, ``G·D`` channels in all, ``N`` state size, ``L`` sequence length):
+
+- ``u``, ``delta``: (batch, G·D, L)
+- ``A``: (G·D, N)
+- ``B``, ``C``: (batch, G, N, L); each group of ``D`` consecutive channels shares its B and C. (batch, N, L) is
+  accepted for G = 1.
+- ``D``, ``delta_bias``: (G·D,) or None
+- returns ``y``: (batch, G·D, L)
+
+For channel ``c`` in group ``g = c // D``::
+
+    dt_t = delta_t + delta_bias[c]                      (when delta_bias is given)
+    dt_t = softplus(dt_t)                               (when delta_softplus; x for x > 20, as F.softplus)
+    h_t  = exp(dt_t · A[c]) ⊙ h_{t-1} + dt_t · B[b, g, :, t] · u_t          h_{-1} = 0
+    y_t  = <C[b, g, :, t], h_t> + D[c] · u_t
+
+Backends (``backend=`` of :func:`selective_scan_fn`):
+
+- ``ref``: :func:`selective_scan_ref`, the definition as a sequential loop; exact in float64, slow.
+- ``torch``: pure PyTorch with a hand-written backward; the time axis is processed in cache-sized chunks and only
+  the state at each chunk start is kept for the backward, which recomputes the chunk.
+- ``cpu``, ``cuda``, ``triton``: compiled kernels, each in its own module ``selective_scan_<name>.py`` (imported
+  lazily) with ``is_available()``, ``unavailable_reason()`` and ``scan(u, delta, A, B, C, D, delta_bias,
+  delta_softplus)``.
+- ``auto``: on CPU tensors ``cpu`` if built, else ``torch``; on CUDA tensors ``cuda``, then ``triton``, then
+  ``torch``; on any other device ``torch``.
+
+Dtypes: inputs are promoted to one floating dtype; float16/bfloat16 are computed in float32 and ``y`` is float32
+(a kernel module that sets ``ACCEPTS_HALF_INPUTS = True`` receives them as given, ``y`` is float32 all the same).
+The state is held in the compute dtype (float32, or float64 for float64 inputs).
+"""
+import functools
+import importlib
+import logging
+import math
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+KERNEL_BACKENDS = ("cpu", "cuda", "triton")
+BACKENDS = ("ref", "torch") + KERNEL_BACKENDS
+# Device types each compiled backend runs on; Triton's interpreter (TRITON_INTERPRET=1) also runs it on CPU tensors.
+KERNEL_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+TRITON_INTERPRETER_DEVICE_TYPES = ("cuda", "cpu")
+# What `auto` tries, in order, per device type; any device type not listed gets `torch`.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# The `torch` backend processes CHUNK_ELEMENTS[device type] state elements (time steps x batch x channels x N) at a
+# time, small enough for the CPU's L2/L3 caches.
+CHUNK_ELEMENTS = {"cpu": 1 << 19}
+CHUNK_ELEMENTS_DEFAULT = 1 << 23
+# Below this many state elements per time step, one kernel launch per step costs more than its work: the chunk is
+# then split into blocks scanned side by side, and the blocks are joined afterwards (see `_linear_scan_`).
+BLOCKED_SCAN_MAX_WIDTH = 4096
+BLOCKED_SCAN_MIN_STEPS = 64
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _canonical_inputs(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    upcast_half: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Validates the layouts, gives B and C their 4-D layout and casts everything to one floating dtype.
+
+    Raises:
+        ValueError: on a wrong rank, mismatched sizes, a group count that does not divide the channels, an empty
+            sequence, a non-floating dtype or tensors on different devices; the message names the tensor, the shape
+            it got and the shape it needs.
+    """
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if t.device != u.device:
+            raise ValueError(f"{name}: on device {t.device}, but u is on {u.device}; all inputs need one device")
+
+    if u.dim() != 3:
+        raise ValueError(f"u: got shape {_shape(u)}, need (batch, channels, length)")
+    batch, channels, length = u.shape
+    if length == 0:
+        raise ValueError(f"u: got shape {_shape(u)}, need a sequence length L >= 1")
+    if _shape(delta) != _shape(u):
+        raise ValueError(f"delta: got shape {_shape(delta)}, need {_shape(u)} (the shape of u)")
+    if A.dim() != 2 or A.shape[0] != channels or A.shape[1] == 0:
+        raise ValueError(f"A: got shape {_shape(A)}, need ({channels}, N) with N >= 1")
+    state_size = A.shape[1]
+
+    grouped = {}
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        expected = f"(batch={batch}, groups, N={state_size}, L={length}), or ({batch}, {state_size}, {length})"
+        if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (batch, state_size, length):
+            raise ValueError(f"{name}: got shape {_shape(named[name])}, need {expected} for one group")
+        groups = t.shape[1]
+        if groups == 0 or channels % groups:
+            raise ValueError(
+                f"{name}: got shape {_shape(named[name])} with {groups} groups, which do not divide the "
+                f"{channels} channels of u; need ({batch}, G, {state_size}, {length}) with G dividing {channels}"
+            )
+        grouped[name] = t
+    if grouped["B"].shape[1] != grouped["C"].shape[1]:
+        raise ValueError(
+            f"C: got shape {_shape(C)}, need {_shape(grouped['B'])} (the groups of B, {grouped['B'].shape[1]})"
+        )
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and _shape(t) != (channels,):
+            raise ValueError(f"{name}: got shape {_shape(t)}, need ({channels},) (one value per channel of u)")
+
+    present = [t for t in named.values() if t is not None]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in present])
+    if upcast_half and dtype in HALF_DTYPES:
+        dtype = torch.float32
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype)
+
+    return cast(u), cast(delta), cast(A), cast(grouped["B"]), cast(grouped["C"]), cast(D), cast(delta_bias)
+
+
+def _effective_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """dt = softplus(delta + delta_bias) with the optional parts left out; softplus is F.softplus (x above 20)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+# --------------------------------------------------------------------------------------------------- reference
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "ref",
+) -> Tensor:
+    """The selective scan by its definition: a sequential loop over time, differentiable by autograd.
+
+    Same signature as :func:`selective_scan_fn`. Exact in float64; float16/bfloat16 inputs are computed in float32
+    and the result is float32. The loop walks ``unbind(-1)`` views, so autograd's memory and time grow linearly
+    with L (indexing ``x[..., t]`` would make every step's backward build a full-size gradient).
+
+    Args:
+        u: Input sequence, (batch, G·D, L).
+        delta: Time steps before bias and softplus, (batch, G·D, L).
+        A: State matrix (diagonal per channel), (G·D, N).
+        B: Input projection, (batch, G, N, L), or (batch, N, L) for one group.
+        C: Output projection, same layout as B.
+        D: Skip weight, (G·D,), or None for no skip.
+        delta_bias: Bias added to delta, (G·D,), or None.
+        delta_softplus: Whether dt = softplus(delta + delta_bias).
+        backend: Must be ``"ref"``; present so both functions share one signature.
+
+    Returns:
+        y, (batch, G·D, L), in the promoted input dtype (float32 for float16/bfloat16 inputs).
+
+    Raises:
+        ValueError: on malformed inputs (the message names the tensor and the shape it needs), or on any other
+            ``backend``.
+    """
+    if backend != "ref":
+        raise ValueError(f"selective_scan_ref only computes backend 'ref', got {backend!r}; use selective_scan_fn")
+    u, delta, A, B, C, D, delta_bias = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
+    dt = _effective_delta(delta, delta_bias, delta_softplus)
+    batch, channels, _ = u.shape
+    groups, state_size = B.shape[1], B.shape[2]
+    per_group = channels // groups
+    A_grouped = A.view(groups, per_group, state_size)
+    h = u.new_zeros(batch, groups, per_group, state_size)
+    ys = []
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        dt_t = dt_t.view(batch, groups, per_group, 1)
+        u_t = u_t.view(batch, groups, per_group, 1)
+        h = torch.exp(dt_t * A_grouped) * h + dt_t * u_t * B_t.view(batch, groups, 1, state_size)
+        ys.append((h * C_t.view(batch, groups, 1, state_size)).sum(-1).view(batch, channels))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    return y
+
+
+# --------------------------------------------------------------------------------------------------- torch backend
+
+
+def _linear_scan_(decay: Tensor, x: Tensor, boundary: Tensor | None, block_len: int, reverse: bool) -> None:
+    """In place: ``x[t] = decay[t] * x[t - 1] + x[t]`` (``x[t + 1]`` when reverse), the outside value ``boundary``.
+
+    Args:
+        decay: (T, W) factors.
+        x: (T, W) inputs, overwritten with the scan.
+        boundary: W values (any shape) of the state before the first step (after the last when reverse), or None for zero.
+        block_len: T or more (one block), or a divisor of T: then the T steps are scanned as T / block_len blocks side by side, each
+            from a zero state while the running product of its decays is kept, and each block is then completed
+            with its predecessor's last state times that product (products of decays, never exp(cumsum), so
+            strong decay underflows to 0 instead of overflowing).
+        reverse: Scan from the last step to the first.
+    """
+    steps, width = x.shape
+    block_len = min(block_len, steps)
+    if boundary is not None:
+        boundary = boundary.view(width)
+    num_blocks = steps // block_len
+    xb = x.view(num_blocks, block_len, width)
+    db = decay.view(num_blocks, block_len, width)
+    order = range(block_len - 2, -1, -1) if reverse else range(1, block_len)
+    step = 1 if reverse else -1  # offset of the neighbour a step depends on
+    if num_blocks == 1:
+        if boundary is not None:
+            edge = block_len - 1 if reverse else 0
+            xb[0, edge].addcmul_(db[0, edge], boundary)
+        for t in order:
+            xb[0, t].addcmul_(db[0, t], xb[0, t + step])
+        return
+    products = torch.empty_like(db)
+    edge = block_len - 1 if reverse else 0
+    products[:, edge] = db[:, edge]
+    for t in order:
+        xb[:, t].addcmul_(db[:, t], xb[:, t + step])
+        torch.mul(products[:, t + step], db[:, t], out=products[:, t])
+    carry = boundary
+    for block in reversed(range(num_blocks)) if reverse else range(num_blocks):
+        if carry is not None:
+            xb[block].addcmul_(products[block], carry)
+        carry = xb[block, block_len - 1 - edge]
+
+
+def _chunk_plan(length: int, width: int, device: torch.device) -> tuple[int, int]:
+    """Chunk length (a multiple of the block length) and block length for the torch backend's scans."""
+    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_DEFAULT)
+    chunk = min(length, max(1, budget // width))
+    if width >= BLOCKED_SCAN_MAX_WIDTH or chunk < BLOCKED_SCAN_MIN_STEPS:
+        return chunk, chunk
+    block_len = math.isqrt(chunk)
+    return chunk - chunk % block_len, block_len
+
+
+def _padded_len(steps: int, block_len: int) -> int:
+    """Rows a chunk of `steps` time steps occupies: one block, or whole blocks."""
+    return steps if steps <= block_len else -(-steps // block_len) * block_len
+
+
+def _time_major(t: Tensor) -> Tensor:
+    """(batch, ..., L) -> (L, batch, ...), contiguous."""
+    return t.permute(t.dim() - 1, *range(t.dim() - 1)).contiguous()
+
+
+def _batch_major(t: Tensor) -> Tensor:
+    """(L, batch, ...) -> (batch, ..., L)."""
+    return t.permute(*range(1, t.dim()), 0)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """y = the scan without D, given dt (bias and softplus already applied): (u, dt, A, B, C) -> y.
+
+    Forward runs over chunks of time steps and keeps only each chunk's start state; backward recomputes a chunk's
+    states from it and runs the adjoint recurrence backwards in time (g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}).
+    Chunk tensors are time-major, (steps, batch, G·D, N); the sums over a group's channels or over N are batched
+    matrix products over (step, batch, group), which beat broadcast-multiply-then-sum on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        batch, channels, length = u.shape
+        groups, state_size = B.shape[1], B.shape[2]
+        per_group = channels // groups
+        chunk, block_len = _chunk_plan(length, batch * channels * state_size, u.device)
+        dt_tm = _time_major(dt)  # (L, batch, G·D)
+        dtu_tm = _time_major(dt * u).view(length, batch, groups, per_group, 1)
+        B_tm = _time_major(B).view(length, batch, groups, 1, state_size)
+        C_tm = _time_major(C).view(length * batch * groups, 1, state_size)
+        state_shape = (batch, channels, state_size)
+        decay = u.new_empty(_padded_len(chunk, block_len), *state_shape)
+        states = u.new_empty(decay.shape)
+        y_tm = u.new_empty(length * batch * groups, 1, per_group)
+        starts = u.new_zeros(-(-length // chunk), *state_shape)  # the state before each chunk
+        for index, t0 in enumerate(range(0, length, chunk)):
+            t1 = min(t0 + chunk, length)
+            steps, rows = t1 - t0, _padded_len(t1 - t0, block_len)
+            pairs = slice(t0 * batch * groups, t1 * batch * groups)  # (step, batch, group) triples of the chunk
+            torch.mul(dt_tm[t0:t1, :, :, None], A, out=decay[:steps]).exp_()
+            torch.mul(dtu_tm[t0:t1], B_tm[t0:t1], out=states[:steps].view(steps, batch, groups, per_group, state_size))
+            decay[steps:rows].zero_()
+            states[steps:rows].zero_()
+            start = starts[index] if index else None
+            _linear_scan_(decay[:rows].view(rows, -1), states[:rows].view(rows, -1), start, block_len, reverse=False)
+            h = states[:steps].view(-1, per_group, state_size)
+            torch.bmm(C_tm[pairs], h.transpose(1, 2), out=y_tm[pairs])
+            if t1 < length:
+                starts[index + 1] = states[steps - 1]
+        ctx.save_for_backward(u, dt, A, B, C, starts)
+        ctx.plan = (chunk, block_len)
+        return _batch_major(y_tm.view(length, batch, channels)).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        u, dt, A, B, C, starts = ctx.saved_tensors
+        chunk, block_len = ctx.plan
+        batch, channels, length = u.shape
+        groups, state_size = B.shape[1], B.shape[2]
+        per_group = channels // groups
+        triples = length * batch * groups
+        u_tm, dt_tm = _time_major(u), _time_major(dt)  # (L, batch, G·D)
+        dtu_tm = (dt_tm * u_tm).view(triples, 1, per_group)
+        B_tm = _time_major(B).view(triples, 1, state_size)
+        C_tm = _time_major(C).view(triples, 1, state_size)
+        dy_tm = _time_major(grad_y).view(triples, 1, per_group)
+
+        rows_max = _padded_len(chunk, block_len)
+        state_shape = (batch, channels, state_size)
+        decay = u.new_empty(rows_max + 1, *state_shape)  # row t: exp(dt_t A) for t in [t0, t1], one past the chunk
+        states = u.new_empty(rows_max + 1, *state_shape)  # row 0: the state before the chunk, row t + 1: h_t
+        adjoint = u.new_empty(rows_max, *state_shape)
+        grad_A = torch.zeros_like(A)
+        grad_dt_tm = torch.empty_like(dt_tm)
+        grad_dtu_tm = u.new_empty(triples, 1, per_group)
+        grad_B_tm = u.new_empty(triples, 1, state_size)
+        grad_C_tm = u.new_empty(triples, 1, state_size)
+        carry = None  # adjoint of the first step of the following chunk
+        for index in reversed(range(starts.shape[0])):
+            t0 = index * chunk
+            t1 = min(t0 + chunk, length)
+            steps, rows = t1 - t0, _padded_len(t1 - t0, block_len)
+            t_end = min(t1 + 1, length)
+            pairs = slice(t0 * batch * groups, t1 * batch * groups)
+            torch.mul(dt_tm[t0:t_end, :, :, None], A, out=decay[: t_end - t0]).exp_()
+            decay[t_end - t0 : rows + 1].zero_()
+            states[0] = starts[index]
+            h = states[1 : steps + 1].view(-1, per_group, state_size)
+            torch.mul(dtu_tm[pairs].transpose(1, 2), B_tm[pairs], out=h)
+            states[steps + 1 : rows + 1].zero_()
+            start = states[0] if index else None
+            _linear_scan_(decay[:rows].view(rows, -1), states[1 : rows + 1].view(rows, -1), start, block_len, False)
+
+            g = adjoint[:steps].view(-1, per_group, state_size)
+            torch.mul(dy_tm[pairs].transpose(1, 2), C_tm[pairs], out=g)
+            adjoint[steps:rows].zero_()
+            _linear_scan_(decay[1 : rows + 1].view(rows, -1), adjoint[:rows].view(rows, -1), carry, block_len, True)
+            carry = adjoint[0].clone()
+
+            torch.bmm(dy_tm[pairs], h, out=grad_C_tm[pairs])
+            torch.bmm(B_tm[pairs], g.transpose(1, 2), out=grad_dtu_tm[pairs])
+            torch.bmm(dtu_tm[pairs], g, out=grad_B_tm[pairs])
+            # Through the decay: the gradient of dt_t A is g_t * h_{t-1} * exp(dt_t A).
+            g_decay = adjoint[:steps].mul_(states[:steps]).mul_(decay[:steps])
+            torch.linalg.vecdot(g_decay, A, out=grad_dt_tm[t0:t1])
+            grad_A += g_decay.mul_(dt_tm[t0:t1, :, :, None]).sum((0, 1))
+        grad_dtu_tm = grad_dtu_tm.view(length, batch, channels)
+        grad_u = _batch_major(grad_dtu_tm * dt_tm)
+        grad_dt = _batch_major(grad_dt_tm.addcmul_(grad_dtu_tm, u_tm))
+        grad_B = _batch_major(grad_B_tm.view(length, batch, groups, state_size))
+        grad_C = _batch_major(grad_C_tm.view(length, batch, groups, state_size))
+        return grad_u.contiguous(), grad_dt.contiguous(), grad_A, grad_B.contiguous(), grad_C.contiguous()
+
+
+def _selective_scan_torch(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+) -> Tensor:
+    """The `torch` backend on canonical inputs (B, C 4-D, one floating dtype)."""
+    dt = _effective_delta(delta, delta_bias, delta_softplus)
+    y = _ChunkedScan.apply(u, dt, A, B, C)
+    if D is not None:
+        y = y + D[:, None] * u
+    return y
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _kernel_module(name: str) -> ModuleType | None:
+    """The module of a compiled backend, imported on first use; None when the module does not exist."""
+    module_name = f"{__package__}.selective_scan_{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        return None
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run on `device`, or None when it can."""
+    if name not in KERNEL_BACKENDS:
+        return None
+    device_types = KERNEL_DEVICE_TYPES[name]
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        device_types = TRITON_INTERPRETER_DEVICE_TYPES
+    if device.type not in device_types:
+        return f"backend {name!r} runs on {' or '.join(device_types)} tensors, not {device.type}"
+    module = _kernel_module(name)
+    if module is None:
+        return f"backend {name!r} is not installed (no module {__package__}.selective_scan_{name})"
+    if not module.is_available():
+        return f"backend {name!r} is unavailable: {module.unavailable_reason()}"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on `device`: what `auto` would try, in its order, then the rest."""
+    device = torch.device(device)
+    preferred = AUTO_ORDER.get(device.type, ("torch",))
+    ordered = list(preferred) + [name for name in BACKENDS if name not in preferred]
+    return [name for name in ordered if _unavailable_reason(name, device) is None]
+
+
+def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
+    """The backend that ``backend=name`` runs on `device` (``auto`` resolved).
+
+    Raises:
+        ValueError: `name` is not a backend.
+        RuntimeError: the requested backend cannot run on `device`; the message says why and how to build it.
+    """
+    device = torch.device(device)
+    if name == "auto":
+        return next(c for c in AUTO_ORDER.get(device.type, ("torch",)) if _unavailable_reason(c, device) is None)
+    if name not in BACKENDS:
+        raise ValueError(f"backend: got {name!r}, need one of {('auto',) + BACKENDS}")
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return name
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """The selective scan (module docstring for the recurrence), differentiable in every input.
+
+    float16/bfloat16 inputs are computed in float32 and the result is float32.
+
+    Args:
+        u: Input sequence, (batch, G·D, L).
+        delta: Time steps before bias and softplus, (batch, G·D, L).
+        A: State matrix (diagonal per channel), (G·D, N).
+        B: Input projection, (batch, G, N, L), or (batch, N, L) for one group.
+        C: Output projection, same layout as B.
+        D: Skip weight, (G·D,), or None for no skip.
+        delta_bias: Bias added to delta, (G·D,), or None.
+        delta_softplus: Whether dt = softplus(delta + delta_bias).
+        backend: ``auto``, ``ref``, ``torch``, ``cpu``, ``cuda`` or ``triton`` (module docstring).
+
+    Returns:
+        y, (batch, G·D, L), in the promoted input dtype (float32 for float16/bfloat16 inputs).
+
+    Raises:
+        ValueError: on malformed inputs (the message names the tensor, its shape and the shape it needs) or an
+            unknown backend.
+        RuntimeError: the requested backend cannot run here (the message says how to build it).
+    """
+    name = resolve_backend(backend, u.device if isinstance(u, Tensor) else "cpu")
+    if name == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    if name == "torch":
+        inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
+        return _selective_scan_torch(*inputs, delta_softplus)
+    module = _kernel_module(name)
+    upcast_half = not getattr(module, "ACCEPTS_HALF_INPUTS", False)
+    inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=upcast_half)
+    y = module.scan(*inputs, delta_softplus)
+    return y.float() if y.dtype in HALF_DTYPES else y
