@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 # Last name components of A_log, D, the dt bias and the offset-bias table in our models and in the releases.
 SSM_NO_DECAY_NAMES = frozenset({"A_log", "A_logs", "D", "Ds", "dt_bias", "dt_projs_bias", "rpe_table",
-                                "offset_bias"})
+                                "offset_bias_table"})
 
 
 def split_weight_decay(model: nn.Module, no_decay_ssm: bool) -> tuple[list[str], list[str]]:

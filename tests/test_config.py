@@ -1,0 +1,143 @@
+"""Config: defaults, yaml/opts merging, errors that name the key or file, lr scaling, build_model mapping."""
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from classification import config as config_module
+from classification.config import ConfigError, get_config, get_defaults
+from classification.models import build as build_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(**kwargs) -> argparse.Namespace:
+    return argparse.Namespace(**kwargs)
+
+
+def test_every_default_key_has_a_comment():
+    source = Path(config_module.__file__).read_text().splitlines()
+    assignments = [line for line in source if re.match(r"_C(\.\w+)+ = ", line) and "CN()" not in line]
+    assert len(assignments) > 50
+    uncommented = [line for line in assignments if "  # " not in line]
+    assert not uncommented, uncommented
+
+
+def test_repo_yamls_load_and_hold_only_overrides():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        cfg = get_config(_args(cfg=str(path)), world_size=1)
+        assert cfg.is_frozen()
+        assert cfg.MODEL.NAME.startswith(cfg.MODEL.TYPE), path
+
+
+def test_release_recipe_lr_scaling():
+    cfg = get_config(_args(cfg=str(REPO / "configs/defmamba/tiny.yaml")), world_size=8)
+    # 8 GPUs x 128 = 1024 images per update: lr 5e-4 x 2 = 1e-3, warm-up start and floor scale the same way.
+    assert cfg.TRAIN.BASE_LR == pytest.approx(1e-3)
+    assert cfg.TRAIN.WARMUP_LR == pytest.approx(1e-6)
+    assert cfg.TRAIN.MIN_LR == pytest.approx(1e-5)
+    accumulated = get_config(_args(batch_size=64, accumulation_steps=4), world_size=2)
+    assert accumulated.TRAIN.BASE_LR == pytest.approx(5e-4 * 64 * 2 * 4 / 512)
+    unscaled = get_config(_args(opts=["TRAIN.LR_REFERENCE_BATCH", "0"]), world_size=8)
+    assert unscaled.TRAIN.BASE_LR == pytest.approx(5e-4)
+
+
+def test_damamba_recipes_match_the_spec():
+    small = get_config(_args(cfg=str(REPO / "configs/damamba/small.yaml")), world_size=1)
+    assert list(small.MODEL.DAMAMBA.DEPTHS) == [4, 8, 20, 6]
+    assert list(small.MODEL.DAMAMBA.LAYERSCALE) == [2, 3]
+    assert small.TRAIN.MESA.WEIGHT == 1.5 and small.TRAIN.MESA.START_EPOCH == 75
+
+
+def test_unknown_yaml_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("TRAIN:\n  EPOCS: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*TRAIN\.EPOCS"):
+        get_config(_args(cfg=str(path)))
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("TRAIN:\n  EPOCHS: many\n")
+    with pytest.raises(ConfigError, match=r"TRAIN\.EPOCHS must be of type int"):
+        get_config(_args(cfg=str(path)))
+    with pytest.raises(ConfigError, match=r"MODEL\.DEFMAMBA\.DEPTHS\[1\]"):
+        get_config(_args(opts=["MODEL.DEFMAMBA.DEPTHS", "[1, 'x', 1, 1]"]))
+    with pytest.raises(ConfigError, match=r"TRAIN\.EMA\.ENABLE"):
+        get_config(_args(opts=["TRAIN.EMA.ENABLE", "1"]))
+
+
+def test_missing_yaml_names_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        get_config(_args(cfg=str(tmp_path / "nope.yaml")))
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        (tmp_path / "child.yaml").write_text("BASE: ['nope.yaml']\n")
+        get_config(_args(cfg=str(tmp_path / "child.yaml")))
+
+
+def test_unknown_opts_key_and_odd_opts():
+    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.NOPE"):
+        get_config(_args(opts=["TRAIN.NOPE", "1"]))
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        get_config(_args(opts=["TRAIN.EPOCHS"]))
+
+
+def test_invalid_choice_and_inconsistent_mesa():
+    with pytest.raises(ConfigError, match="AMP must be one of"):
+        get_config(_args(opts=["AMP", "fp8"]))
+    with pytest.raises(ConfigError, match="MESA"):
+        get_config(_args(opts=["TRAIN.MESA.WEIGHT", "1.0", "TRAIN.EMA.ENABLE", "False"]))
+
+
+def test_base_inheritance_coercion_and_precedence(tmp_path):
+    (tmp_path / "base.yaml").write_text("TRAIN:\n  EPOCHS: 7\n  WEIGHT_DECAY: 0\nDATA:\n  IMG_SIZE: 64\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['base.yaml']\nTRAIN:\n  BASE_LR: 1e-3\nDATA:\n  IMG_SIZE: 32\n")
+    cfg = get_config(_args(cfg=str(tmp_path / "child.yaml"), seed=3, opts=["TRAIN.EPOCHS", "9", "TAG", "007"]),
+                     world_size=1)
+    assert cfg.TRAIN.EPOCHS == 9  # --opts beat the yaml
+    assert cfg.TRAIN.WEIGHT_DECAY == 0.0 and isinstance(cfg.TRAIN.WEIGHT_DECAY, float)  # int -> float
+    assert cfg.TRAIN.BASE_LR == pytest.approx(1e-3 * 128 / 512)  # yaml's "1e-3" string read as a float
+    assert cfg.DATA.IMG_SIZE == 32  # the child beats its base
+    assert cfg.SEED == 3 and cfg.TAG == "007"
+    assert get_defaults().TRAIN.EPOCHS == 300  # defaults untouched
+
+
+def test_build_model_maps_every_family_key(monkeypatch):
+    calls = []
+    monkeypatch.setattr(build_module, "create_model", lambda name, **kwargs: calls.append((name, kwargs)))
+    expected = {
+        "defmamba": {"EMBED_DIM": ("embed_dim", 24), "DEPTHS": ("depths", (1, 2, 3, 4)), "D_STATE": ("d_state", 4),
+                     "SSM_RATIO": ("ssm_ratio", 2.0), "MLP_RATIO": ("mlp_ratio", 3.0),
+                     "DROP_RATE": ("drop_rate", 0.1), "DROP_PATH_RATE": ("drop_path_rate", 0.3)},
+        "damamba": {"DIMS": ("dims", (16, 32, 48, 64)), "DEPTHS": ("depths", (1, 1, 2, 1)),
+                    "MLP_RATIOS": ("mlp_ratios", (2.0, 2.0, 3.0, 3.0)), "LAYERSCALE": ("layerscale", (3,)),
+                    "DROP_PATH_RATE": ("drop_path_rate", 0.25)},
+    }
+    defaults = get_defaults()
+    for family, keys in expected.items():
+        assert set(keys) == set(defaults.MODEL[family.upper()]), f"a MODEL.{family.upper()} key is not mapped"
+        opts = ["MODEL.TYPE", family, "MODEL.NAME", f"{family}_tiny", "MODEL.NUM_CLASSES", "7", "MODEL.IN_CHANS", "1",
+                "MODEL.SCAN_BACKEND", "ref"]
+        for key, (_, value) in keys.items():
+            opts += [f"MODEL.{family.upper()}.{key}", repr(list(value) if isinstance(value, tuple) else value)]
+        build_module.build_model(get_config(_args(opts=opts), world_size=1))
+        name, kwargs = calls.pop()
+        assert name == f"{family}_tiny"
+        assert kwargs == {"num_classes": 7, "in_chans": 1, "scan_backend": "ref",
+                          **{kwarg: value for kwarg, value in keys.values()}}
+
+
+def test_build_model_rejects_name_of_other_family():
+    cfg = get_config(_args(opts=["MODEL.TYPE", "damamba", "MODEL.NAME", "defmamba_tiny"]), world_size=1)
+    with pytest.raises(ValueError, match="not a 'damamba' variant"):
+        build_module.build_model(cfg)
+
+
+def test_real_tiny_defmamba_is_built_from_config():
+    from classification.models import build_model
+
+    cfg = get_config(_args(opts=["MODEL.NUM_CLASSES", "3", "MODEL.DEFMAMBA.EMBED_DIM", "8",
+                                 "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]"]), world_size=1)
+    model = build_model(cfg)
+    assert model.num_features == 64 and model.num_classes == 3

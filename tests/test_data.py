@@ -1,0 +1,122 @@
+"""Data: folder checks, corrupt images, resumable/distributed sampling, seeded augmentation, the digits builder."""
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from classification.config import get_config
+from classification.data.build import ResumableDistributedSampler, ShardSampler, build_datasets, build_loader
+from classification.data.digits import build_digits
+
+TINY_SIZE = 32
+
+
+def make_image_folder(root: Path, classes: int = 2, train_per_class: int = 8, val_per_class: int = 4,
+                      size: int = TINY_SIZE, seed: int = 0) -> Path:
+    """A learnable ImageFolder (each class has its own mean colour) with train/ and val/ of PNGs."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([255 * (label % 2), 255 * ((label // 2) % 2), 128])
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(data_path: Path, *opts: str):
+    """Config for the tiny folder: 32x32, no augmentation noise beyond crop/flip, main-process loading."""
+    return get_config(argparse.Namespace(data_path=str(data_path), opts=[
+        "MODEL.NUM_CLASSES", "2", "DATA.IMG_SIZE", str(TINY_SIZE), "DATA.BATCH_SIZE", "4", "DATA.NUM_WORKERS", "0",
+        "AUG.AUTO_AUGMENT", "''", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0", *opts]), world_size=1)
+
+
+def test_missing_empty_and_mismatched_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_datasets(tiny_config(tmp_path / "none"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"train is empty"):
+        build_datasets(tiny_config(tmp_path / "empty"))
+    (tmp_path / "empty" / "train" / "a").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        build_datasets(tiny_config(tmp_path / "empty"))
+    root = make_image_folder(tmp_path / "mismatch", classes=2, train_per_class=1, val_per_class=1)
+    (root / "val" / "class1").rename(root / "val" / "other")
+    with pytest.raises(ValueError, match=r"only in train \['class1'\], only in val \['other'\]"):
+        build_datasets(tiny_config(root))
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
+    root = make_image_folder(tmp_path, classes=2, train_per_class=4, val_per_class=2)
+    (root / "train" / "class0" / "1.png").write_bytes(b"not a png")
+    (root / "train" / "class1" / "2.png").write_bytes(Image.new("RGB", (8, 8)).tobytes()[:10])
+    data = build_loader(tiny_config(root), rank=0, world_size=1, pin_memory=False)
+    data.train_sampler.set_epoch(0)
+    with caplog.at_level(logging.WARNING):
+        batches = list(data.train_loader)
+    assert sum(skipped for _, _, skipped in batches) == 2
+    assert all(images.shape == (4, 3, TINY_SIZE, TINY_SIZE) for images, _, _ in batches)  # batches stay full
+    assert "1.png" in caplog.text and "2.png" in caplog.text
+
+
+def test_rank_batches_union_to_single_process_batches():
+    size, batch, world = 24, 4, 2
+    single = ResumableDistributedSampler(size, 1, 0, seed=5)
+    ranks = [ResumableDistributedSampler(size, world, r, seed=5) for r in range(world)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(3)
+    single_keys = list(single)
+    rank_keys = [list(s) for s in ranks]
+    for i in range(size // (batch * world)):
+        union = set(rank_keys[0][i * batch:(i + 1) * batch]) | set(rank_keys[1][i * batch:(i + 1) * batch])
+        assert union == set(single_keys[i * batch * world:(i + 1) * batch * world])
+    assert sorted(k[0] for k in single_keys) == list(range(size))
+    other_epoch = ResumableDistributedSampler(size, 1, 0, seed=5)
+    other_epoch.set_epoch(4)
+    assert [k[0] for k in other_epoch] != [k[0] for k in single_keys]
+
+
+def test_sampler_resume_skips_exactly_and_pads():
+    sampler = ResumableDistributedSampler(10, 3, 1, seed=0)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    assert len(full) == len(sampler) == 4  # ceil(10 / 3), padded
+    sampler.set_epoch(2, start=3)
+    assert list(sampler) == full[3:] and len(sampler) == 1
+    shards = [list(ShardSampler(10, 3, r)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))  # evaluation: every image exactly once
+
+
+def test_augmentation_depends_only_on_the_sample_key(tmp_path):
+    root = make_image_folder(tmp_path, classes=2, train_per_class=2, val_per_class=1)
+    train_set, _ = build_datasets(tiny_config(root, "AUG.REPROB", "0.5", "AUG.SCALE", "[0.2, 1.0]"))
+    torch.manual_seed(0)
+    first = train_set[(1, 1234)][0]
+    state = torch.get_rng_state()
+    torch.rand(7)  # the global generators move on; the sample must not change
+    again = train_set[(1, 1234)][0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, train_set[(1, 999)][0])
+    torch.set_rng_state(state)
+    train_set[(0, 1)]
+    assert torch.equal(torch.get_rng_state(), state)  # loading in the main process leaves its generators alone
+
+
+def test_digits_builder_is_complete_and_idempotent(tmp_path):
+    manifest = build_digits(tmp_path, image_size=8)
+    assert manifest["train"] + manifest["val"] == 1797 and manifest["val"] == 360
+    classes = sorted(p.name for p in (tmp_path / "train").iterdir())
+    assert classes == [str(d) for d in range(10)]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == classes
+    image = Image.open(next((tmp_path / "val" / "3").iterdir()))
+    assert image.size == (8, 8) and image.mode == "RGB"
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()}
+    assert build_digits(tmp_path, image_size=8) == manifest
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()} == stamp
