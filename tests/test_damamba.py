@@ -1,0 +1,153 @@
+"""DAMamba variants: parameter counts, the timm model contract at small size, input-size edge cases, init."""
+import math
+
+import pytest
+import timm
+import torch
+
+from classification.models import create_model
+from classification.models import damamba
+from classification.models.damamba import DAMamba, final_map_size
+from classification.ops.deformable import bilinear_sample_ref
+
+VARIANTS = ("damamba_tiny", "damamba_small", "damamba_base")
+# Trainable parameters at 1000 classes, as the release reports them (its totals add 18 fixed values per block, the
+# two 3x3 identity taps, which we do not store), and the release's state-dict entry counts.
+RELEASED_TRAINABLE = {"damamba_tiny": 25_439_870, "damamba_small": 44_991_880, "damamba_base": 85_713_488}
+RELEASED_ENTRIES = {"damamba_tiny": 875, "damamba_small": 1403, "damamba_base": 1655}
+SMALL = dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_classes=7)  # each variant's ratios/layer scale kept
+
+
+def _small(name: str, **overrides) -> DAMamba:
+    torch.manual_seed(0)
+    return create_model(name, **dict(SMALL, **overrides))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_full_size_parameter_counts(name, monkeypatch):
+    # Shapes only: on the meta device, without the initialisation passes (slow there, irrelevant to the count).
+    monkeypatch.setattr(damamba, "trunc_normal_", lambda weight, std: weight)
+    monkeypatch.setattr(damamba.DynamicAdaptiveScanSSM, "reset_ssm_parameters", lambda self: None)
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == RELEASED_TRAINABLE[name]
+    assert all(p.requires_grad for p in model.parameters())
+    num_blocks = sum(len(stage.blocks) for stage in model.stages)
+    assert len(model.state_dict()) == RELEASED_ENTRIES[name] - 2 * num_blocks  # minus the identity taps
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_backward_and_determinism(name):
+    model = _small(name).eval()
+    image = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        logits = model(image)
+        assert torch.equal(logits, model(image)), "eval is deterministic"
+    assert logits.shape == (2, SMALL["num_classes"]) and torch.isfinite(logits).all()
+
+    model.train()
+    torch.manual_seed(1)
+    loss = model(image).logsumexp(-1).mean()
+    loss.backward()
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None, f"No gradient for {param_name}"
+        assert torch.isfinite(param.grad).all(), param_name
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert model(image).logsumexp(-1).mean() == loss, "train mode is deterministic for a given seed"
+
+
+def test_layerscale_and_drop_path_per_variant():
+    small = _small("damamba_small", drop_path_rate=0.3)
+    assert [hasattr(stage.blocks[0].ls1, "gamma") for stage in small.stages] == [False, False, True, True]
+    assert not any(hasattr(stage.blocks[0].ls1, "gamma") for stage in _small("damamba_tiny").stages)
+    rates = [block.drop_path.drop_prob if hasattr(block.drop_path, "drop_prob") else 0.0
+             for stage in small.stages for block in stage.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    model = _small("damamba_small", drop_path_rate=0.0).double().train()
+    image = torch.randn(2, 3, 40, 56, dtype=torch.float64)
+    plain = model(image).square().sum()
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    model.set_grad_checkpointing(True)
+    checkpointed = model(image).square().sum()
+    checkpointed_grads = torch.autograd.grad(checkpointed, list(model.parameters()))
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=0)
+    for a, b in zip(checkpointed_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_timm_contract():
+    model = timm.create_model("damamba_base", **SMALL).eval()
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(image)
+        assert [tuple(m.shape) for m in maps] == [(1, 16, 16, 16), (1, 32, 8, 8), (1, 48, 4, 4), (1, 64, 2, 2)]
+        torch.testing.assert_close(model.forward_head(final), model(image))
+        assert model.forward_head(final, pre_logits=True).shape == (1, 64)
+    assert [info["reduction"] for info in model.feature_info] == [4, 8, 16, 32]
+    model.reset_classifier(3)
+    assert model.get_classifier().out_features == 3
+    features = timm.create_model("damamba_tiny", features_only=True, out_indices=(1, 3), **SMALL)
+    assert [tuple(m.shape) for m in features(image)] == [(1, 32, 8, 8), (1, 64, 2, 2)]
+
+
+@pytest.mark.parametrize("height,width", [(200, 136), (32, 32), (31, 17), (5, 200), (1, 1)])
+def test_any_input_size(height, width, monkeypatch):
+    model = _small("damamba_small").double().eval()
+    image = torch.randn(2, 3, height, width, dtype=torch.float64)
+    with torch.no_grad():
+        maps = model.forward_intermediates(image, intermediates_only=True)
+        logits = model(image)
+        single = model(image[1:])
+    side = (height, width)
+    for stage, feature in enumerate(maps):  # every stride-2 conv maps n to ceil(n / 2)
+        side = tuple(math.ceil(n / (4 if stage == 0 else 2)) for n in side)
+        assert feature.shape[-2:] == side
+    assert side == final_map_size(height, width, num_stages=4)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(single, logits[1:], rtol=1e-12, atol=1e-12)  # samples never mix in a batch
+
+    # The same logits from the reference twins of both ops (gather-based sampling, sequential scan).
+    monkeypatch.setattr(damamba, "bilinear_sample", bilinear_sample_ref)
+    for stage in model.stages:
+        for block in stage.blocks:
+            block.mixer.scan_backend = "ref"
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), logits, rtol=1e-12, atol=1e-12)
+
+
+def test_training_on_one_by_one_maps():
+    model = _small("damamba_tiny").train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # batch 2: BatchNorm has two values per channel
+    model(torch.randn(1, 3, 33, 32)).sum().backward()  # 2x1 final map
+    with pytest.raises(ValueError, match="training with batch 1 .* 1x1 maps in the last stage.*BatchNorm"):
+        model(torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(1, 3, 32, 32))).all()
+
+
+def test_release_initialisation():
+    model = _small("damamba_small", layerscale_init=1e-6)
+    mixer = model.stages[2].blocks[0].mixer
+    assert torch.equal(mixer.A_log, torch.zeros_like(mixer.A_log)) and torch.equal(mixer.D, torch.ones_like(mixer.D))
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 0.1 * (1 + 1e-6)
+    assert mixer.x_proj.weight.abs().max() <= mixer.D.numel() ** -0.5
+    assert mixer.dt_proj.weight.abs().max() <= mixer.dt_rank ** -0.5
+    assert torch.equal(mixer.offset.proj.bias, torch.zeros_like(mixer.offset.proj.bias))
+    assert 0.01 < mixer.offset.proj.weight.std() < 0.03  # the model-wide trunc-normal(0.02) pass, not zeros
+    assert torch.equal(model.stages[3].blocks[0].ls2.gamma, torch.full((64,), 1e-6))
+    for param in (mixer.A_log, mixer.D, mixer.dt_bias):
+        assert param._no_weight_decay
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="not a multiple of head_dim"):
+        DAMamba(dims=(24, 32, 48, 64), depths=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="layerscale"):
+        DAMamba(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), layerscale=(4,))
+    with pytest.raises(TypeError):
+        create_model("damamba_tiny", mlp_ratio=4.0)  # typed keyword arguments only
