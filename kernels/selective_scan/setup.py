@@ -41,7 +41,9 @@ def _extensions() -> list:
         CppExtension(
             name="defmamba_scan_cpu",
             sources=_sources("cpu", ".cpp"),
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+            # C++20: torch's headers require it. No -march (scan_avx2.cpp is picked at run time) and no -ffast-math
+            # (float64 must stay exact); -ffp-contract=fast lets the AVX2 kernels use FMA.
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast"],
             extra_link_args=["-fopenmp"],
         )
     ]
@@ -53,7 +55,7 @@ def _extensions() -> list:
             CUDAExtension(
                 name="defmamba_scan_cuda",
                 sources=_sources("cuda", ".cpp", ".cu"),
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
             )
         )
     return extensions
