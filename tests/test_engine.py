@@ -1,0 +1,156 @@
+"""Engine: optimizer groups, schedule values, accumulation, MESA, NaN stop, evaluation metrics, throughput."""
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from classification.config import get_config
+from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
+from classification.lr_scheduler import build_scheduler
+from classification.models import build_model
+from classification.optim import build_optimizer, split_weight_decay
+
+
+def _config(*opts: str):
+    return get_config(argparse.Namespace(opts=list(opts)), world_size=1)
+
+
+class Toy(nn.Module):
+    """A linear classifier with an SSM-like tagged parameter and a name-fallback one."""
+
+    def __init__(self, features: int = 6, classes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+        self.norm = nn.LayerNorm(features)
+        self.A_log = nn.Parameter(torch.zeros(classes, 2))  # found by name
+        self.table = nn.Parameter(torch.zeros(classes, 2, 2))  # found by tag
+        self.table._no_weight_decay = True
+
+    def forward(self, x):
+        return self.fc(self.norm(x)) + self.A_log.sum(-1) + self.table.sum((1, 2))
+
+
+def test_weight_decay_groups_of_defmamba():
+    cfg = _config("MODEL.NUM_CLASSES", "3", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]")
+    model = build_model(cfg)
+    decay, no_decay = split_weight_decay(model, no_decay_ssm=False)
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim <= 1 or n.endswith(".bias") for n in no_decay)
+    assert all(params[n].ndim >= 2 and not n.endswith(".bias") for n in decay)
+    assert set(decay) | set(no_decay) == set(params)
+    tagged = {n for n, p in params.items() if getattr(p, "_no_weight_decay", False)}
+    tagged_matrices = {n for n in tagged if params[n].ndim >= 2}
+    assert tagged_matrices and tagged_matrices <= set(decay)  # the release decays A_log and the offset-bias table
+    decay_ssm, no_decay_ssm = split_weight_decay(model, no_decay_ssm=True)
+    assert set(no_decay_ssm) == set(no_decay) | tagged
+    assert any("A_log" in n for n in tagged_matrices) and any("offset" in n for n in tagged_matrices)
+    optimizer = build_optimizer(_config("TRAIN.NO_DECAY_SSM", "True"), model)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
+def test_weight_decay_name_fallback_and_tag():
+    decay, no_decay = split_weight_decay(Toy(), no_decay_ssm=True)
+    assert decay == ["fc.weight"]
+    assert set(no_decay) == {"fc.bias", "norm.weight", "norm.bias", "A_log", "table"}
+    assert sorted(split_weight_decay(Toy(), no_decay_ssm=False)[0]) == ["A_log", "fc.weight", "table"]
+
+
+def test_schedule_is_linear_warmup_then_cosine_per_update():
+    cfg = _config("TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.LR_REFERENCE_BATCH", "0",
+                  "TRAIN.BASE_LR", "1e-3", "TRAIN.WARMUP_LR", "1e-6", "TRAIN.MIN_LR", "1e-5")
+    optimizer = build_optimizer(cfg, Toy())
+    updates_per_epoch = 5
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    warmup, total = 2 * updates_per_epoch, 10 * updates_per_epoch
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-6)
+    for update in (1, 4, 10, 11, 30, 49, 50):
+        scheduler.step_update(update)
+        if update < warmup:
+            expected = 1e-6 + (1e-3 - 1e-6) * update / warmup
+        else:
+            expected = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (update - warmup) / (total - warmup)))
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9), update
+
+
+def _batches(n_batches: int, batch: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 6, generator=generator), torch.randint(0, 3, (batch,), generator=generator), 0)
+            for _ in range(n_batches)]
+
+
+def _train(model, batches, accumulation_steps=1, **kwargs):
+    cfg = _config("TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "1",
+                  "TRAIN.BASE_LR", "0.1", "TRAIN.MIN_LR", "0.1")
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, math.ceil(len(batches) / accumulation_steps))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
+                           0, 1, accumulation_steps=accumulation_steps, clip_grad=5.0, print_freq=100, **kwargs)
+
+
+def test_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    reference = Toy()
+    accumulated = copy.deepcopy(reference)
+    small = _batches(4, 2)
+    big = [(torch.cat([small[i][0], small[i + 1][0]]), torch.cat([small[i][1], small[i + 1][1]]), 0)
+           for i in (0, 2)]
+    _train(reference, big)
+    _train(accumulated, small, accumulation_steps=2)
+    for (name, a), b in zip(reference.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_mesa_adds_soft_target_ce_from_the_ema_teacher():
+    torch.manual_seed(0)
+    model = Toy()
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        ema.module.fc.weight.normal_()  # a teacher that differs from the student
+    images, targets, _ = _batches(1, 4)[0]
+    expected_ce = nn.functional.cross_entropy(model(images), targets).item()
+    teacher = torch.softmax(ema.module(images), -1)
+    expected_mesa = (-teacher * torch.log_softmax(model(images), -1)).sum(-1).mean().item()
+    stats = _train(model, [(images, targets, 0)], model_ema=ema, mesa_weight=1.5)
+    assert stats["loss"] == pytest.approx(expected_ce + 1.5 * expected_mesa, rel=1e-6)
+    with pytest.raises(ValueError, match="EMA"):
+        _train(Toy(), _batches(1, 4), mesa_weight=1.0)
+
+
+def test_nan_loss_stops_before_any_update():
+    model = Toy()
+    before = copy.deepcopy(model.state_dict())
+    batches = _batches(3, 2)
+    batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1], 0)
+    with pytest.raises(NonFiniteLossError, match="epoch 0 step 1"):
+        _train(model, batches, accumulation_steps=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # step 0 was never applied
+
+
+def test_evaluate_top1_top5_match_hand_count():
+    classes = 7
+    logits = torch.randn(10, classes, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, classes, (10,), generator=torch.Generator().manual_seed(2))
+
+    class Lookup(nn.Module):
+        def forward(self, index):
+            return logits[index.long()]
+
+    loader = [(torch.arange(0, 6), targets[:6], 0), (torch.arange(6, 10), targets[6:], 1)]
+    metrics = evaluate(Lookup(), loader, torch.device("cpu"))
+    ranks = (logits > logits.gather(1, targets[:, None])).sum(1)  # how many classes beat the target
+    assert metrics["acc1"] == pytest.approx(100.0 * (ranks < 1).float().mean().item())
+    assert metrics["acc5"] == pytest.approx(100.0 * (ranks < 5).float().mean().item())
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert metrics["count"] == 10 and metrics["skipped_images"] == 1
+
+
+def test_throughput_reports_rate_and_device():
+    result = throughput(nn.Conv2d(3, 4, 3), batch_size=2, img_size=8, in_chans=3, device=torch.device("cpu"),
+                        iters=2, warmup_iters=1)
+    assert result["images_per_sec"] > 0 and result["device"].startswith("cpu")
