@@ -14,7 +14,6 @@ scan-returns-h, then-``h * C + D * u``-in-PyTorch computation, so no extra scan 
 """
 import math
 import re
-from typing import Optional
 
 import torch
 from einops import rearrange
@@ -29,15 +28,15 @@ from .checkpoint import CheckpointError, register_checkpoint_filter
 from .layers import Backbone, linear_drop_path_rates, run_blocks
 from .registry import register_model
 
-
 LN_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
 DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias) range and floor
 INIT_STD = 0.02  # trunc-normal std of every conv and linear weight
 NUM_COORDS = 2  # an offset is (dx, dy)
-STEM_STRIDE = 4  # two stride-2 convs in the stem
-DOWNSAMPLE_STRIDE = 2  # between stages
+DOWNSAMPLE_STRIDE = 2  # of every downsampling conv: two in the stem, one at the start of each later stage
+STEM_DOWNSAMPLINGS = 2
+STEM_STRIDE = DOWNSAMPLE_STRIDE**STEM_DOWNSAMPLINGS
 NUM_STAGES = 4
 
 
@@ -142,13 +141,13 @@ class DynamicAdaptiveScanSSM(nn.Module):
         values = self.act(self.dw_conv(self.in_proj(x)))
         points = self.sampling_points(self.offset(x))  # offsets come from the mixer input, not from the values
         u = rearrange(bilinear_sample(values, points), "b c h w -> b c (h w)")  # raster order, one direction
-        dt_low, b, c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
-                                   [self.dt_rank, D_STATE, D_STATE], dim=1)
+        dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
+                                           [self.dt_rank, D_STATE, D_STATE], dim=1)
         delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
-        y = selective_scan_fn(
-            u, delta, -torch.exp(self.A_log), b.unsqueeze(1), c.unsqueeze(1), D=self.D, delta_bias=self.dt_bias,
-            delta_softplus=True, backend=self.scan_backend,
-        )  # B, C: (batch, groups = 1, d_state, length), shared by all channels
+        y = selective_scan_fn(  # B and C as (batch, groups = 1, d_state, length): shared by all channels
+            u, delta, -torch.exp(self.A_log), ssm_b.unsqueeze(1), ssm_c.unsqueeze(1), D=self.D,
+            delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
+        )
         y = rearrange(y, "b c (h w) -> b c h w", h=height, w=width)
         return self.out_proj(self.out_norm(y))
 
@@ -165,7 +164,7 @@ class DAMambaBlock(nn.Module):
         scan_backend: Selective-scan backend.
     """
 
-    def __init__(self, dim: int, mlp_ratio: float, head_dim: int, layerscale_init: Optional[float], drop_path: float,
+    def __init__(self, dim: int, mlp_ratio: float, head_dim: int, layerscale_init: float | None, drop_path: float,
                  scan_backend: str):
         super().__init__()
         self.pos_embed = ResidualDepthwiseConv(dim)
@@ -184,16 +183,16 @@ class DAMambaBlock(nn.Module):
 
 
 class DAMambaStage(nn.Module):
-    """Optional stride-2 downsampling (3x3 conv + BN), the blocks, then the stage's output LayerNorm."""
+    """Optional stride-2 downsampling (3x3 conv + BN), the blocks (one per ``drop_path`` rate), then a LayerNorm."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, mlp_ratio: float, head_dim: int,
-                 layerscale_init: Optional[float], drop_path: list[float], scan_backend: str):
+    def __init__(self, in_dim: int, dim: int, downsample: bool, mlp_ratio: float, head_dim: int,
+                 layerscale_init: float | None, drop_path: list[float], scan_backend: str):
         super().__init__()
         self.downsample = nn.Sequential(
             nn.Conv2d(in_dim, dim, kernel_size=3, stride=DOWNSAMPLE_STRIDE, padding=1), nn.BatchNorm2d(dim),
         ) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            DAMambaBlock(dim, mlp_ratio, head_dim, layerscale_init, rate, scan_backend) for rate in drop_path[:depth]
+            DAMambaBlock(dim, mlp_ratio, head_dim, layerscale_init, rate, scan_backend) for rate in drop_path
         ])
         self.norm = LayerNorm2d(dim, eps=LN_EPS)
         self.grad_checkpointing = False
@@ -205,9 +204,10 @@ class DAMambaStage(nn.Module):
 
 def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
     """Output stride 4: (conv3x3 -> BN -> GELU) x 3 -> conv3x3 -> BN, strides 2, 1, 2, 1, widths dim/2, dim/2, dim."""
-    half = dim // 2
+    half, down = dim // 2, DOWNSAMPLE_STRIDE
+    convs = [(in_chans, half, down), (half, half, 1), (half, dim, down), (dim, dim, 1)]  # (in, out, stride)
     layers: list[nn.Module] = []
-    for index, (cin, cout, stride) in enumerate([(in_chans, half, 2), (half, half, 1), (half, dim, 2), (dim, dim, 1)]):
+    for index, (cin, cout, stride) in enumerate(convs):
         if index:
             layers.append(nn.GELU())
         layers += [nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1), nn.BatchNorm2d(cout)]
@@ -229,7 +229,7 @@ class PooledLinearHead(nn.Module):
 
 def final_map_size(height: int, width: int, num_stages: int) -> tuple[int, int]:
     """The last stage's map size for an input of ``height x width``: each stride-2 conv maps n to ceil(n / 2)."""
-    for _ in range(int(math.log2(STEM_STRIDE)) + num_stages - 1):
+    for _ in range(STEM_DOWNSAMPLINGS + num_stages - 1):
         height, width = -(-height // DOWNSAMPLE_STRIDE), -(-width // DOWNSAMPLE_STRIDE)
     return height, width
 
@@ -274,12 +274,12 @@ class DAMamba(Backbone):
         self.stages = nn.ModuleList()
         self.feature_info = []
         in_dim, reduction = dims[0], STEM_STRIDE
-        for index, (dim, depth, mlp_ratio, rates) in enumerate(
-            zip(dims, depths, mlp_ratios, linear_drop_path_rates(drop_path_rate, tuple(depths)))
+        for index, (dim, mlp_ratio, rates) in enumerate(
+            zip(dims, mlp_ratios, linear_drop_path_rates(drop_path_rate, tuple(depths)))
         ):
             reduction *= DOWNSAMPLE_STRIDE if index else 1
             self.stages.append(DAMambaStage(
-                in_dim, dim, depth, downsample=index > 0, mlp_ratio=mlp_ratio, head_dim=head_dim,
+                in_dim, dim, downsample=index > 0, mlp_ratio=mlp_ratio, head_dim=head_dim,
                 layerscale_init=layerscale_init if index in layerscale else None, drop_path=rates,
                 scan_backend=scan_backend,
             ))
@@ -359,7 +359,7 @@ _RELEASED_STAGE_NORM = re.compile(r"norm([1-4])\.norm\.(weight|bias)")
 _KERNEL_CENTRE = (0, 0, 1, 1)
 
 
-def _convert_key(key: str) -> Optional[str]:
+def _convert_key(key: str) -> str | None:
     """Our name for a released key, or None when the key is not one of the release's DAMamba keys."""
     for pattern, replacement in _RELEASED_KEYS:
         if re.fullmatch(pattern, key):
