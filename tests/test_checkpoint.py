@@ -1,0 +1,74 @@
+"""Checkpoints: atomic writes, RNG round trip, newest-valid selection with corrupt files skipped."""
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from classification.utils import checkpoint as ckpt
+
+
+def _training_checkpoint(epoch: int, step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "lr_scheduler": {}, "epoch": epoch,
+            "step": step}
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / ckpt.LATEST_NAME
+    ckpt.atomic_save(_training_checkpoint(1, 0), path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.atomic_save({"model": Unpicklable()}, path)
+    assert ckpt.load_training_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == [ckpt.LATEST_NAME]  # no temporary file left behind
+
+
+def test_atomic_save_replaces_in_one_rename(tmp_path, monkeypatch):
+    path = tmp_path / "c.pth"
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
+    ckpt.atomic_save(_training_checkpoint(2, 5), path)
+    assert len(renames) == 1 and str(renames[0][1]) == str(path) and str(renames[0][0]).endswith(ckpt.TMP_SUFFIX)
+    assert ckpt.load_training_checkpoint(path)["step"] == 5
+
+
+def test_rng_state_round_trip():
+    state = ckpt.capture_rng_state()
+    expected = random.random(), np.random.rand(), torch.rand(2)
+    random.random(), np.random.rand(), torch.rand(5)
+    ckpt.restore_rng_state(state)
+    got = random.random(), np.random.rand(), torch.rand(2)
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, caplog):
+    assert ckpt.find_resume_checkpoint(tmp_path) is None
+    ckpt.atomic_save(_training_checkpoint(3, 0), tmp_path / "checkpoint_epoch0002.pth")
+    ckpt.atomic_save(_training_checkpoint(2, 0), tmp_path / "checkpoint_epoch0001.pth")
+    ckpt.atomic_save(_training_checkpoint(3, 4), tmp_path / ckpt.BEST_NAME)
+    good = (tmp_path / ckpt.BEST_NAME).read_bytes()
+    # The newest files are a truncated copy of a good checkpoint and garbage.
+    (tmp_path / ckpt.LATEST_NAME).write_bytes(good[: len(good) // 2])
+    time.sleep(0.01)
+    (tmp_path / "checkpoint_epoch0009.pth").write_bytes(b"\x00garbage")
+    (tmp_path / "checkpoint_incomplete.pth.123.tmp").write_bytes(good)  # a temp file is never a candidate
+    with caplog.at_level(logging.WARNING):
+        path, checkpoint = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == ckpt.BEST_NAME and (checkpoint["epoch"], checkpoint["step"]) == (3, 4)
+    assert ckpt.LATEST_NAME in caplog.text and "checkpoint_epoch0009.pth" in caplog.text
+    assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
+
+
+def test_checkpoint_without_training_state_is_rejected(tmp_path):
+    torch.save({"model": {}}, tmp_path / "checkpoint_weights.pth")
+    with pytest.raises(ValueError, match="lacks"):
+        ckpt.load_training_checkpoint(tmp_path / "checkpoint_weights.pth")
+    assert ckpt.find_resume_checkpoint(tmp_path) is None

@@ -1,0 +1,65 @@
+"""SIGKILL in the middle of an epoch, restart, and end with the weights of the uninterrupted run."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from test_data import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 0.01
+RUN_TIMEOUT_SECONDS = 240
+
+
+def _main_command(data: Path, output: Path) -> list[str]:
+    # Tiny DefMamba; everything random is on: drop path, Mixup/CutMix (numpy), random erasing and crops (per-sample
+    # seeds), EMA and MESA from epoch 1. Checkpoints every 2 updates (8 steps per epoch).
+    return [sys.executable, str(REPO / "main.py"), "--data-path", str(data), "--output", str(output), "--amp", "off",
+            "--deterministic", "--scan-backend", "torch", "--batch-size", "4", "--opts",
+            "MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]",
+            "MODEL.DEFMAMBA.DROP_PATH_RATE", "0.1", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
+            "AUG.AUTO_AUGMENT", "''", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.SAVE_STEPS", "2",
+            "TRAIN.EMA.DECAY", "0.9", "TRAIN.MESA.WEIGHT", "0.5", "TRAIN.MESA.START_EPOCH", "1", "PRINT_FREQ", "4"]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=16, val_per_class=4)
+    reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
+    reference = subprocess.Popen(_main_command(data, reference_out), env=_env(), cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_main_command(data, killed_out), env=_env(), cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run_dir = killed_out / "defmamba_tiny" / "default"
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while not (run_dir / "checkpoint_latest.pth").exists() and victim.poll() is None:
+        assert time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+        time.sleep(POLL_SECONDS)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    resumed = subprocess.run(_main_command(data, killed_out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, timeout=RUN_TIMEOUT_SECONDS)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert reference.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, reference.stderr.read().decode()[-3000:]
+    position = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", (run_dir / "train.log").read_text())
+    assert position and int(position.group(2)) > 0, "the restart did not resume in the middle of an epoch"
+
+    expected = torch.load(reference_out / "defmamba_tiny" / "default" / "checkpoint_latest.pth", weights_only=False)
+    got = torch.load(run_dir / "checkpoint_latest.pth", weights_only=False)
+    assert (got["epoch"], got["step"]) == (expected["epoch"], expected["step"]) == (2, 0)
+    for part in ("model", "model_ema"):
+        for key, value in expected[part].items():
+            assert torch.equal(got[part][key], value), f"{part}.{key} differs after resume"
+    assert got["optimizer"]["state"].keys() == expected["optimizer"]["state"].keys()
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(got["optimizer"]["state"][index]["exp_avg"], state["exp_avg"])
