@@ -22,16 +22,31 @@ namespace {
 // the cores; the count depends on the shape only (never on the thread count), which keeps results deterministic.
 constexpr int64_t kMinBackwardTasks = 64;
 
-bool use_avx2() {
+bool avx2_supported() {
 #ifdef DEFMAMBA_SCAN_HAVE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
 #endif
 }
 
+// The kernel set in use: the best one the CPU supports, unless set_isa chose the generic one (tests cover both).
+bool& avx2_selected() {
+  static bool selected = avx2_supported();
+  return selected;
+}
+
+bool use_avx2() { return avx2_selected(); }
+
 std::string isa() { return use_avx2() ? "avx2" : "generic"; }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "generic", "defmamba_scan_cpu: isa must be 'avx2' or 'generic', got '",
+              name, "'");
+  TORCH_CHECK(name == "generic" || avx2_supported(),
+              "defmamba_scan_cpu: this CPU (or build) has no AVX2 + FMA kernels");
+  avx2_selected() = name == "avx2";
+}
 
 template <typename scalar_t>
 void run_forward_task(const ForwardArgs<scalar_t>& args, int64_t task) {
@@ -241,5 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("delta_softplus"),
         py::arg("checkpoints"));
   m.def("isa", &defmamba_scan::isa, "the instruction set the kernels run with: 'avx2' or 'generic'");
+  m.def("set_isa", &defmamba_scan::set_isa, "run the 'generic' kernels, or the 'avx2' ones where supported (tests)",
+        py::arg("name"));
   m.attr("CHUNK") = defmamba_scan::kChunk;
 }
