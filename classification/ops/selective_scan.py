@@ -191,18 +191,24 @@ def selective_scan_ref(
         raise ValueError(f"selective_scan_ref only computes backend 'ref', got {backend!r}; use selective_scan_fn")
     u, delta, A, B, C, D, delta_bias = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
     dt = _effective_delta(delta, delta_bias, delta_softplus)
-    batch, channels, _ = u.shape
+    batch, channels, length = u.shape
     groups, state_size = B.shape[1], B.shape[2]
     per_group = channels // groups
     A_grouped = A.view(groups, per_group, state_size)
+    per_channel = (batch, groups, per_group, 1, length)
+    per_group_state = (batch, groups, 1, state_size, length)
+    steps = zip(
+        dt.view(per_channel).unbind(-1),
+        (dt * u).view(per_channel).unbind(-1),
+        B.view(per_group_state).unbind(-1),
+        C.view(per_group_state).unbind(-1),
+    )
     h = u.new_zeros(batch, groups, per_group, state_size)
     ys = []
-    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        dt_t = dt_t.view(batch, groups, per_group, 1)
-        u_t = u_t.view(batch, groups, per_group, 1)
-        h = torch.exp(dt_t * A_grouped) * h + dt_t * u_t * B_t.view(batch, groups, 1, state_size)
-        ys.append((h * C_t.view(batch, groups, 1, state_size)).sum(-1).view(batch, channels))
-    y = torch.stack(ys, dim=-1)
+    for dt_t, dtu_t, B_t, C_t in steps:
+        h = torch.exp(dt_t * A_grouped) * h + dtu_t * B_t
+        ys.append((h * C_t).sum(-1))  # (batch, groups, per_group)
+    y = torch.stack(ys, dim=-1).view(batch, channels, length)
     if D is not None:
         y = y + D[:, None] * u
     return y

@@ -1,0 +1,146 @@
+"""Selective-scan test cases shared by the backend test files: shapes, random inputs, and the comparison helpers.
+
+A backend test builds inputs with :func:`make_inputs`, runs the backend and ``selective_scan_ref`` through
+:func:`run_scan`, and compares every output with :func:`relative_error` (max |a - b| / max |b|).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+# Tolerances of the issue: float64 against ref in float64, float32 against ref in float64 (relative errors).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@dataclass(frozen=True)
+class ScanCase:
+    """One input configuration of the selective scan.
+
+    Attributes:
+        batch: Batch size.
+        channels: G·D channels.
+        length: Sequence length L.
+        state_size: N.
+        groups: G (B and C shared by each group of channels // groups channels).
+        with_D: Pass a skip weight D.
+        with_bias: Pass delta_bias.
+        softplus: delta_softplus.
+        flat_bc: Pass B and C as (batch, N, L) (needs groups == 1).
+        noncontiguous: Pass every tensor as a non-contiguous view.
+    """
+
+    batch: int
+    channels: int
+    length: int
+    state_size: int
+    groups: int
+    with_D: bool = True
+    with_bias: bool = True
+    softplus: bool = True
+    flat_bc: bool = False
+    noncontiguous: bool = False
+
+    @property
+    def id(self) -> str:
+        flags = [
+            name
+            for name, on in (
+                ("D", self.with_D),
+                ("bias", self.with_bias),
+                ("softplus", self.softplus),
+                ("flatBC", self.flat_bc),
+                ("noncontig", self.noncontiguous),
+            )
+            if on
+        ]
+        shape = f"b{self.batch}-c{self.channels}-L{self.length}-N{self.state_size}-G{self.groups}"
+        return "-".join([shape] + flags)
+
+
+CASES = (
+    ScanCase(batch=2, channels=6, length=97, state_size=4, groups=3),
+    ScanCase(batch=1, channels=4, length=1, state_size=3, groups=1),
+    ScanCase(batch=1, channels=3, length=197, state_size=1, groups=1, flat_bc=True),
+    ScanCase(batch=2, channels=6, length=16, state_size=5, groups=3, with_D=False, with_bias=False, softplus=False),
+    ScanCase(batch=2, channels=4, length=33, state_size=2, groups=2, with_bias=False, noncontiguous=True),
+    ScanCase(batch=3, channels=2, length=97, state_size=1, groups=1, with_D=False, softplus=False),
+    ScanCase(batch=1, channels=6, length=40, state_size=16, groups=3, noncontiguous=True, with_D=False),
+)
+
+
+def _noncontiguous(t: Tensor) -> Tensor:
+    """The same values as a non-contiguous view (every other element of a tensor twice as wide)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def make_inputs(
+    case: ScanCase, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu", seed: int = 0
+) -> dict[str, Tensor | None]:
+    """Random inputs for `case`, leaf tensors that require grad (D, delta_bias None when the case leaves them out).
+
+    Values are drawn in float64 on the CPU and then cast, so every dtype and device sees the same numbers. A lies
+    in [-e^1, -e^-1]; delta is positive without softplus (so the state decays), standard normal with it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batch, channels, length, state_size, groups = (
+        case.batch, case.channels, case.length, case.state_size, case.groups
+    )
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    bc_shape = (batch, state_size, length) if case.flat_bc else (batch, groups, state_size, length)
+    values = {
+        "u": randn(batch, channels, length),
+        "delta": randn(batch, channels, length) if case.softplus else 0.05 + 0.5 * rand(batch, channels, length),
+        "A": -torch.exp(2 * rand(channels, state_size) - 1),
+        "B": randn(*bc_shape),
+        "C": randn(*bc_shape),
+        "D": randn(channels) if case.with_D else None,
+        "delta_bias": 0.5 * rand(channels) if case.with_bias else None,
+    }
+    inputs = {}
+    for name, value in values.items():
+        if value is None:
+            inputs[name] = None
+            continue
+        value = value.to(device=device, dtype=dtype)
+        if case.noncontiguous:
+            value = _noncontiguous(value)
+        inputs[name] = value.requires_grad_() if value.is_leaf else value.detach().requires_grad_()
+    return inputs
+
+
+def cast_inputs(inputs: dict[str, Tensor | None], dtype: torch.dtype) -> dict[str, Tensor | None]:
+    """Detached copies of `inputs` in `dtype` (same layout), as new leaves that require grad."""
+    return {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def run_scan(
+    fn: Callable[..., Tensor],
+    inputs: dict[str, Tensor | None],
+    delta_softplus: bool,
+    grad_y: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """y = fn(**inputs, delta_softplus=delta_softplus) and the gradient of <y, grad_y> for every input given.
+
+    Pass e.g. ``functools.partial(selective_scan_fn, backend="torch")`` as `fn` to pick a backend.
+    """
+    y = fn(**inputs, delta_softplus=delta_softplus)
+    leaves = {k: v for k, v in inputs.items() if v is not None}
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.to(y.dtype))
+    return y, dict(zip(leaves, grads))
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected| in float64 (absolute error when expected is all zeros)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
