@@ -1,0 +1,63 @@
+// Device helpers shared by the forward and backward kernels.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "scan_cuda_common.h"
+
+namespace defmamba_scan {
+
+// Accumulation type: float for float/half/bfloat16 inputs, double for double inputs.
+template <typename input_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+template <typename acc_t>
+struct ChunkLen {
+  static constexpr int value = kChunkFloat;
+};
+template <>
+struct ChunkLen<double> {
+  static constexpr int value = kChunkDouble;
+};
+
+// Above this pre-activation softplus(x) is taken as x (and its derivative as 1), like torch.nn.functional.softplus.
+constexpr float kSoftplusThreshold = 20.0f;
+
+__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t softplus(acc_t x) {
+  return x > acc_t(kSoftplusThreshold) ? x : log1p(exp_acc(x));
+}
+
+// d softplus(x) / dx = sigmoid(x), and 1 above the threshold.
+template <typename acc_t>
+__device__ __forceinline__ acc_t softplus_grad(acc_t x) {
+  return x > acc_t(kSoftplusThreshold) ? acc_t(1) : acc_t(1) / (acc_t(1) + exp_acc(-x));
+}
+
+// Loads an input element in the accumulation type (c10::Half and c10::BFloat16 convert on the device).
+template <typename acc_t, typename input_t>
+__device__ __forceinline__ acc_t to_acc(input_t x) {
+  return static_cast<acc_t>(x);
+}
+
+// Sum over the `lanes` consecutive threads of one channel (a power of two dividing the warp); every lane gets the sum.
+template <int lanes, typename acc_t>
+__device__ __forceinline__ acc_t lane_sum(acc_t value) {
+#pragma unroll
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset, lanes);
+  }
+  return value;
+}
+
+}  // namespace defmamba_scan
