@@ -33,6 +33,7 @@ from classification.optim import build_optimizer
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, cleanup
 from classification.utils.distributed import init_distributed
+from classification.utils.flops import model_flops
 from classification.utils.logging import setup_logging
 
 logger = logging.getLogger("main")
@@ -128,10 +129,12 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
     """``--eval``: top-1/top-5 on val, params and GFLOPs."""
     loader = build_eval_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     metrics = evaluate(model, loader, ctx.device, amp_dtype)
-    from classification.utils.flops import model_flops  # TODO(h5): top-level once flops.py lands
-    flops = model_flops(model, config.DATA.IMG_SIZE)
-    logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %s",
-                metrics["count"], metrics["acc1"], metrics["acc5"], metrics["loss"], count_parameters(model), flops)
+    released = model_flops(model, config.DATA.IMG_SIZE)
+    complete = model_flops(model, config.DATA.IMG_SIZE, include_scan=True, include_sampling=True)
+    logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %.3f (release's "
+                "counter convention), %.3f (scan and sampling included) at %dx%d", metrics["count"], metrics["acc1"],
+                metrics["acc5"], metrics["loss"], count_parameters(model), released / 1e9, complete / 1e9,
+                config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
 
 
 def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
