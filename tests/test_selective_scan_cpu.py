@@ -72,7 +72,8 @@ def threads():
 def _compare_with_ref(inputs: dict, softplus: bool, dtype: torch.dtype, seed: int = 1) -> None:
     grad_y = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     y_ref, grads_ref = run_scan(selective_scan_ref, inputs, softplus, grad_y)
-    y, grads = run_scan(functools.partial(selective_scan_fn, backend="cpu"), cast_inputs(inputs, dtype), softplus, grad_y)
+    cpu_scan = functools.partial(selective_scan_fn, backend="cpu")
+    y, grads = run_scan(cpu_scan, cast_inputs(inputs, dtype), softplus, grad_y)
     assert y.dtype == dtype
     errors = {"y": relative_error(y, y_ref)} | {k: relative_error(grads[k], grads_ref[k]) for k in grads_ref}
     assert max(errors.values()) < TOLERANCE[dtype], errors
