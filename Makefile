@@ -29,7 +29,9 @@ $(KERNEL_STAMP): $(SETUP_STAMP) $(KERNEL_SOURCES)
 kernels-cpu: $(KERNEL_STAMP)
 
 # CPU and CUDA kernels; CUDA target architectures come from TORCH_CUDA_ARCH_LIST (default below), never from a GPU.
+# CUDA_HOME defaults to /usr/local/cuda when it exists: torch would otherwise guess it from a wrapper script's folder.
 kernels: $(SETUP_STAMP)
+	CUDA_HOME="$${CUDA_HOME:-$$(test -d /usr/local/cuda && echo /usr/local/cuda)}" \
 	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" SELECTIVE_SCAN_CUDA=1 \
 		$(PY) -m pip install -v --no-build-isolation ./kernels/selective_scan
 
