@@ -26,6 +26,7 @@ constexpr scalar_t kSoftplusThreshold = scalar_t(20);
 constexpr int64_t kFloatLanes = 8;
 using vfloat = float __attribute__((vector_size(kFloatLanes * sizeof(float))));
 using vint = int32_t __attribute__((vector_size(kFloatLanes * sizeof(int32_t))));
+using vint4 = int32_t __attribute__((vector_size(kFloatLanes / 2 * sizeof(int32_t))));
 
 template <typename Pack>
 constexpr int64_t kLanes = 1;
@@ -51,7 +52,20 @@ inline void store(scalar_t* ptr, const Pack& value) {
 
 inline float hsum(float x) { return x; }
 inline double hsum(double x) { return x; }
-inline float hsum(vfloat x) { return ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7])); }
+// Sum of the 8 lanes in a fixed order, ((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7)), in registers.
+using vfloat4 = float __attribute__((vector_size(kFloatLanes / 2 * sizeof(float))));
+inline float hsum(vfloat x) {
+  vfloat4 low, high;
+  std::memcpy(&low, &x, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&x) + sizeof(low), sizeof(high));
+  const vfloat4 pairs = low + high;
+#if defined(__clang__)
+  const vfloat4 quads = pairs + __builtin_shufflevector(pairs, pairs, 2, 3, 0, 1);
+#else
+  const vfloat4 quads = pairs + __builtin_shuffle(pairs, vint4{2, 3, 0, 1});
+#endif
+  return quads[0] + quads[1];
+}
 
 // where(x > threshold, if_true, if_false), lane by lane.
 inline float select_gt(float x, float threshold, float if_true, float if_false) {
