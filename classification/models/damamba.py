@@ -128,6 +128,11 @@ class DynamicAdaptiveScanSSM(nn.Module):
         self.A_log.zero_()  # A = -1
         self.D.fill_(1.0)
 
+    def scan_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """(batch, channels, length, d_state) of the selective scan run on input ``x`` (for FLOP counting)."""
+        batch, channels, height, width = x.shape
+        return batch, channels, height * width, D_STATE
+
     def sampling_points(self, offsets: Tensor) -> Tensor:
         """(batch, height, width, groups * 2) pixel offsets -> points (batch, groups, height, width, 2) as (x, y)."""
         height, width = offsets.shape[1:3]
@@ -249,6 +254,10 @@ class DAMamba(Backbone):
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks to this value.
         scan_backend: Selective-scan backend (``backend`` of :func:`classification.ops.selective_scan_fn`).
     """
+
+    # FLOP convention of the release's counters (fvcore / torchprofile): neither the scan nor the sampling is seen.
+    flops_include_scan = False
+    flops_include_sampling = False
 
     def __init__(
         self,
