@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       const acc_t dt = s_dt[local_channel][t];
-      h = exp_acc(dt * A_n) * h + s_B[t][lane] * dt * s_u[local_channel][t];
+      h = exp_acc(dt * A_n) * h + s_B[t][lane] * (dt * s_u[local_channel][t]);  // as the forward rounds it
       hs[t] = h;
     }
 
