@@ -172,3 +172,21 @@ def test_flops_release_convention_and_what_the_inclusive_count_adds():
     head = tiny.num_features * 1000
     at_224 = (224 // 32) ** 2 * (model_flops(tiny, 32) - head) + head
     assert at_224 / 1e9 == pytest.approx(RELEASED_TINY_FVCORE_GMACS, rel=1e-3)
+
+
+def test_sampling_points_stay_float32_under_bfloat16_autocast(monkeypatch):
+    model = _small("damamba_tiny").eval()
+    seen = []
+    sample = damamba.bilinear_sample
+
+    def recording_sample(features, points):
+        seen.append(points.dtype)
+        return sample(features, points)
+
+    monkeypatch.setattr(damamba, "bilinear_sample", recording_sample)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(image)
+    assert seen == [torch.float32] * 4  # bfloat16 would resolve only 0.25 px at a coordinate of 56
+    with torch.no_grad():
+        torch.testing.assert_close(logits.float(), model(image), rtol=0.1, atol=0.1)

@@ -144,8 +144,11 @@ class DynamicAdaptiveScanSSM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         values = self.act(self.dw_conv(self.in_proj(x)))
-        points = self.sampling_points(self.offset(x))  # offsets come from the mixer input, not from the values
-        u = rearrange(bilinear_sample(values, points), "b c h w -> b c (h w)")  # raster order, one direction
+        offsets = self.offset(x)  # from the mixer input, not from the values
+        # Pixel coordinates need float32 at least (under bfloat16 autocast, 56 + dx would resolve only 0.25 px).
+        dtype = torch.promote_types(offsets.dtype, torch.float32)
+        points = self.sampling_points(offsets.to(dtype))
+        u = rearrange(bilinear_sample(values.to(dtype), points), "b c h w -> b c (h w)")  # raster order, one direction
         dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
                                            [self.dt_rank, D_STATE, D_STATE], dim=1)
         delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
