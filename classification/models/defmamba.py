@@ -102,7 +102,9 @@ class ChannelAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.fc2(self.act(self.fc1(x.mean(dim=(2, 3))))))
+        # adaptive_avg_pool2d, as the release: its FLOP counter (fvcore) counts this op and not `mean`.
+        squeezed = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return torch.sigmoid(self.fc2(self.act(self.fc1(squeezed))))
 
 
 class OffsetNetwork(nn.Module):
@@ -226,6 +228,7 @@ class DSSM(nn.Module):
         self.d_state = d_state
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(inner / DT_RANK_DIVISOR)
         self.scan_backend = scan_backend
+        self.scan_fn = selective_scan_fn  # replaceable (utils/flops.py swaps in a shape-only stand-in)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
         self.act = nn.SiLU()
@@ -253,6 +256,11 @@ class DSSM(nn.Module):
         self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
         nn.init.ones_(self.D)
 
+    def scan_shape(self, x: Tensor) -> tuple[int, int, int, int]:
+        """(batch, channels, length, d_state) of the selective scan run on input ``x`` (for FLOP counting)."""
+        batch, height, width = x.shape[:3]
+        return batch, NUM_SCAN_DIRECTIONS * self.inner, height * width, self.d_state
+
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[1:3]
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
@@ -263,7 +271,7 @@ class DSSM(nn.Module):
         projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dt, B, C = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
         delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
-        y = selective_scan_fn(
+        y = self.scan_fn(
             xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_log), B, C,
             D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
         )
@@ -357,7 +365,9 @@ class DefMamba(Backbone):
         scan_backend: Selective-scan backend (``auto``, ``ref``, ``torch``, ``cpu``, ``cuda``, ``triton``).
     """
 
-    flops_include_scan = True  # the released DefMamba counter counts the selective scan (see utils/flops.py)
+    # The released DefMamba FLOP counter counts the selective scan and the bilinear sampling (see utils/flops.py).
+    flops_include_scan = True
+    flops_include_sampling = True
 
     def __init__(
         self,
@@ -406,7 +416,8 @@ class DefMamba(Backbone):
         self.head.norm = nn.Identity()
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = self.head.norm(channels_first_to_last(x)).mean(dim=(1, 2))
+        normed = channels_last_to_first(self.head.norm(channels_first_to_last(x)))
+        pooled = F.adaptive_avg_pool2d(normed, 1).flatten(1)  # as the release (counted by fvcore, like ChannelAttention)
         return pooled if pre_logits else self.head.fc(pooled)
 
 
