@@ -11,7 +11,7 @@ reports the rise of its peak resident set size over the call, inputs already all
 ``torch.cuda.max_memory_allocated``.
 
     .venv/bin/python benchmarks/bench_selective_scan.py [--repeats 3] [--backends ref,torch] [--shapes defmamba-1]
-        [--device cpu] [--no-write]
+        [--device cpu] [--threads 2] [--no-write]
 
 Results go to stdout and, unless --no-write, into docs/benchmarks.md between its selective-scan markers.
 """
@@ -117,7 +117,8 @@ def peak_memory_mb(backend: str, shape: Shape, device: torch.device) -> float:
         run_forward_backward(backend, inputs)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    command = [sys.executable, __file__, "--measure-memory", backend, shape.name]
+    threads = str(torch.get_num_threads())
+    command = [sys.executable, __file__, "--measure-memory", backend, shape.name, "--threads", threads]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
@@ -221,9 +222,12 @@ def main() -> None:
     parser.add_argument("--backends", default=None, help="comma-separated; default: every available one")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--measure-memory", nargs=2, metavar=("BACKEND", "SHAPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.measure_memory:
         _measure_memory_here(args.measure_memory[0], SHAPES[args.measure_memory[1]])
         return

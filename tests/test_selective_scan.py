@@ -10,7 +10,7 @@ from torch import Tensor
 
 from classification.ops import selective_scan as ss
 from classification.ops import available_backends, resolve_backend, selective_scan_fn, selective_scan_ref
-from scan_cases import CASES, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
+from scan_cases import CASES, INPUT_NAMES, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
 
 ALWAYS_AVAILABLE = ("ref", "torch")
 
@@ -124,7 +124,9 @@ def test_torch_backend_chunking(monkeypatch, case, blocked):
 
 
 @pytest.mark.parametrize(
-    "backend, chunk_elements", [("ref", None), ("torch", None), ("torch", 4 * 4 * 2)], ids=["ref", "torch", "torch-chunked"]
+    "backend, chunk_elements",
+    [("ref", None), ("torch", None), ("torch", 4 * 4 * 2)],
+    ids=["ref", "torch", "torch-chunked"],
 )
 def test_gradcheck(monkeypatch, backend, chunk_elements):
     if chunk_elements is not None:  # chunks of 4 steps, blocks of 2, the last chunk padded from 3 to 4 steps
@@ -132,7 +134,7 @@ def test_gradcheck(monkeypatch, backend, chunk_elements):
         monkeypatch.setattr(ss, "BLOCKED_SCAN_MIN_STEPS", 4)
     case = ScanCase(batch=1, channels=4, length=7, state_size=2, groups=2)
     inputs = make_inputs(case, seed=3)
-    order = [inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
+    order = [inputs[name] for name in INPUT_NAMES]
     fn = functools.partial(selective_scan_fn, delta_softplus=True, backend=backend)
     assert torch.autograd.gradcheck(fn, order, eps=1e-6, atol=1e-8, rtol=1e-6)
 
