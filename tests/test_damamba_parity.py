@@ -7,6 +7,7 @@ the stem and per-stage outputs, the first block's offsets and sampled features, 
 of the input and of every parameter (< 1e-7).
 """
 import pytest
+import timm
 import torch
 
 from classification.models import CheckpointError, load_checkpoint
@@ -112,6 +113,17 @@ def test_released_checkpoint_formats_load(release, wrapper):
     for key, value in model.state_dict().items():
         assert torch.equal(value, converted[key]), key
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()  # ours pass through
+
+
+def test_timm_pretrained_file_goes_through_the_filter(release, tmp_path):
+    path = tmp_path / "released.pth"
+    torch.save({"model": release["state_dict"], "epoch": 299}, path)
+    model = timm.create_model(
+        "damamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), num_classes=10,
+        dims=(32, 48, 96, 144), depths=(1, 1, 2, 1), layerscale=(2, 3),
+    ).double().eval()
+    with torch.no_grad():
+        assert _relative_error(model(release["input"]), release["logits_fp64"]) < LOGITS_RTOL
 
 
 def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, fixtures_dir):
