@@ -40,14 +40,16 @@ test: setup
 
 # Digits demo: build the dataset (idempotent), train (resumes if interrupted), then evaluate the best checkpoint
 # (top-1, params, GFLOPs) and time inference. DEMO_CFG=configs/demo/digits_damamba.yaml runs the DAMamba one.
+# One compute thread plus one loader process fill the 2 cores; more threads oversubscribe a shared machine badly.
 DEMO_CFG ?= configs/demo/digits.yaml
+DEMO_THREADS ?= 1
 DEMO_ARGS = --cfg $(DEMO_CFG) --data-path data/digits --output output/demo
 DEMO_RUN_DIR = output/demo/$(shell sed -n 's/^  NAME: *//p' $(DEMO_CFG))/default
 demo: setup
 	$(PY) -m classification.data.digits --root data/digits
-	$(PY) main.py $(DEMO_ARGS)
-	$(PY) main.py $(DEMO_ARGS) --eval --resume $(DEMO_RUN_DIR)/checkpoint_best.pth
-	$(PY) main.py $(DEMO_ARGS) --throughput
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) main.py $(DEMO_ARGS)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) main.py $(DEMO_ARGS) --eval --resume $(DEMO_RUN_DIR)/checkpoint_best.pth
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) main.py $(DEMO_ARGS) --throughput
 
 bench: setup
 	$(PY) benchmarks/bench_selective_scan.py

@@ -48,7 +48,7 @@ def _driver() -> None:
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
     from test_data import make_image_folder
 
-    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=12, val_per_class=3)
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=3)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     script = str(Path(__file__).resolve())
