@@ -1,0 +1,125 @@
+"""load_checkpoint: released and own formats, wrappers, clear errors; the converter is a pure renaming."""
+import pytest
+import torch
+
+from classification.models import CheckpointError, DefMamba, create_model, load_checkpoint
+from classification.models.defmamba import checkpoint_filter_fn
+
+SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def released(fixtures_dir):
+    return torch.load(fixtures_dir / "official_defmamba_dev.pt", weights_only=False)["state_dict"]
+
+
+def small_model(**overrides) -> DefMamba:
+    return DefMamba(**{**SMALL, **overrides})
+
+
+def assert_weights_equal(model: DefMamba, released: dict) -> None:
+    ours = model.state_dict()
+    converted = checkpoint_filter_fn(released, model)
+    assert converted.keys() == ours.keys()
+    for key, value in converted.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("wrapper", ["bare", "model", "state_dict", "module_prefix"])
+def test_released_formats(released, wrapper):
+    checkpoint = {
+        "bare": released,
+        "model": {"model": released, "epoch": 3, "optimizer": {}},
+        "state_dict": {"state_dict": released},
+        "module_prefix": {"model": {f"module.{key}": value for key, value in released.items()}},
+    }[wrapper]
+    model = small_model()
+    load_checkpoint(model, checkpoint)
+    assert_weights_equal(model, released)
+
+
+def test_use_ema_picks_the_ema_weights(released):
+    noisy = {key: value + 1 for key, value in released.items()}
+    model = small_model()
+    load_checkpoint(model, {"model": noisy, "model_ema": released}, use_ema=True)
+    assert_weights_equal(model, released)
+    with pytest.raises(CheckpointError, match="model_ema"):
+        load_checkpoint(model, {"model": released}, use_ema=True)
+
+
+def test_own_checkpoint_file_round_trip(tmp_path, released):
+    source = small_model()
+    load_checkpoint(source, released)
+    path = tmp_path / "ours.pth"
+    torch.save({"model": source.state_dict(), "epoch": 1}, path)
+    target = small_model()
+    load_checkpoint(target, path, weights_only=True)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_missing_corrupt_and_truncated_files(tmp_path, released):
+    model = small_model()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(model, tmp_path / "nope.pth")
+    path = tmp_path / "full.pth"
+    torch.save({"model": released}, path)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(model, truncated)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(model, garbage)
+
+
+def test_other_variant_fails_listing_the_shape_mismatches(released):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \[stem.conv1.weight"):
+        load_checkpoint(small_model(embed_dim=32), released)
+
+
+def test_missing_and_unexpected_keys_are_listed(released):
+    partial = {key: value for key, value in released.items() if not key.startswith("layers.3")}
+    with pytest.raises(CheckpointError, match=r"missing keys \[stages.3.blocks.0.norm1.weight.*in all\)\]"):
+        load_checkpoint(small_model(), partial)
+    with pytest.raises(CheckpointError, match=r"1 unexpected keys \[extra.weight\]"):
+        load_checkpoint(small_model(), {**released, "extra.weight": torch.zeros(1)})
+    model = small_model()
+    result = load_checkpoint(model, partial, strict=False)
+    assert len(result.missing_keys) == len(released) - len(partial) and not result.unexpected_keys
+
+
+def test_deeper_variant_misses_blocks(released):
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint(small_model(depths=(1, 1, 3, 1)), released)
+
+
+def test_converter_is_key_by_key_renaming(released):
+    model = small_model()
+    full = checkpoint_filter_fn(released, model)
+    assert len(full) == len(released)
+    assert set(full) == set(model.state_dict())
+    subset = dict(list(released.items())[::7])
+    converted = checkpoint_filter_fn(subset, model)
+    assert converted == {key: full[key] for key in converted}
+    assert checkpoint_filter_fn(full, model) == full  # our own names pass through
+    spot = {
+        "patch_embed.7.bias": "stem.norm2.bias",
+        "layers.0.downsample.1.weight": "stages.1.downsample.conv.weight",
+        "layers.2.blocks.1.op.DS.conv_offset.ca.2.bias":
+            "stages.2.blocks.1.mixer.deformable.offset_net.channel_attention.fc2.bias",
+        "layers.2.blocks.1.op.A_logs": "stages.2.blocks.1.mixer.A_log",
+        "classifier.head.weight": "head.fc.weight",
+    }
+    for released_key, our_key in spot.items():
+        assert checkpoint_filter_fn({released_key: released[released_key]}, model) == {our_key: released[released_key]}
+
+
+def test_timm_create_model_and_pretrained_filter(released):
+    import timm
+
+    model = timm.create_model("defmamba_tiny", embed_dim=16, depths=(1, 1, 2, 1), num_classes=10)
+    load_checkpoint(model, released)
+    assert_weights_equal(model, released)
+    assert create_model("defmamba_tiny").pretrained_cfg["classifier"] == "head.fc"
