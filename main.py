@@ -131,8 +131,8 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
     metrics = evaluate(model, loader, ctx.device, amp_dtype)
     released = model_flops(model, config.DATA.IMG_SIZE)
     complete = model_flops(model, config.DATA.IMG_SIZE, include_scan=True, include_sampling=True)
-    logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %.3f (release's "
-                "counter convention), %.3f (scan and sampling included) at %dx%d", metrics["count"], metrics["acc1"],
+    logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %.4g (release's "
+                "counter convention), %.4g (scan and sampling included) at %dx%d", metrics["count"], metrics["acc1"],
                 metrics["acc5"], metrics["loss"], count_parameters(model), released / 1e9, complete / 1e9,
                 config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
 
@@ -248,8 +248,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
             writer.flush()
     if writer is not None:
         writer.close()
-    logger.info("training done in %.1f s; best val top-1 %.2f%% (EMA %.2f%%)", time.time() - start_time,
-                max_accuracy, max_accuracy_ema)
+    logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
+                f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
     return 0
 
 

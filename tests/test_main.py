@@ -61,7 +61,7 @@ def test_config_error_fails_before_any_work(tmp_path, capsys):
 def test_eval_and_throughput_report_metrics(data, tmp_path, isolated_logging):
     assert _run(data, tmp_path, "--eval") == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
-    assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d\.\d{3}", log)
+    assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d", log)
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
