@@ -101,6 +101,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
         self.groups = dim // head_dim
         self.dt_rank = math.ceil(dim / DT_RANK_DIVISOR)
         self.scan_backend = scan_backend
+        self.scan_fn = selective_scan_fn  # replaceable (utils/flops.py swaps in a shape-only stand-in)
         self.in_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
         self.dw_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.act = nn.SiLU()
@@ -152,7 +153,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
         dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
                                            [self.dt_rank, D_STATE, D_STATE], dim=1)
         delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
-        y = selective_scan_fn(  # B and C as (batch, groups = 1, d_state, length): shared by all channels
+        y = self.scan_fn(  # B and C as (batch, groups = 1, d_state, length): shared by all channels
             u, delta, -torch.exp(self.A_log), ssm_b.unsqueeze(1), ssm_c.unsqueeze(1), D=self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
         )
