@@ -61,17 +61,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    """Global rank (0 outside a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    """Waits for every process (no-op in a single process)."""
-    if is_distributed():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place, returned for convenience."""
     if is_distributed():
