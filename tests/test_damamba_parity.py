@@ -52,6 +52,15 @@ def test_eval_logits(release, scan_backend):
     assert _relative_error(logits, release["logits_fp64"]) < LOGITS_RTOL
 
 
+@pytest.mark.parametrize("scan_backend", ["torch", "auto"])
+def test_float32_logits_are_as_close_as_the_releases(release, scan_backend):
+    model = _model(release, scan_backend).float().eval()
+    with torch.no_grad():
+        logits = model(release["input"].float())
+    release_fp32_error = _relative_error(release["logits_fp32"].double(), release["logits_fp64"])  # 7e-7
+    assert _relative_error(logits.double(), release["logits_fp64"]) < 10 * release_fp32_error
+
+
 def test_stem_stage_outputs_offsets_and_samples(release, monkeypatch):
     model = _model(release).eval()
     captured = {}
