@@ -1,0 +1,43 @@
+"""model_flops: the released DefMamba counter's numbers, and what each switch adds."""
+import pytest
+
+from classification.models import DefMamba, create_model
+from classification.models.defmamba import DSSM, selective_scan_fn
+from classification.utils.flops import model_flops, selective_scan_flops
+
+RELEASED_GFLOPS = {"defmamba_tiny": 1.29, "defmamba_small": 5.01, "defmamba_base": 8.93}
+TOLERANCE = 0.01
+BILINEAR_TAPS = 4  # fvcore's grid_sampler count per output element
+SAMPLINGS_PER_BLOCK = 2  # the features at the deformed points and the offset-bias table
+
+
+def test_scan_convention_closed_form():
+    # exp(dA) N/2 + dB*u N + state update N + C readout N + D skip 1 + gate 1, per channel and step.
+    assert selective_scan_flops(2, 144, 3136, 16) == 2 * 144 * 3136 * (3.5 * 16 + 2)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_GFLOPS))
+def test_released_numbers_at_224(name):
+    gflops = model_flops(create_model(name)) / 1e9
+    assert abs(gflops - RELEASED_GFLOPS[name]) < TOLERANCE * RELEASED_GFLOPS[name]
+    assert round(gflops, 2) == RELEASED_GFLOPS[name]
+
+
+def test_switches_add_exactly_the_scan_and_the_sampling():
+    model = DefMamba(embed_dim=16, depths=(1, 1, 1, 1), num_classes=10)
+    model.train()
+    size = 32
+    full = model_flops(model, size)
+    scans = sampling = 0
+    side = size // 4
+    for stage in model.stages:
+        for block in stage.blocks:
+            mixer = block.mixer
+            scans += selective_scan_flops(1, 3 * mixer.inner, side * side, mixer.d_state)
+            sampling += SAMPLINGS_PER_BLOCK * BILINEAR_TAPS * mixer.inner * side * side
+        side //= 2
+    assert full - model_flops(model, size, include_scan=False) == scans
+    assert full - model_flops(model, size, include_sampling=False) == sampling
+    assert model.training  # restored
+    assert all(module.scan_fn is selective_scan_fn for module in model.modules() if isinstance(module, DSSM))
+
