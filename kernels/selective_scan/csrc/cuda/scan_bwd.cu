@@ -9,7 +9,7 @@
 //     ddt_t   = sum_n g_t[n] (B_t[n] u_t + A[n] exp(dt_t A[n]) h_{t-1}[n])
 //     dA[n]  += g_t[n] dt_t exp(dt_t A[n]) h_{t-1}[n]
 //     dB_t[n] = sum over the group's channels of g_t[n] dt_t u_t,   dC_t[n] = sum over channels of dy_t h_t[n]
-// The sums over n use warp shuffles; the sums of dB, dC over the block's channels use shared memory in a fixed order.
+// The sums over n use a warp-shuffle reduce-scatter; the sums of dB, dC over the block's channels use shared memory in a fixed order.
 // Across the blocks of a group they are either added with float atomics or, in deterministic mode, written as
 // per-block partials that the host reduces in a fixed order. dA, dD and ddelta_bias are written per batch element
 // and reduced over the batch on the host, so they never need atomics.
@@ -26,6 +26,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
   using acc_t = typename AccType<input_t>::type;
   constexpr int kChannels = kThreads / lanes;
   constexpr int kChunk = ChunkLen<acc_t>::value;
+  constexpr int kGroup = kChunk < lanes ? kChunk : lanes;  // steps whose du, d dt are summed over lanes together
   __shared__ acc_t s_dt[kChannels][kChunk + 1];
   __shared__ acc_t s_u[kChannels][kChunk + 1];
   __shared__ acc_t s_dy[kChannels][kChunk + 1];
@@ -127,26 +128,38 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
     }
 
 #pragma unroll
-    for (int t = kChunk - 1; t >= 0; --t) {
-      const acc_t dt = s_dt[local_channel][t];
-      const acc_t u_t = s_u[local_channel][t];
-      const acc_t dy_t = s_dy[local_channel][t];
-      const acc_t B_n = s_B[t][lane];
-      const acc_t decay = exp_acc(dt * A_n);
-      const acc_t h_prev = t > 0 ? hs[t - 1] : h_start;
-      const acc_t g = s_C[t][lane] * dy_t + carry;
-      const acc_t decay_grad = g * decay * h_prev;  // d loss / d (dt * A) through the decay
-      s_dB[t][tid] = g * dt * u_t;
-      s_dC[t][tid] = dy_t * hs[t];
-      dA_sum += decay_grad * dt;
-      carry = decay * g;
-      const acc_t du_t = lane_sum<lanes>(g * dt * B_n) + D_c * dy_t;
-      const acc_t ddelta_t = lane_sum<lanes>(g * B_n * u_t + decay_grad * A_n) * s_dt_grad[local_channel][t];
-      dD_sum += dy_t * u_t;
-      dbias_sum += ddelta_t;
-      if (lane == t % lanes) {
-        s_du[local_channel][t] = du_t;
+    for (int t0_group = kChunk - kGroup; t0_group >= 0; t0_group -= kGroup) {
+      acc_t du_parts[kGroup];   // this lane's terms of du and d dt at each step of the group
+      acc_t ddt_parts[kGroup];
+#pragma unroll
+      for (int i = kGroup - 1; i >= 0; --i) {
+        const int t = t0_group + i;
+        const acc_t dt = s_dt[local_channel][t];
+        const acc_t u_t = s_u[local_channel][t];
+        const acc_t dy_t = s_dy[local_channel][t];
+        const acc_t B_n = s_B[t][lane];
+        const acc_t decay = exp_acc(dt * A_n);
+        const acc_t h_prev = t > 0 ? hs[t - 1] : h_start;
+        const acc_t g = s_C[t][lane] * dy_t + carry;
+        const acc_t decay_grad = g * decay * h_prev;  // d loss / d (dt * A) through the decay
+        s_dB[t][tid] = g * dt * u_t;
+        s_dC[t][tid] = dy_t * hs[t];
+        dA_sum += decay_grad * dt;
+        carry = decay * g;
+        du_parts[i] = g * dt * B_n;
+        ddt_parts[i] = g * B_n * u_t + decay_grad * A_n;
+      }
+      // Lane l (< kGroup) finishes step t0_group + l.
+      const acc_t du_sum = lane_sum_scatter<lanes, kGroup>(du_parts, lane);
+      const acc_t ddt_sum = lane_sum_scatter<lanes, kGroup>(ddt_parts, lane);
+      if (lane < kGroup) {
+        const int t = t0_group + lane;
+        const acc_t dy_t = s_dy[local_channel][t];
+        const acc_t ddelta_t = ddt_sum * s_dt_grad[local_channel][t];
+        s_du[local_channel][t] = du_sum + D_c * dy_t;
         s_ddelta[local_channel][t] = ddelta_t;
+        dD_sum += dy_t * s_u[local_channel][t];
+        dbias_sum += ddelta_t;
       }
     }
     __syncthreads();
@@ -187,6 +200,9 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
   if (state_ok) {
     static_cast<acc_t*>(p.dA_part)[(int64_t(batch) * sz.channels + channel) * sz.dstate + lane] = dA_sum;
   }
+  // Each lane summed the steps it finished; all lanes take part in the shuffles.
+  dD_sum = lane_sum<lanes>(dD_sum);
+  dbias_sum = lane_sum<lanes>(dbias_sum);
   if (channel_ok && lane == 0) {
     static_cast<acc_t*>(p.dD_part)[int64_t(batch) * sz.channels + channel] = dD_sum;
     static_cast<acc_t*>(p.dbias_part)[int64_t(batch) * sz.channels + channel] = dbias_sum;

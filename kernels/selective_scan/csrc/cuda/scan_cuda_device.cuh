@@ -60,4 +60,29 @@ __device__ __forceinline__ acc_t lane_sum(acc_t value) {
   return value;
 }
 
+// For `steps` per-step partial values per lane (steps divides lanes), returns in lane l the sum over the channel's
+// lanes of the partials of step l % steps. A butterfly reduce-scatter: at each offset below `steps` a lane keeps the
+// half of its values whose step has the lane's bit, and adds the partner's copy of that half, so the whole takes
+// (lanes / steps - 1) * steps + steps - 1 shuffles instead of steps * log2(lanes).
+template <int lanes, int steps, typename acc_t>
+__device__ __forceinline__ acc_t lane_sum_scatter(acc_t (&values)[steps], int lane) {
+  static_assert(lanes % steps == 0, "steps must divide lanes");
+#pragma unroll
+  for (int offset = lanes / 2; offset >= steps; offset /= 2) {
+#pragma unroll
+    for (int i = 0; i < steps; ++i) values[i] += __shfl_xor_sync(0xffffffffu, values[i], offset, lanes);
+  }
+#pragma unroll
+  for (int offset = steps / 2; offset > 0; offset /= 2) {
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < offset; ++i) {
+      const acc_t send = upper ? values[i] : values[i + offset];
+      const acc_t keep = upper ? values[i + offset] : values[i];
+      values[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset, lanes);
+    }
+  }
+  return values[0];
+}
+
 }  // namespace defmamba_scan

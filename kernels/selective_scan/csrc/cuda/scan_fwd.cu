@@ -3,8 +3,8 @@
 // One block per (channel block, group, batch element). Thread (channel j of the block, lane n) owns the state h[n] of
 // one channel. Time runs in chunks of kChunk steps: the block stages dt = softplus(delta + delta_bias), dt * u and the
 // group's B, C columns of the chunk in shared memory (coalesced loads along the sequence), every thread advances its
-// state sequentially through the chunk, the per-step output is summed over the lanes of a channel with warp
-// shuffles, and the chunk of y is written back coalesced. The state entering each chunk is saved for the backward.
+// state sequentially through the chunk, the per-step outputs are summed over the lanes of a channel with a warp-shuffle
+// reduce-scatter (one group of steps at a time), and the chunk of y is written back coalesced. The state entering each chunk is saved for the backward.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
@@ -18,6 +18,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const FwdParams p) {
   using acc_t = typename AccType<input_t>::type;
   constexpr int kChannels = kThreads / lanes;
   constexpr int kChunk = ChunkLen<acc_t>::value;
+  constexpr int kGroup = kChunk < lanes ? kChunk : lanes;  // steps whose y are summed over lanes together
   // Rows padded by one element so that column-wise accesses hit distinct shared-memory banks.
   __shared__ acc_t s_dt[kChannels][kChunk + 1];
   __shared__ acc_t s_dtu[kChannels][kChunk + 1];
@@ -85,10 +86,16 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const FwdParams p) {
     __syncthreads();
 
 #pragma unroll
-    for (int t = 0; t < kChunk; ++t) {
-      h = exp_acc(s_dt[local_channel][t] * A_n) * h + s_B[t][lane] * s_dtu[local_channel][t];
-      const acc_t y_t = lane_sum<lanes>(s_C[t][lane] * h);
-      if (lane == t % lanes) s_y[local_channel][t] = y_t;
+    for (int t0_group = 0; t0_group < kChunk; t0_group += kGroup) {
+      acc_t y_parts[kGroup];  // this lane's term of y at each step of the group
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        const int t = t0_group + i;
+        h = exp_acc(s_dt[local_channel][t] * A_n) * h + s_B[t][lane] * s_dtu[local_channel][t];
+        y_parts[i] = s_C[t][lane] * h;
+      }
+      const acc_t y_t = lane_sum_scatter<lanes, kGroup>(y_parts, lane);
+      if (lane < kGroup) s_y[local_channel][t0_group + lane] = y_t;
     }
     __syncthreads();
 
