@@ -154,3 +154,18 @@ def test_throughput_reports_rate_and_device():
     result = throughput(nn.Conv2d(3, 4, 3), batch_size=2, img_size=8, in_chans=3, device=torch.device("cpu"),
                         iters=2, warmup_iters=1)
     assert result["images_per_sec"] > 0 and result["device"].startswith("cpu")
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_steps_update_the_weights(amp_dtype):
+    torch.manual_seed(0)
+    model = Toy()
+    before = model.fc.weight.detach().clone()
+    cfg = _config("TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "1")
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
+    stats = train_one_epoch(model, nn.CrossEntropyLoss(), _batches(2, 4), optimizer, scheduler, scaler,
+                            torch.device("cpu"), 0, 1, amp_dtype=amp_dtype, print_freq=100)
+    assert math.isfinite(stats["loss"]) and not torch.equal(model.fc.weight, before)
+    assert model.fc.weight.dtype == torch.float32  # autocast leaves the master weights in float32
