@@ -96,6 +96,9 @@ def test_timm_contract():
     assert model.get_classifier().out_features == 3
     features = timm.create_model("damamba_tiny", features_only=True, out_indices=(1, 3), **SMALL)
     assert [tuple(m.shape) for m in features(image)] == [(1, 32, 8, 8), (1, 64, 2, 2)]
+    grey = create_model("damamba_tiny", in_chans=1, **SMALL).eval()
+    with torch.no_grad():
+        assert grey(torch.randn(2, 1, 48, 40)).shape == (2, SMALL["num_classes"])
 
 
 @pytest.mark.parametrize("height,width", [(200, 136), (32, 32), (31, 17), (5, 200), (1, 1)])
