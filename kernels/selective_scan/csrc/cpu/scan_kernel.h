@@ -252,10 +252,12 @@ void forward_channel(const ForwardArgs<scalar_t>& args, int64_t task) {
 }
 
 // Reverse pass over one channel, chunk by chunk: recompute the chunk's states and decays from its checkpoint, then
-// walk it backwards with grad_h = dL/dh_t (including the path through h_{t+1}).
+// walk it backwards with grad_h = dL/dh_t (including the path through h_{t+1}). `states` ((kChunk + 1) * nstate) and
+// `decays` (kChunk * nstate) are the task's scratch: states[j] = h before step t0 + j (states[0] the checkpoint),
+// decays[j] = exp(dt * A) of step t0 + j.
 template <typename scalar_t, int kNState>
 void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int64_t group, int64_t block,
-                      int64_t channel) {
+                      int64_t channel, scalar_t* __restrict states, scalar_t* __restrict decays) {
   using Pack = PackOf<scalar_t, kNState>;
   const ForwardArgs<scalar_t>& fwd = args.fwd;
   const int64_t nstate = kNState > 0 ? kNState : fwd.nstate;
@@ -280,8 +282,6 @@ void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int
   scalar_t* __restrict grad_h = grad_h_vec.data();
   scalar_t* __restrict grad_a = grad_a_vec.data();
   std::copy(fwd.A + channel * nstate, fwd.A + (channel + 1) * nstate, a);
-  // states[j] = h before step t0 + j (states[0] is the checkpoint), decays[j] = exp(dt * A) of step t0 + j.
-  std::vector<scalar_t> states((kChunk + 1) * nstate), decays(kChunk * nstate);
   alignas(64) scalar_t dts[kChunk];
   alignas(64) scalar_t dt_us[kChunk];
   alignas(64) scalar_t dt_grads[kChunk];  // d dt / d delta
@@ -291,15 +291,15 @@ void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int
   for (int64_t chunk = num_chunks(len) - 1; chunk >= 0; --chunk) {
     const int64_t t0 = chunk * kChunk;
     const int64_t steps = std::min(kChunk, len - t0);
-    std::copy(checkpoints + chunk * nstate, checkpoints + (chunk + 1) * nstate, states.data());
+    std::copy(checkpoints + chunk * nstate, checkpoints + (chunk + 1) * nstate, states);
     step_inputs(steps, delta + t0, u + t0, bias, fwd.delta_softplus, dts, dt_us, dt_grads);
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t t = t0 + j;
       const scalar_t dt = dts[j], dt_u = dt_us[j];
       const scalar_t* __restrict b_t = Bt + t * nstate;
-      const scalar_t* __restrict h_prev = states.data() + j * nstate;
-      scalar_t* __restrict h_next = states.data() + (j + 1) * nstate;
-      scalar_t* __restrict decay = decays.data() + j * nstate;
+      const scalar_t* __restrict h_prev = states + j * nstate;
+      scalar_t* __restrict h_next = states + (j + 1) * nstate;
+      scalar_t* __restrict decay = decays + j * nstate;
       for (int64_t n = 0; n < nstate; n += kLanes<Pack>) {
         const Pack decay_n = exp_state(dt * load<Pack>(a + n));
         store(decay + n, decay_n);
@@ -313,9 +313,9 @@ void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int
       const scalar_t dt = dts[j], dt_u = dt_us[j];
       const scalar_t* __restrict b_t = Bt + t * nstate;
       const scalar_t* __restrict c_t = Ct + t * nstate;
-      const scalar_t* __restrict h_prev = states.data() + j * nstate;
-      const scalar_t* __restrict h_t = states.data() + (j + 1) * nstate;
-      const scalar_t* __restrict decay = decays.data() + j * nstate;
+      const scalar_t* __restrict h_prev = states + j * nstate;
+      const scalar_t* __restrict h_t = states + (j + 1) * nstate;
+      const scalar_t* __restrict decay = decays + j * nstate;
       scalar_t* __restrict dB_t = dB + t * nstate;
       scalar_t* __restrict dC_t = dC + t * nstate;
       Pack grad_dt_decay{};  // sum_n dL/dh_t[n] * A[n] * exp(dt A[n]) * h_{t-1}[n]
@@ -354,8 +354,9 @@ void backward_block(const BackwardArgs<scalar_t>& args, int64_t task) {
   const int64_t per_group = args.fwd.channels / args.fwd.groups;
   const int64_t first = group * per_group + block * per_group / args.blocks;
   const int64_t last = group * per_group + (block + 1) * per_group / args.blocks;
+  std::vector<scalar_t> states((kChunk + 1) * args.fwd.nstate), decays(kChunk * args.fwd.nstate);
   for (int64_t channel = first; channel < last; ++channel)
-    backward_channel<scalar_t, kNState>(args, batch_idx, group, block, channel);
+    backward_channel<scalar_t, kNState>(args, batch_idx, group, block, channel, states.data(), decays.data());
 }
 
 // nstate values with a specialised (register, fully vectorised) path: 16 (DefMamba, DAMamba) and 1.
