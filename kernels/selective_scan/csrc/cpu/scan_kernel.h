@@ -106,9 +106,9 @@ inline vfloat pow2(vfloat n) {
 }
 
 // exp for float32 without a library call, so that it vectorises: Cody-Waite range reduction x = n ln2 + r,
-// |r| <= ln2 / 2, a degree-6 minimax polynomial for e^r (Cephes expf, about 1 ulp) and 2^n from pow2. Inputs are
-// clamped to [kExpfLow, kExpfHigh]: below, e^x < 1.7e-38 is returned as about 1.6e-38 (the decay of a state that is
-// then negligible); above, float32 overflows anyway.
+// |r| <= ln2 / 2, a degree-6 minimax polynomial for e^r (Cephes expf) and 2^n from pow2; within 1 ulp of e^x on
+// [kExpfLow, kExpfHigh]. Inputs are clamped to that range: below it, e^x < 1.7e-38 comes out as about 1.6e-38 (the
+// decay of a state that is then negligible); above it, e^88 instead of a float32 overflow.
 constexpr float kExpfLow = -87.0f;
 constexpr float kExpfHigh = 88.0f;
 constexpr float kLog2e = 1.44269504088896341f;
@@ -136,7 +136,8 @@ inline double exp_state(double x) { return std::exp(x); }  // float64 is the exa
 
 // softplus(x) = max(x, 0) + log1p(e^-|x|) for float32 without library calls: with z = e^-|x| in (0, 1] and
 // s = z / (2 + z) in (0, 1/3], log1p(z) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...), 8 terms (s^16 / 17 < 2^-26).
-// Accurate to a few ulp, relative, down to tiny z; x above kSoftplusThreshold gives x like F.softplus.
+// Within 3.1 ulp of softplus for x >= kExpfLow (2.2 ulp for softplus_grad_approx); x above kSoftplusThreshold
+// gives x like F.softplus.
 constexpr int kAtanhTerms = 8;
 
 template <typename Pack>
