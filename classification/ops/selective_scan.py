@@ -52,6 +52,7 @@ TRITON_INTERPRETER_DEVICE_TYPES = ("cuda", "cpu")
 # What `auto` tries, in order, per device type; any device type not listed gets `torch`.
 AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+LOG2_E = math.log2(math.e)
 
 # The `torch` backend processes CHUNK_ELEMENTS[device type] state elements (time steps x batch x channels x N) at a
 # time. On the CPU, 2^18 (1 MiB in float32, cache-resident) was fastest of 2^16..2^21 at the DefMamba-T stage-1
@@ -243,17 +244,20 @@ def _linear_scan_(decay: Tensor, x: Tensor, boundary: Tensor | None, block_len: 
     order = range(block_len - 2, -1, -1) if reverse else range(1, block_len)
     step = 1 if reverse else -1  # offset of the neighbour a step depends on
     edge = block_len - 1 if reverse else 0  # a block's first step in scan order
+    # Views of every step made at once: indexing inside the loop costs more than the step's work at small widths.
     if num_blocks == 1:
+        x_steps, d_steps = xb[0].unbind(0), db[0].unbind(0)
         if boundary is not None:
-            xb[0, edge].addcmul_(db[0, edge], boundary)
+            x_steps[edge].addcmul_(d_steps[edge], boundary)
         for t in order:
-            xb[0, t].addcmul_(db[0, t], xb[0, t + step])
+            x_steps[t].addcmul_(d_steps[t], x_steps[t + step])
         return
     products = torch.empty_like(db)
     products[:, edge] = db[:, edge]
+    x_steps, d_steps, p_steps = xb.unbind(1), db.unbind(1), products.unbind(1)
     for t in order:
-        xb[:, t].addcmul_(db[:, t], xb[:, t + step])
-        torch.mul(products[:, t + step], db[:, t], out=products[:, t])
+        x_steps[t].addcmul_(d_steps[t], x_steps[t + step])
+        torch.mul(p_steps[t + step], d_steps[t], out=p_steps[t])
     carry = boundary
     for block in reversed(range(num_blocks)) if reverse else range(num_blocks):
         if carry is not None:
@@ -299,72 +303,77 @@ def _contract_state(left: Tensor, right: Tensor, out: Tensor) -> None:
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """y = the scan without D, given dt (bias and softplus already applied): (u, dt, A, B, C) -> y.
+    """The scan given dt (bias and softplus already applied): (u, dt, A, B, C, D or None) -> y.
 
     Forward runs over chunks of time steps and keeps only each chunk's start state; backward recomputes a chunk's
     states from it and runs the adjoint recurrence backwards in time (g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}).
-    Chunk tensors are time-major, (steps, batch, G·D, N); the sums over a group's channels or over N are batched
-    matrix products over (step, batch, group), which beat broadcast-multiply-then-sum on the CPU.
+    Everything is time-major: (L, batch, G·D) sequences, (steps, batch, G·D, N) chunk tensors, so one time step is
+    one contiguous row. The sums over a group's channels or over N are batched matrix products over
+    (step, batch, group) triples, which beat broadcast-multiply-then-sum on the CPU.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None) -> Tensor:
         batch, channels, length = u.shape
         groups, state_size = B.shape[1], B.shape[2]
         per_group = channels // groups
+        triples = length * batch * groups
         chunk, block_len = _chunk_plan(length, batch * channels * state_size, u.device)
-        dt_tm = _time_major(dt)  # (L, batch, G·D)
-        dtu_tm = _time_major(dt * u).view(length, batch, groups, per_group, 1)
-        B_tm = _time_major(B).view(length, batch, groups, 1, state_size)
-        C_tm = _time_major(C).view(length * batch * groups, 1, state_size)
+        A_log2 = A * LOG2_E  # exp(dt A) = exp2(dt A log2(e)); exp2 costs half of exp on the CPU
+        u_tm, dt_tm = _time_major(u), _time_major(dt)  # (L, batch, G·D)
+        dtu_tm = dt_tm * u_tm
+        B_tm = _time_major(B).view(triples, 1, state_size)
+        C_tm = _time_major(C).view(triples, 1, state_size)
         state_shape = (batch, channels, state_size)
         decay = u.new_empty(_padded_len(chunk, block_len), *state_shape)
         states = u.new_empty(decay.shape)
-        y_tm = u.new_empty(length * batch * groups, 1, per_group)
+        y_tm = u.new_empty(triples, 1, per_group)
         starts = u.new_empty(-(-length // chunk), *state_shape)  # the state before each chunk
         starts[0].zero_()
         for index, t0 in enumerate(range(0, length, chunk)):
             t1 = min(t0 + chunk, length)
             steps, rows = t1 - t0, _padded_len(t1 - t0, block_len)
-            pairs = slice(t0 * batch * groups, t1 * batch * groups)  # (step, batch, group) triples of the chunk
-            torch.mul(dt_tm[t0:t1, :, :, None], A, out=decay[:steps]).exp_()
-            torch.mul(dtu_tm[t0:t1], B_tm[t0:t1], out=states[:steps].view(steps, batch, groups, per_group, state_size))
+            pairs = slice(t0 * batch * groups, t1 * batch * groups)  # the chunk's (step, batch, group) triples
+            torch.mul(dt_tm[t0:t1, :, :, None], A_log2, out=decay[:steps]).exp2_()
+            h = states[:steps].view(-1, per_group, state_size)
+            torch.mul(dtu_tm[t0:t1].view(-1, per_group, 1), B_tm[pairs], out=h)
             decay[steps:rows].zero_()
             states[steps:rows].zero_()
             start = starts[index] if index else None
             _linear_scan_(decay[:rows].view(rows, -1), states[:rows].view(rows, -1), start, block_len, reverse=False)
-            h = states[:steps].view(-1, per_group, state_size)
             _contract_state(C_tm[pairs], h, out=y_tm[pairs])
             if t1 < length:
                 starts[index + 1] = states[steps - 1]
-        ctx.save_for_backward(u, dt, A, B, C, starts)
-        ctx.plan = (chunk, block_len)
-        return _batch_major(y_tm.view(length, batch, channels))
+        y_tm = y_tm.view(length, batch, channels)
+        if D is not None:
+            y_tm.addcmul_(u_tm, D)
+        ctx.save_for_backward(u_tm, dt_tm, dtu_tm, A, B_tm, C_tm, D, starts)
+        ctx.plan = (chunk, block_len, groups)
+        return _batch_major(y_tm)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        u, dt, A, B, C, starts = ctx.saved_tensors
-        chunk, block_len = ctx.plan
-        batch, channels, length = u.shape
-        groups, state_size = B.shape[1], B.shape[2]
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        u_tm, dt_tm, dtu_tm, A, B_tm, C_tm, D, starts = ctx.saved_tensors
+        chunk, block_len, groups = ctx.plan
+        length, batch, channels = u_tm.shape
+        state_size = A.shape[1]
         per_group = channels // groups
         triples = length * batch * groups
-        u_tm, dt_tm = _time_major(u), _time_major(dt)  # (L, batch, G·D)
-        dtu_tm = (dt_tm * u_tm).view(triples, 1, per_group)
-        B_tm = _time_major(B).view(triples, 1, state_size)
-        C_tm = _time_major(C).view(triples, 1, state_size)
-        dy_tm = _time_major(grad_y).view(triples, 1, per_group)
+        A_log2 = A * LOG2_E
+        dy_tm = _time_major(grad_y)  # (L, batch, G·D)
+        dtu_triples = dtu_tm.view(triples, 1, per_group)
+        dy_triples = dy_tm.view(triples, 1, per_group)
 
         rows_max = _padded_len(chunk, block_len)
         state_shape = (batch, channels, state_size)
-        decay = u.new_empty(rows_max + 1, *state_shape)  # row t: exp(dt_t A) for t in [t0, t1], one past the chunk
-        states = u.new_empty(rows_max + 1, *state_shape)  # row 0: the state before the chunk, row t + 1: h_t
-        adjoint = u.new_empty(rows_max, *state_shape)
+        decay = u_tm.new_empty(rows_max + 1, *state_shape)  # row t: exp(dt_t A), t in [t0, t1]: one past the chunk
+        states = u_tm.new_empty(rows_max + 1, *state_shape)  # row 0: the state before the chunk, row t + 1: h_t
+        adjoint = u_tm.new_empty(rows_max, *state_shape)
         grad_A = torch.zeros_like(A)
         grad_dt_tm = torch.empty_like(dt_tm)
-        grad_dtu_tm = u.new_empty(triples, 1, per_group)
-        grad_B_tm = u.new_empty(triples, 1, state_size)
-        grad_C_tm = u.new_empty(triples, 1, state_size)
+        grad_dtu_tm = u_tm.new_empty(triples, 1, per_group)
+        grad_B_tm = u_tm.new_empty(triples, 1, state_size)
+        grad_C_tm = u_tm.new_empty(triples, 1, state_size)
         carry = None  # adjoint of the first step of the following chunk
         for index in reversed(range(starts.shape[0])):
             t0 = index * chunk
@@ -372,34 +381,38 @@ class _ChunkedScan(torch.autograd.Function):
             steps, rows = t1 - t0, _padded_len(t1 - t0, block_len)
             t_end = min(t1 + 1, length)
             pairs = slice(t0 * batch * groups, t1 * batch * groups)
-            torch.mul(dt_tm[t0:t_end, :, :, None], A, out=decay[: t_end - t0]).exp_()
+            torch.mul(dt_tm[t0:t_end, :, :, None], A_log2, out=decay[: t_end - t0]).exp2_()
             decay[t_end - t0 : rows + 1].zero_()
             states[0] = starts[index]
             h = states[1 : steps + 1].view(-1, per_group, state_size)
-            torch.mul(dtu_tm[pairs].transpose(1, 2), B_tm[pairs], out=h)
+            torch.mul(dtu_triples[pairs].transpose(1, 2), B_tm[pairs], out=h)
             states[steps + 1 : rows + 1].zero_()
             start = states[0] if index else None
             _linear_scan_(decay[:rows].view(rows, -1), states[1 : rows + 1].view(rows, -1), start, block_len, False)
 
             g = adjoint[:steps].view(-1, per_group, state_size)
-            torch.mul(dy_tm[pairs].transpose(1, 2), C_tm[pairs], out=g)
+            torch.mul(dy_triples[pairs].transpose(1, 2), C_tm[pairs], out=g)
             adjoint[steps:rows].zero_()
             _linear_scan_(decay[1 : rows + 1].view(rows, -1), adjoint[:rows].view(rows, -1), carry, block_len, True)
             carry = adjoint[0].clone()
 
-            torch.bmm(dy_tm[pairs], h, out=grad_C_tm[pairs])
+            torch.bmm(dy_triples[pairs], h, out=grad_C_tm[pairs])
             _contract_state(B_tm[pairs], g, out=grad_dtu_tm[pairs])
-            torch.bmm(dtu_tm[pairs], g, out=grad_B_tm[pairs])
+            torch.bmm(dtu_triples[pairs], g, out=grad_B_tm[pairs])
             # Through the decay: the gradient of dt_t A is g_t * h_{t-1} * exp(dt_t A).
             g_decay = adjoint[:steps].mul_(states[:steps]).mul_(decay[:steps])
             torch.linalg.vecdot(g_decay, A, out=grad_dt_tm[t0:t1])
             grad_A += g_decay.mul_(dt_tm[t0:t1, :, :, None]).sum((0, 1))
         grad_dtu_tm = grad_dtu_tm.view(length, batch, channels)
-        grad_u = _batch_major(grad_dtu_tm * dt_tm)
-        grad_dt = _batch_major(grad_dt_tm.addcmul_(grad_dtu_tm, u_tm))
+        grad_u_tm = grad_dtu_tm * dt_tm
+        grad_D = None
+        if D is not None:
+            grad_u_tm.addcmul_(dy_tm, D)
+            grad_D = (dy_tm * u_tm).sum((0, 1))
+        grad_dt_tm.addcmul_(grad_dtu_tm, u_tm)
         grad_B = _batch_major(grad_B_tm.view(length, batch, groups, state_size))
         grad_C = _batch_major(grad_C_tm.view(length, batch, groups, state_size))
-        return grad_u, grad_dt, grad_A, grad_B, grad_C
+        return _batch_major(grad_u_tm), _batch_major(grad_dt_tm), grad_A, grad_B, grad_C, grad_D
 
 
 def _selective_scan_torch(
@@ -413,11 +426,7 @@ def _selective_scan_torch(
     delta_softplus: bool,
 ) -> Tensor:
     """The `torch` backend on canonical inputs (B, C 4-D, one floating dtype)."""
-    dt = _effective_delta(delta, delta_bias, delta_softplus)
-    y = _ChunkedScan.apply(u, dt, A, B, C)
-    if D is not None:
-        y = y + D[:, None] * u
-    return y
+    return _ChunkedScan.apply(u, _effective_delta(delta, delta_bias, delta_softplus), A, B, C, D)
 
 
 # --------------------------------------------------------------------------------------------------- dispatch
