@@ -1,9 +1,17 @@
 """The CUDA selective-scan extension against the float64 reference: output and all seven gradients, every dtype.
 
-The kernel tests need a GPU and the built extension (`benchmarks/gpu_verify.sh` builds it and runs this file); they
-skip otherwise. The tests of the "not built" error run everywhere.
+The kernel tests on the GPU need a GPU and the built extension (`benchmarks/gpu_verify.sh` builds it and runs this
+file); they skip otherwise. Everywhere else the kernels' own source runs on the CPU under a host emulation of the few
+CUDA features it uses (tests/cuda_host_emulation: threads for the block, barriers, emulated warp shuffles), compiled
+with the C++ compiler: that checks their arithmetic and indexing for every dtype, both dB/dC reduction modes, one and
+several channel blocks per group, N <= 16 and N > 16. The tests of the "not built" error run everywhere.
 """
+import ctypes
 import functools
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +112,122 @@ def test_cuda_not_built_raises_with_build_command(monkeypatch: pytest.MonkeyPatc
     inputs = make_inputs(CASES[1])
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation ./kernels/selective_scan"):
         selective_scan_cuda.scan(*inputs.values(), True)
+
+
+# ---------------------------------------------------------------------------------------- host emulation of the kernels
+
+EMULATION_DIR = Path(__file__).resolve().parent / "cuda_host_emulation"
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels" / "selective_scan" / "csrc" / "cuda"
+KERNEL_LAUNCH = re.compile(r"(\w+<input_t, lanes>)<<<grid, kThreads, 0, stream>>>\(params\);")
+# As in scan_cuda_common.h / scan_api.cpp: input-type codes, threads per block, lanes per channel, chunk lengths.
+EMULATED_INPUT_TYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+THREADS_PER_BLOCK = 128
+CHUNK_LEN = {torch.float64: 16, torch.float32: 32, torch.float16: 32, torch.bfloat16: 32}
+EMULATED_CASES = (
+    ScanCase(batch=2, channels=6, length=45, state_size=4, groups=3),
+    ScanCase(batch=1, channels=4, length=1, state_size=3, groups=1),
+    ScanCase(batch=1, channels=20, length=70, state_size=16, groups=2, with_D=False, with_bias=False, softplus=False),
+    ScanCase(batch=1, channels=6, length=37, state_size=20, groups=3, with_bias=False),
+)
+EMULATED_RUNS = (
+    (EMULATED_CASES[0], torch.float64, False),
+    (EMULATED_CASES[0], torch.float32, True),
+    (EMULATED_CASES[0], torch.bfloat16, False),
+    (EMULATED_CASES[0], torch.float16, True),
+    (EMULATED_CASES[1], torch.float32, False),
+    (EMULATED_CASES[2], torch.float64, True),
+    (EMULATED_CASES[2], torch.float32, False),
+    (EMULATED_CASES[3], torch.float64, False),
+    (EMULATED_CASES[3], torch.float32, True),
+)
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """scan_fwd.cu and scan_bwd.cu compiled for the host emulation, with scan_api.cpp's C entry points."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the host emulation of the CUDA kernels")
+    build = tmp_path_factory.mktemp("cuda_host_emulation")
+    sources = []
+    for name in ("scan_fwd.cu", "scan_bwd.cu"):
+        text, launches = KERNEL_LAUNCH.subn(r"emulated_launch(\1, grid, kThreads, params);", (KERNEL_DIR / name).read_text())
+        assert launches == 1, f"{name}: expected one kernel launch to emulate, found {launches}"
+        sources.append(build / f"{Path(name).stem}.cpp")
+        sources[-1].write_text(text)
+    torch_dir = Path(torch.__file__).resolve().parent
+    library = build / "libscan_emulated.so"
+    command = [
+        compiler, "-std=c++20", "-O1", "-fPIC", "-shared", f"-I{EMULATION_DIR}", f"-I{KERNEL_DIR}",
+        f"-I{torch_dir / 'include'}", *map(str, sources), str(EMULATION_DIR / "scan_api.cpp"), "-o", str(library),
+        f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-pthread",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"host emulation build failed:\n{result.stderr[-4000:]}"
+    return ctypes.CDLL(str(library))
+
+
+def _pointers(*tensors: torch.Tensor | None) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def _emulated_scan(kernels: ctypes.CDLL, inputs: dict, softplus: bool, grad_y: torch.Tensor,
+                   deterministic: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """y and the gradients from the emulated kernels, with the host-side steps of scan_cuda_bindings.cpp."""
+    u, delta, A, B, C, D, delta_bias = (None if v is None else v.detach().contiguous() for v in inputs.values())
+    input_dtype = u.dtype
+    acc = torch.float64 if input_dtype == torch.float64 else torch.float32
+    A, D, delta_bias = (None if t is None else t.to(acc).contiguous() for t in (A, D, delta_bias))
+    batch, channels, length = u.shape
+    groups, state_size = B.shape[1], B.shape[2]
+    n_chunks = -(-length // CHUNK_LEN[input_dtype])
+    lanes = 16 if state_size <= 16 else 32
+    blocks_per_group = -(-(channels // groups) // (THREADS_PER_BLOCK // lanes))
+    sizes = (ctypes.c_int * 7)(batch, channels, groups, channels // groups, state_size, length, n_chunks)
+    code = EMULATED_INPUT_TYPES[input_dtype]
+
+    y = u.new_empty(u.shape, dtype=acc)
+    states = u.new_empty((batch, channels, n_chunks, state_size), dtype=acc)
+    kernels.emulated_scan_fwd(code, sizes, int(softplus), _pointers(u, delta, A, B, C, D, delta_bias, y, states))
+
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dA = u.new_empty((batch, channels, state_size), dtype=acc)
+    projections = (batch, groups, blocks_per_group, state_size, length) if deterministic else B.shape
+    dB = u.new_zeros(projections, dtype=acc)
+    dC = u.new_zeros(projections, dtype=acc)
+    dD, dbias = u.new_empty((batch, channels), dtype=acc), u.new_empty((batch, channels), dtype=acc)
+    dy = grad_y.to(acc).contiguous()  # named: the kernels get raw pointers, so every tensor must outlive the call
+    kernels.emulated_scan_bwd(
+        code, sizes, int(softplus), int(deterministic), blocks_per_group,
+        _pointers(u, delta, A, B, C, D, delta_bias, dy, states, du, ddelta, dA, dB, dC, dD, dbias),
+    )
+    if deterministic:
+        dB, dC = dB.sum(2), dC.sum(2)
+    grads = {"u": du, "delta": ddelta, "A": dA.sum(0), "B": dB, "C": dC}
+    if D is not None:
+        grads["D"] = dD.sum(0)
+    if delta_bias is not None:
+        grads["delta_bias"] = dbias.sum(0)
+    return y, grads
+
+
+@pytest.mark.parametrize(
+    "case, dtype, deterministic", EMULATED_RUNS,
+    ids=[f"{c.id}-{str(d)[6:]}-{'det' if det else 'atomic'}" for c, d, det in EMULATED_RUNS],
+)
+def test_cuda_kernels_emulated_on_cpu_match_ref(emulated_kernels: ctypes.CDLL, case: ScanCase, dtype: torch.dtype,
+                                                deterministic: bool) -> None:
+    inputs = make_inputs(case, dtype=dtype)
+    grad_y = torch.randn(case.batch, case.channels, case.length, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    y, grads = _emulated_scan(emulated_kernels, inputs, case.softplus, grad_y, deterministic)
+    y_ref, grads_ref = run_scan(selective_scan_ref, cast_inputs(inputs, torch.float64), case.softplus, grad_y)
+    assert set(grads) == set(grads_ref)
+    errors = {"y": relative_error(y, y_ref)}
+    errors.update({name: relative_error(grads[name], grads_ref[name]) for name in grads_ref})
+    # Half runs: du, ddelta come back in the half dtype; everything else is float32.
+    tolerance = {name: KERNEL_TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32] for name in errors}
+    for name in ("u", "delta"):
+        tolerance[name] = KERNEL_TOLERANCE[dtype]
+    bad = {name: err for name, err in errors.items() if not err < tolerance[name]}
+    assert not bad, f"{case.id} {dtype}: relative errors above tolerance {tolerance}: {bad}"
