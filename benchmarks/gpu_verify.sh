@@ -34,7 +34,8 @@ if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/l
 
 echo "== building the extensions for sm ${TORCH_CUDA_ARCH_LIST} (log: $LOGS/build.log)"
 start=$(date +%s)
-SELECTIVE_SCAN_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" "$PYTHON" -m pip install -v --no-build-isolation ./kernels/selective_scan \
+SELECTIVE_SCAN_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" \
+  "$PYTHON" -m pip install -v --no-build-isolation ./kernels/selective_scan \
   > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - start )) s"
 "$PYTHON" -c "import defmamba_scan_cuda; print('defmamba_scan_cuda:', defmamba_scan_cuda.__file__)"

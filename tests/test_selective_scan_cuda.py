@@ -151,7 +151,8 @@ def emulated_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     build = tmp_path_factory.mktemp("cuda_host_emulation")
     sources = []
     for name in ("scan_fwd.cu", "scan_bwd.cu"):
-        text, launches = KERNEL_LAUNCH.subn(r"emulated_launch(\1, grid, kThreads, params);", (KERNEL_DIR / name).read_text())
+        source = (KERNEL_DIR / name).read_text()
+        text, launches = KERNEL_LAUNCH.subn(r"emulated_launch(\1, grid, kThreads, params);", source)
         assert launches == 1, f"{name}: expected one kernel launch to emulate, found {launches}"
         sources.append(build / f"{Path(name).stem}.cpp")
         sources[-1].write_text(text)

@@ -9,7 +9,8 @@
 //     ddt_t   = sum_n g_t[n] (B_t[n] u_t + A[n] exp(dt_t A[n]) h_{t-1}[n])
 //     dA[n]  += g_t[n] dt_t exp(dt_t A[n]) h_{t-1}[n]
 //     dB_t[n] = sum over the group's channels of g_t[n] dt_t u_t,   dC_t[n] = sum over channels of dy_t h_t[n]
-// The sums over n use a warp-shuffle reduce-scatter; the sums of dB, dC over the block's channels use shared memory in a fixed order.
+// The sums over n use a warp-shuffle reduce-scatter; the sums of dB, dC over the block's channels use shared memory
+// in a fixed order.
 // Across the blocks of a group they are either added with float atomics or, in deterministic mode, written as
 // per-block partials that the host reduces in a fixed order. dA, dD and ddelta_bias are written per batch element
 // and reduced over the batch on the host, so they never need atomics.

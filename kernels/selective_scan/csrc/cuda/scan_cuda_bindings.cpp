@@ -49,8 +49,8 @@ ScanSizes check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::T
   sz.seqlen = static_cast<int>(u.size(2));
   sz.groups = static_cast<int>(B.size(1));
   sz.dstate = static_cast<int>(B.size(2));
-  TORCH_CHECK(sz.batch > 0 && sz.channels > 0 && sz.seqlen > 0, "selective scan (cuda): u must be non-empty, got shape ",
-              u.sizes());
+  TORCH_CHECK(sz.batch > 0 && sz.channels > 0 && sz.seqlen > 0,
+              "selective scan (cuda): u must be non-empty, got shape ", u.sizes());
   TORCH_CHECK(sz.groups > 0 && sz.channels % sz.groups == 0, "selective scan (cuda): the ", sz.groups,
               " groups of B must divide the ", sz.channels, " channels of u");
   TORCH_CHECK(sz.dstate >= 1 && sz.dstate <= kMaxDstate, "selective scan (cuda): dstate must be in [1, ", kMaxDstate,

@@ -4,7 +4,8 @@
 // one channel. Time runs in chunks of kChunk steps: the block stages dt = softplus(delta + delta_bias), dt * u and the
 // group's B, C columns of the chunk in shared memory (coalesced loads along the sequence), every thread advances its
 // state sequentially through the chunk, the per-step outputs are summed over the lanes of a channel with a warp-shuffle
-// reduce-scatter (one group of steps at a time), and the chunk of y is written back coalesced. The state entering each chunk is saved for the backward.
+// reduce-scatter (one group of steps at a time), and the chunk of y is written back coalesced. The state entering
+// each chunk is saved for the backward.
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
