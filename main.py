@@ -87,7 +87,8 @@ def set_determinism(config: CfgNode, rank: int) -> None:
     torch.manual_seed(seed)
     if config.TRAIN.DETERMINISTIC:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
-        torch.use_deterministic_algorithms(True)
+        # warn_only: grid_sample's CUDA backward (both families) has no deterministic kernel; it warns, not fails.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     else:
