@@ -19,6 +19,7 @@ fi
 LOGS="${OUT:-output/gpu_verify}"
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package need not be installed there
 
 if [[ -d .whl ]] && ! "$PYTHON" -c "import yacs" 2>/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps .whl/*.whl
