@@ -36,9 +36,7 @@ bool& avx2_selected() {
   return selected;
 }
 
-bool use_avx2() { return avx2_selected(); }
-
-std::string isa() { return use_avx2() ? "avx2" : "generic"; }
+std::string isa() { return avx2_selected() ? "avx2" : "generic"; }
 
 void set_isa(const std::string& name) {
   TORCH_CHECK(name == "avx2" || name == "generic", "defmamba_scan_cpu: isa must be 'avx2' or 'generic', got '",
@@ -51,7 +49,7 @@ void set_isa(const std::string& name) {
 template <typename scalar_t>
 void run_forward_task(const ForwardArgs<scalar_t>& args, int64_t task) {
 #ifdef DEFMAMBA_SCAN_HAVE_AVX2
-  if (use_avx2()) return avx2::forward_task(args, task);
+  if (avx2_selected()) return avx2::forward_task(args, task);
 #endif
   generic::forward_task(args, task);
 }
@@ -59,7 +57,7 @@ void run_forward_task(const ForwardArgs<scalar_t>& args, int64_t task) {
 template <typename scalar_t>
 void run_backward_task(const BackwardArgs<scalar_t>& args, int64_t task) {
 #ifdef DEFMAMBA_SCAN_HAVE_AVX2
-  if (use_avx2()) return avx2::backward_task(args, task);
+  if (avx2_selected()) return avx2::backward_task(args, task);
 #endif
   generic::backward_task(args, task);
 }
