@@ -111,8 +111,8 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
 
 def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
                              optimizer: torch.optim.Optimizer, lr_scheduler, scaler: torch.amp.GradScaler,
-                             epoch: int, step: int, num_updates: int, max_accuracy: float, config: CfgNode,
-                             is_main: bool) -> None:
+                             epoch: int, step: int, num_updates: int, max_accuracy: float, max_accuracy_ema: float,
+                             config: CfgNode, is_main: bool) -> None:
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically."""
     rng_states = all_gather_objects(ckpt.capture_rng_state())
     if not is_main:
@@ -121,7 +121,8 @@ def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEm
         "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
         "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
         "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
-        "max_accuracy": max_accuracy, "rng_states": rng_states, "config": config.dump(),
+        "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema, "rng_states": rng_states,
+        "config": config.dump(),
     }, path)
     logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
 
@@ -177,6 +178,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         max_accuracy = checkpoint.get("max_accuracy", 0.0)
+        max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
         rng_states = checkpoint.get("rng_states") or []
         if len(rng_states) == ctx.world_size:
             ckpt.restore_rng_state(rng_states[ctx.rank])
@@ -194,7 +196,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
         if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
             save_training_checkpoint(latest_path, epoch=epoch, step=steps_done, num_updates=num_updates,
-                                     max_accuracy=max_accuracy, **save_kwargs)
+                                     max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, **save_kwargs)
 
     writer = None
     if ctx.is_main:
@@ -224,7 +226,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         max_accuracy = max(max_accuracy, val_stats["acc1"])
         max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
         num_updates = (epoch + 1) * updates_per_epoch
-        position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy)
+        position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy,
+                        max_accuracy_ema=max_accuracy_ema)
         save_training_checkpoint(latest_path, **position, **save_kwargs)
         if is_best:
             save_training_checkpoint(output_dir / ckpt.BEST_NAME, **position, **save_kwargs)
