@@ -157,12 +157,3 @@ def test_pretrained_cfg_gives_the_release_eval_transform(name):
     assert config["mean"] == IMAGENET_DEFAULT_MEAN and config["std"] == IMAGENET_DEFAULT_STD
     assert small_model(name).pretrained_cfg["classifier"] == "head.fc"
 
-
-def test_torch_compile_gives_the_same_logits():
-    torch.manual_seed(0)
-    model = create_model("defmamba_tiny", num_classes=NUM_CLASSES, embed_dim=8, depths=(1, 1, 1, 1),
-                         scan_backend="torch").eval()
-    x = torch.randn(1, 3, 32, 32)
-    compiled = torch.compile(model, backend="aot_eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
