@@ -97,7 +97,7 @@ def scan_order(positions: Tensor) -> Tensor:
 
 
 class _SortTokensStraightThrough(torch.autograd.Function):
-    """Gather in sorted order; straight-through gradient for the positions (see :func:`sort_tokens_straight_through`)."""
+    """Gather in sorted order, straight-through gradient for the positions: see :func:`sort_tokens_straight_through`."""
 
     @staticmethod
     def forward(ctx, features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
