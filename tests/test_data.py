@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from classification.config import get_config
-from classification.data.build import ResumableDistributedSampler, ShardSampler, build_datasets, build_loader
+from classification.data.build import (
+    ResumableDistributedSampler, ShardSampler, build_datasets, build_loader, build_transform,
+)
 from classification.data.digits import build_digits
 
 TINY_SIZE = 32
@@ -120,3 +122,20 @@ def test_digits_builder_is_complete_and_idempotent(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()}
     assert build_digits(tmp_path, image_size=8) == manifest
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()} == stamp
+
+
+def test_release_randaugment_survives_its_strongest_posterize(tmp_path):
+    """rand-m9-mstd0.5-inc1 draws magnitudes >= 10, where PosterizeIncreasing asks Pillow for 0 bits (Pillow 13
+    rejects that; requirements.txt pins a Pillow that takes it). Then the recipe's transform over many images."""
+    from timm.data.auto_augment import AugmentOp
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8))
+    posterized = np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image))
+    assert posterized.max() == 0  # 0 bits kept: every channel value becomes 0
+    config = get_config(argparse.Namespace(data_path=str(tmp_path), opts=["DATA.IMG_SIZE", str(TINY_SIZE)]),
+                        world_size=1)
+    assert config.AUG.AUTO_AUGMENT == "rand-m9-mstd0.5-inc1"
+    transform = build_transform(config, is_train=True)
+    torch.manual_seed(0)
+    for _ in range(150):
+        assert transform(image).shape == (3, TINY_SIZE, TINY_SIZE)
