@@ -29,6 +29,8 @@ from classification.data.build import build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
 from classification.models import build_model, load_checkpoint
+from classification.ops import resolve_backend
+from classification.ops.report import backend_report
 from classification.optim import build_optimizer
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, cleanup
@@ -272,6 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.dump())
     logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
+    for line in backend_report():
+        logger.info("%s", line)
+    try:  # a forced backend that cannot run here fails now, before any work, with the reason and the build command
+        scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
+    except RuntimeError as err:
+        logger.error("--scan-backend %s: %s", config.MODEL.SCAN_BACKEND, err)
+        cleanup()
+        return 2
+    logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
+                ctx.device)
     set_determinism(config, ctx.rank)
     amp_dtype = AMP_DTYPES[config.AMP]
     model = build_model(config)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import main
+from classification.ops import resolve_backend
 from classification.utils import checkpoint as ckpt
 from test_data import make_image_folder
 
@@ -100,3 +101,16 @@ def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
     assert len((run_dir / "log.txt").read_text().splitlines()) == 2
     assert _run(data, tmp_path, "--eval", "--resume", str(run_dir / ckpt.BEST_NAME), opts=opts) == 0
     assert re.search(r"eval on 6 images: top-1 .* GFLOPs", (run_dir / "train.log").read_text())
+
+
+def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(data, tmp_path, isolated_logging):
+    assert _run(data, tmp_path, "--eval") == 0
+    log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
+    assert f"cpu: backend='auto' uses {resolve_backend('auto', 'cpu')!r}" in log
+    assert "selective scan: MODEL.SCAN_BACKEND=torch runs as 'torch' on cpu" in log
+    forced = tmp_path / "forced"
+    assert main.main(["--data-path", str(data), "--output", str(forced), "--scan-backend", "cuda", "--eval",
+                      "--opts", *TINY_DEFMAMBA, *TINY_DATA]) == 2
+    log = (forced / "defmamba_tiny" / "default" / "train.log").read_text()
+    assert "--scan-backend cuda: backend 'cuda' runs on cuda tensors, not cpu" in log
+    assert not list((forced / "defmamba_tiny" / "default").glob("*.pth"))
