@@ -171,26 +171,29 @@ inline double softplus_grad(double x) {
   return z / (z + 1.0);
 }
 
-// The per-step inputs of steps [0, steps) of a chunk: dt, dt * u and, when dt_grad is given, d dt / d delta.
-// Vectorised over time for float32 (the scalar tail uses the same formulas).
+// The per-step inputs of steps [0, steps) of a chunk: dt, dt * u, when dt_grad is given d dt / d delta, and when
+// decay is given exp(dt * a) (nstate = 1: the decays do not depend on the state, so they are computed here,
+// vectorised over time, leaving only multiply-adds to the sequential loop). Vectorised over time for float32 (the
+// scalar tail uses the same formulas).
 template <typename Pack, typename scalar_t>
 inline void step_inputs_at(int64_t j, const scalar_t* delta, const scalar_t* u, scalar_t bias, bool delta_softplus,
-                           scalar_t* dt, scalar_t* dt_u, scalar_t* dt_grad) {
+                           scalar_t a, scalar_t* dt, scalar_t* dt_u, scalar_t* dt_grad, scalar_t* decay) {
   const Pack raw = load<Pack>(delta + j) + bias;
   const Pack value = delta_softplus ? softplus(raw) : raw;
   store(dt + j, value);
   store(dt_u + j, value * load<Pack>(u + j));
   if (dt_grad) store(dt_grad + j, delta_softplus ? softplus_grad(raw) : Pack{} + scalar_t(1));
+  if (decay) store(decay + j, exp_state(value * a));
 }
 
 template <typename scalar_t>
 void step_inputs(int64_t steps, const scalar_t* delta, const scalar_t* u, scalar_t bias, bool delta_softplus,
-                 scalar_t* dt, scalar_t* dt_u, scalar_t* dt_grad) {
+                 scalar_t a, scalar_t* dt, scalar_t* dt_u, scalar_t* dt_grad, scalar_t* decay) {
   using Pack = std::conditional_t<std::is_same_v<scalar_t, float>, vfloat, scalar_t>;
   int64_t j = 0;
   for (; j + kLanes<Pack> <= steps; j += kLanes<Pack>)
-    step_inputs_at<Pack>(j, delta, u, bias, delta_softplus, dt, dt_u, dt_grad);
-  for (; j < steps; ++j) step_inputs_at<scalar_t>(j, delta, u, bias, delta_softplus, dt, dt_u, dt_grad);
+    step_inputs_at<Pack>(j, delta, u, bias, delta_softplus, a, dt, dt_u, dt_grad, decay);
+  for (; j < steps; ++j) step_inputs_at<scalar_t>(j, delta, u, bias, delta_softplus, a, dt, dt_u, dt_grad, decay);
 }
 
 // The nstate values of a state-sized vector: a register-sized array when nstate is known at compile time.
@@ -232,10 +235,12 @@ void forward_channel(const ForwardArgs<scalar_t>& args, int64_t task) {
 
   alignas(64) scalar_t dts[kChunk];
   alignas(64) scalar_t dt_us[kChunk];
+  alignas(64) scalar_t single_decays[kChunk];  // nstate = 1 only
+  scalar_t* const step_decays = kNState == 1 ? single_decays : nullptr;
   for (int64_t t0 = 0; t0 < len; t0 += kChunk) {
     const int64_t steps = std::min(kChunk, len - t0);
     if (checkpoints) std::copy(h, h + nstate, checkpoints + (t0 / kChunk) * nstate);
-    step_inputs(steps, delta + t0, u + t0, bias, args.delta_softplus, dts, dt_us, static_cast<scalar_t*>(nullptr));
+    step_inputs<scalar_t>(steps, delta + t0, u + t0, bias, args.delta_softplus, a[0], dts, dt_us, nullptr, step_decays);
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t t = t0 + j;
       const scalar_t dt = dts[j], dt_u = dt_us[j];
@@ -243,7 +248,8 @@ void forward_channel(const ForwardArgs<scalar_t>& args, int64_t task) {
       const scalar_t* __restrict c_t = Ct + t * nstate;
       Pack out{};
       for (int64_t n = 0; n < nstate; n += kLanes<Pack>) {
-        const Pack h_n = exp_state(dt * load<Pack>(a + n)) * load<Pack>(h + n) + dt_u * load<Pack>(b_t + n);
+        const Pack decay_n = kNState == 1 ? load<Pack>(single_decays + j) : exp_state(dt * load<Pack>(a + n));
+        const Pack h_n = decay_n * load<Pack>(h + n) + dt_u * load<Pack>(b_t + n);
         store(h + n, h_n);
         out += load<Pack>(c_t + n) * h_n;
       }
@@ -293,7 +299,8 @@ void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int
     const int64_t t0 = chunk * kChunk;
     const int64_t steps = std::min(kChunk, len - t0);
     std::copy(checkpoints + chunk * nstate, checkpoints + (chunk + 1) * nstate, states);
-    step_inputs(steps, delta + t0, u + t0, bias, fwd.delta_softplus, dts, dt_us, dt_grads);
+    step_inputs<scalar_t>(steps, delta + t0, u + t0, bias, fwd.delta_softplus, a[0], dts, dt_us, dt_grads,
+                kNState == 1 ? decays : nullptr);
     for (int64_t j = 0; j < steps; ++j) {
       const int64_t t = t0 + j;
       const scalar_t dt = dts[j], dt_u = dt_us[j];
@@ -302,7 +309,7 @@ void backward_channel(const BackwardArgs<scalar_t>& args, int64_t batch_idx, int
       scalar_t* __restrict h_next = states + (j + 1) * nstate;
       scalar_t* __restrict decay = decays + j * nstate;
       for (int64_t n = 0; n < nstate; n += kLanes<Pack>) {
-        const Pack decay_n = exp_state(dt * load<Pack>(a + n));
+        const Pack decay_n = kNState == 1 ? load<Pack>(decay + n) : exp_state(dt * load<Pack>(a + n));
         store(decay + n, decay_n);
         store(h_next + n, decay_n * load<Pack>(h_prev + n) + dt_u * load<Pack>(b_t + n));
       }
