@@ -55,8 +55,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 LOG2_E = math.log2(math.e)
 
 # The `torch` backend processes CHUNK_ELEMENTS[device type] state elements (time steps x batch x channels x N) at a
-# time. On the CPU, 2^18 (1 MiB in float32, cache-resident) was fastest of 2^16..2^21 at the DefMamba-T stage-1
-# shape; other devices (GPUs: untimed here) get larger chunks, fewer launches.
+# time. On the CPU, 2^18 to 2^19 (1 to 2 MiB in float32, cache-resident) were fastest of 2^16..2^21 at the
+# DefMamba-T stage-1 shape; other devices (GPUs: untimed here) get larger chunks, fewer launches.
 CHUNK_ELEMENTS = {"cpu": 1 << 18}
 CHUNK_ELEMENTS_DEFAULT = 1 << 23
 # Below this many state elements per time step, one op per step costs more in dispatch than in work: a chunk of at
@@ -368,7 +368,9 @@ class _ChunkedScan(torch.autograd.Function):
         state_shape = (batch, channels, state_size)
         decay = u_tm.new_empty(rows_max + 1, *state_shape)  # row t: exp(dt_t A), t in [t0, t1]: one past the chunk
         states = u_tm.new_empty(rows_max + 1, *state_shape)  # row 0: the state before the chunk, row t + 1: h_t
-        adjoint = u_tm.new_empty(rows_max, *state_shape)
+        # Two adjoint buffers, used in turns, so that the carry (row 0 of the later chunk) survives without a copy.
+        adjoints = u_tm.new_empty(2, rows_max, *state_shape)
+        scratch = u_tm.new_empty(2, rows_max, *state_shape)
         grad_A = torch.zeros_like(A)
         grad_dt_tm = torch.empty_like(dt_tm)
         grad_dtu_tm = u_tm.new_empty(triples, 1, per_group)
@@ -376,6 +378,7 @@ class _ChunkedScan(torch.autograd.Function):
         grad_C_tm = u_tm.new_empty(triples, 1, state_size)
         carry = None  # adjoint of the first step of the following chunk
         for index in reversed(range(starts.shape[0])):
+            adjoint = adjoints[index % 2]
             t0 = index * chunk
             t1 = min(t0 + chunk, length)
             steps, rows = t1 - t0, _padded_len(t1 - t0, block_len)
@@ -394,14 +397,14 @@ class _ChunkedScan(torch.autograd.Function):
             torch.mul(dy_triples[pairs].transpose(1, 2), C_tm[pairs], out=g)
             adjoint[steps:rows].zero_()
             _linear_scan_(decay[1 : rows + 1].view(rows, -1), adjoint[:rows].view(rows, -1), carry, block_len, True)
-            carry = adjoint[0].clone()
+            carry = adjoint[0]
 
             torch.bmm(dy_triples[pairs], h, out=grad_C_tm[pairs])
             _contract_state(B_tm[pairs], g, out=grad_dtu_tm[pairs])
             torch.bmm(dtu_triples[pairs], g, out=grad_B_tm[pairs])
             # Through the decay: the gradient of dt_t A is g_t * h_{t-1} * exp(dt_t A).
-            g_decay = adjoint[:steps].mul_(states[:steps]).mul_(decay[:steps])
-            torch.linalg.vecdot(g_decay, A, out=grad_dt_tm[t0:t1])
+            g_decay = torch.mul(adjoint[:steps], states[:steps], out=scratch[0, :steps]).mul_(decay[:steps])
+            torch.sum(torch.mul(g_decay, A, out=scratch[1, :steps]), dim=-1, out=grad_dt_tm[t0:t1])
             grad_A += g_decay.mul_(dt_tm[t0:t1, :, :, None]).sum((0, 1))
         grad_dtu_tm = grad_dtu_tm.view(length, batch, channels)
         grad_u_tm = grad_dtu_tm * dt_tm
