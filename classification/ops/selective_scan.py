@@ -407,12 +407,12 @@ class _ChunkedScan(torch.autograd.Function):
             torch.sum(torch.mul(g_decay, A, out=scratch[1, :steps]), dim=-1, out=grad_dt_tm[t0:t1])
             grad_A += g_decay.mul_(dt_tm[t0:t1, :, :, None]).sum((0, 1))
         grad_dtu_tm = grad_dtu_tm.view(length, batch, channels)
-        grad_u_tm = grad_dtu_tm * dt_tm
+        grad_dt_tm.addcmul_(grad_dtu_tm, u_tm)
+        grad_u_tm = grad_dtu_tm.mul_(dt_tm)
         grad_D = None
         if D is not None:
             grad_u_tm.addcmul_(dy_tm, D)
             grad_D = (dy_tm * u_tm).sum((0, 1))
-        grad_dt_tm.addcmul_(grad_dtu_tm, u_tm)
         grad_B = _batch_major(grad_B_tm.view(length, batch, groups, state_size))
         grad_C = _batch_major(grad_C_tm.view(length, batch, groups, state_size))
         return _batch_major(grad_u_tm), _batch_major(grad_dt_tm), grad_A, grad_B, grad_C, grad_D
