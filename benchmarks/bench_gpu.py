@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench_model import step_functions  # benchmarks/ is on sys.path when run as a script
 from classification.models import create_model
 from classification.ops import selective_scan_fn
 from classification.ops.selective_scan import available_backends
@@ -128,29 +129,15 @@ def bench_model(backends: list[str], repeats: int) -> list[str]:
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), device="cuda")
     for backend in backends:
         model = create_model("defmamba_tiny", scan_backend=backend).cuda()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def train_step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        def infer() -> None:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                model(images)
-
+        train_step, infer = step_functions(model, images, labels, amp_dtype=torch.bfloat16)
         torch.cuda.reset_peak_memory_stats()
-        model.train()
         train_ms = cuda_time_ms(train_step, repeats)
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        model.eval()
         infer_ms = cuda_time_ms(infer, repeats)
         rows.append(f"| DefMamba-T | {backend} | {BATCH / train_ms * 1e3:.0f} | {BATCH / infer_ms * 1e3:.0f} "
                     f"| {peak_gib:.1f} |")
         print(rows[-1], flush=True)
-        del model, optimizer
+        del model, train_step, infer
         torch.cuda.empty_cache()
     return rows
 
