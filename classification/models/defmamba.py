@@ -8,6 +8,13 @@ The DSSM scans three sequences of the depthwise-conv features with one selective
 order, and the deformable sequence (features sampled at learned offsets plus a learned offset bias, in a learned
 order with the release's straight-through gradient). Their outputs are averaged back in raster order.
 
+Ablation switches (paper Tables 4 and 5; the defaults are the released model): ``scan_branches`` picks any non-empty
+set of scan sequences from :data:`SCAN_BRANCHES` (the SSM parameters are sized by their number K), and
+``deform_points`` / ``deform_order`` / ``offset_bias`` / ``offset_channel_attention`` turn off the deformable scan's
+point offset (DP), token-index offset (DT), offset bias (OB) and the offset network's channel attention (CA); each
+switch removes the parameters it no longer needs. :meth:`DeformableScan.scan_geometry` returns the reference and
+deformed points and the scan order the deformable branch computes for a given input (for figures).
+
 Coordinates: the release samples with ``grid_sample(align_corners=True)`` on normalised grids; here every point is in
 pixel-index coordinates (``p = (g + 1) * (size - 1) / 2``), which simplifies to closed forms that never divide by
 ``size - 1``. Side of length 1 (the release divides by zero there and returns NaN): the deformed point sits on the
@@ -17,6 +24,8 @@ Released checkpoints convert with :func:`checkpoint_filter_fn` (registered with 
 """
 import math
 import re
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +35,7 @@ from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
-from ..ops.deformable import bilinear_sample, sort_tokens_straight_through, unsort_tokens
+from ..ops.deformable import bilinear_sample, scan_order, sort_tokens_straight_through, unsort_tokens
 from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import register_checkpoint_filter
 from .layers import (
@@ -39,13 +48,17 @@ from .layers import (
 )
 from .registry import register_model
 
-__all__ = ["DefMamba", "checkpoint_filter_fn"]
+__all__ = ["DefMamba", "SCAN_BRANCHES", "ScanOptions", "checkpoint_filter_fn", "scan_branch_order"]
 
 NUM_STAGES = 4
-NUM_SCAN_DIRECTIONS = 3  # raster, reversed raster, deformable
-RASTER, REVERSED, DEFORMABLE = range(NUM_SCAN_DIRECTIONS)
-NUM_OFFSET_CHANNELS = 3  # point offset (y, x) and the scan-index offset
-POINT_OFFSET_Y, POINT_OFFSET_X, INDEX_OFFSET = range(NUM_OFFSET_CHANNELS)
+# Scan branches: raster, reversed raster, the deformable sequence, the boustrophedon ("snake") raster of PlainMamba's
+# continuous scan, and raster order inside non-overlapping windows (LocalMamba). The released model uses the first 3.
+FORWARD, BACKWARD, DEFORMABLE, CONTINUOUS, LOCAL = "forward", "backward", "deformable", "continuous", "local"
+SCAN_BRANCHES = (FORWARD, BACKWARD, DEFORMABLE, CONTINUOUS, LOCAL)
+RELEASED_SCAN_BRANCHES = (FORWARD, BACKWARD, DEFORMABLE)
+DEFAULT_LOCAL_WINDOW = 7  # side of LocalMamba-style windows (divides the 56/28/14/7 maps of a 224 input)
+NUM_POINT_OFFSET_CHANNELS = 2  # (y, x) point offset; the scan-index offset adds 1 channel
+POINT_OFFSET_Y, POINT_OFFSET_X = range(NUM_POINT_OFFSET_CHANNELS)
 STEM_STRIDE = 4
 DOWNSAMPLE_STRIDE = 2
 DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
@@ -108,22 +121,30 @@ class ChannelAttention(nn.Module):
 
 
 class OffsetNetwork(nn.Module):
-    """Predicts the raw offsets (B, 3, H, W) from features (B, D, H, W).
+    """Predicts the raw offsets (B, out_channels, H, W) from features (B, D, H, W).
 
-    Depthwise conv k x k, gated by channel attention computed from the input, then LN -> GELU (LN first, as in the
-    release) and a bias-free 1x1 conv to the (y, x, index) offset channels.
+    Depthwise conv k x k, gated by channel attention computed from the input (unless turned off), then LN -> GELU (LN
+    first, as in the release) and a bias-free 1x1 conv to the offset channels (released: y, x, index).
+
+    Args:
+        dim: Feature channels D.
+        kernel_size: Kernel of the depthwise conv.
+        out_channels: Offset channels predicted.
+        channel_attention: Gate the depthwise conv's output with :class:`ChannelAttention` (CA of Table 5).
     """
 
-    def __init__(self, dim: int, kernel_size: int):
+    def __init__(self, dim: int, kernel_size: int, out_channels: int, channel_attention: bool):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.channel_attention = ChannelAttention(dim)
+        self.channel_attention = ChannelAttention(dim) if channel_attention else None
         self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.act = nn.GELU()
-        self.proj = nn.Conv2d(dim, NUM_OFFSET_CHANNELS, kernel_size=1, bias=False)
+        self.proj = nn.Conv2d(dim, out_channels, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gated = self.dwconv(x) * rearrange(self.channel_attention(x), "b d -> b d 1 1")
+        gated = self.dwconv(x)
+        if self.channel_attention is not None:
+            gated = gated * rearrange(self.channel_attention(x), "b d -> b d 1 1")
         gated = channels_last_to_first(self.act(self.norm(channels_first_to_last(gated))))
         return self.proj(gated)
 
@@ -147,16 +168,57 @@ def deformed_coordinate(offset: Tensor, index: Tensor, size: int) -> Tensor:
     return index + 0.5 + offset / 2
 
 
-class DeformableScan(nn.Module):
-    """The deformable sequence of the DSSM: sampled features with an offset bias, in the learned scan order."""
+class ScanGeometry(NamedTuple):
+    """Where the deformable branch reads its tokens and in which order (:meth:`DeformableScan.scan_geometry`).
 
-    def __init__(self, dim: int, kernel_size: int):
+    Attributes:
+        reference_points: (H, W, 2) pixel (x, y): where each token reads with a zero point offset (the release's
+            half-cell-shifted grid ``i + 0.5``; the pixel itself when the point offset is off).
+        points: (B, H, W, 2) pixel (x, y): where each token reads (the deformed points).
+        order: (B, L) int64: ``order[b, j]`` is the raster index of the j-th token scanned.
+    """
+
+    reference_points: Tensor
+    points: Tensor
+    order: Tensor
+
+
+class DeformableScan(nn.Module):
+    """The deformable sequence of the DSSM: sampled features with an offset bias, in the learned scan order.
+
+    Args:
+        dim: Feature channels D.
+        kernel_size: Kernel of the offset network's depthwise conv.
+        deform_points: Sample the features at learned point offsets (DP); off: each token is its own pixel's feature.
+        deform_order: Scan in the learned order (DT); off: raster order.
+        offset_bias: Add the offset-bias table sampled at each point's displacement (OB).
+        offset_channel_attention: Channel attention in the offset network (CA). The offset network exists only when
+            DP or DT is on and predicts only their channels.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int,
+        deform_points: bool = True,
+        deform_order: bool = True,
+        offset_bias: bool = True,
+        offset_channel_attention: bool = True,
+    ):
         super().__init__()
-        self.offset_net = OffsetNetwork(dim, kernel_size)
-        self.offset_bias_table = _no_weight_decay(
-            nn.Parameter(torch.empty(dim, OFFSET_BIAS_TABLE_SIZE, OFFSET_BIAS_TABLE_SIZE))
+        self.deform_points = deform_points
+        self.deform_order = deform_order
+        num_offsets = NUM_POINT_OFFSET_CHANNELS * deform_points + deform_order
+        self.index_offset_channel = NUM_POINT_OFFSET_CHANNELS if deform_points else 0
+        self.offset_net = (
+            OffsetNetwork(dim, kernel_size, num_offsets, offset_channel_attention) if num_offsets else None
         )
-        nn.init.trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
+        self.offset_bias_table = None
+        if offset_bias:
+            self.offset_bias_table = _no_weight_decay(
+                nn.Parameter(torch.empty(dim, OFFSET_BIAS_TABLE_SIZE, OFFSET_BIAS_TABLE_SIZE))
+            )
+            nn.init.trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
 
     def deformed_points(self, point_offset: Tensor) -> Tensor:
         """tanh'ed point offsets (B, 2, H, W) in (y, x) order -> deformed points (B, H, W, 2), pixel (x, y)."""
@@ -166,6 +228,14 @@ class DeformableScan(nn.Module):
         y = deformed_coordinate(point_offset[:, POINT_OFFSET_Y], rows[:, None], height)
         x = deformed_coordinate(point_offset[:, POINT_OFFSET_X], cols[None, :], width)
         return torch.stack([x, y], dim=-1)
+
+    def reference_points(self, height: int, width: int, like: Tensor) -> Tensor:
+        """(H, W, 2) pixel (x, y): the points at zero point offset (the pixels themselves when DP is off)."""
+        if self.deform_points:
+            return self.deformed_points(like.new_zeros(1, NUM_POINT_OFFSET_CHANNELS, height, width))[0]
+        rows = torch.arange(height, dtype=like.dtype, device=like.device)
+        cols = torch.arange(width, dtype=like.dtype, device=like.device)
+        return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)
 
     def offset_bias(self, points: Tensor, height: int, width: int) -> Tensor:
         """The offset-bias table resized to (height, width), sampled at the displacement of each deformed point.
@@ -187,18 +257,112 @@ class DeformableScan(nn.Module):
         displacement = torch.stack([displacement_x, displacement_y], dim=-1)
         return bilinear_sample(table.expand(points.shape[0], -1, -1, -1), displacement.unsqueeze(1))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Features (B, D, H, W) -> the deformable sequence (B, D, H*W) in scan order and the order (B, H*W)."""
-        height, width = x.shape[-2:]
+    def _points_and_positions(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Deformed points (B, H, W, 2) and scan positions (B, L) (None when DT is off) of features (B, D, H, W)."""
+        batch, _, height, width = x.shape
+        offsets = torch.tanh(self.offset_net(x)) if self.offset_net is not None else None  # (B, DP*2 + DT, H, W)
+        if self.deform_points:
+            points = self.deformed_points(offsets[:, :NUM_POINT_OFFSET_CHANNELS])
+        else:
+            points = self.reference_points(height, width, x).expand(batch, -1, -1, -1)
+        if not self.deform_order:
+            return points, None
         num_tokens = height * width
-        offsets = torch.tanh(self.offset_net(x))  # (B, 3, H, W)
-        points = self.deformed_points(offsets[:, :INDEX_OFFSET])
-        sampled = bilinear_sample(x, points.unsqueeze(1)) + self.offset_bias(points, height, width)
         tokens = torch.arange(num_tokens, dtype=x.dtype, device=x.device)
         # Reference scan positions 2 (l + 0.5) / (L - 1) - 1 (the release's half-cell shift); 0 for a single token.
         reference = 2 * (tokens + 0.5) / (num_tokens - 1) - 1 if num_tokens > 1 else torch.zeros_like(tokens)
-        positions = reference + offsets[:, INDEX_OFFSET].flatten(1)
+        return points, reference + offsets[:, self.index_offset_channel].flatten(1)
+
+    @torch.no_grad()
+    def scan_geometry(self, x: Tensor) -> ScanGeometry:
+        """The points and scan order :meth:`forward` uses for features ``x`` (B, D, H, W), without gradients."""
+        height, width = x.shape[-2:]
+        points, positions = self._points_and_positions(x)
+        if positions is None:
+            order = torch.arange(height * width, device=x.device).expand(x.shape[0], -1)
+        else:
+            order = scan_order(positions)
+        return ScanGeometry(self.reference_points(height, width, x), points, order)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Features (B, D, H, W) -> the deformable sequence (B, D, H*W) in scan order and the order (B, H*W).
+
+        The order is None when DT is off (the sequence is in raster order).
+        """
+        height, width = x.shape[-2:]
+        points, positions = self._points_and_positions(x)
+        sampled = bilinear_sample(x, points.unsqueeze(1)) if self.deform_points else x
+        if self.offset_bias_table is not None:
+            sampled = sampled + self.offset_bias(points, height, width)
+        if positions is None:
+            return sampled.flatten(2), None
         return sort_tokens_straight_through(sampled.flatten(2), positions)
+
+
+def scan_branch_order(branch: str, height: int, width: int, window: int, device: torch.device | None = None) -> Tensor:
+    """Raster indices of a fixed-order scan branch: ``order[j]`` is the j-th token scanned, (H*W,) int64.
+
+    ``forward``: raster (row-major); ``backward``: reversed raster; ``continuous``: boustrophedon, rows alternately
+    left-to-right (even rows) and right-to-left (odd rows), so consecutive tokens are always neighbours;
+    ``local``: non-overlapping ``window`` x ``window`` windows taken in raster order of windows, raster inside each;
+    when a side is not a multiple of ``window`` the last windows along it are cut short (no padding).
+    """
+    grid = torch.arange(height * width, device=device).view(height, width)
+    if branch == FORWARD:
+        return grid.flatten()
+    if branch == BACKWARD:
+        return grid.flatten().flip(0)
+    if branch == CONTINUOUS:
+        snake = grid.clone()
+        snake[1::2] = snake[1::2].flip(-1)
+        return snake.flatten()
+    if branch == LOCAL:
+        windows_per_row = -(-width // window)
+        rows = torch.arange(height, device=device)[:, None] // window
+        cols = torch.arange(width, device=device)[None, :] // window
+        window_index = (rows * windows_per_row + cols).flatten()
+        return torch.argsort(window_index, stable=True)
+    raise ValueError(f"{branch!r} is not a fixed-order scan branch; choose from {FORWARD, BACKWARD, CONTINUOUS, LOCAL}")
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """The DSSM's scan ablation switches (paper Tables 4 and 5); the defaults are the released model.
+
+    Attributes:
+        branches: Scan sequences, a non-empty set of distinct names from :data:`SCAN_BRANCHES`, stacked in this
+            order (K = their number sizes x_proj, dt_proj, A_log, D); the outputs are averaged in raster order.
+        local_window: Window side of the ``local`` branch.
+        deform_points: DP: sample at learned point offsets (off: each token is its own pixel's feature).
+        deform_order: DT: scan the deformable sequence in the learned order (off: raster order).
+        offset_bias: OB: add the offset-bias table (off: no table).
+        offset_channel_attention: CA: channel attention in the offset network (off: no CA parameters).
+
+    The last four apply only to a ``deformable`` branch; turning one off without it raises.
+    """
+
+    branches: tuple[str, ...] = RELEASED_SCAN_BRANCHES
+    local_window: int = DEFAULT_LOCAL_WINDOW
+    deform_points: bool = True
+    deform_order: bool = True
+    offset_bias: bool = True
+    offset_channel_attention: bool = True
+
+    def __post_init__(self):
+        branches = tuple(self.branches)
+        unknown = [branch for branch in branches if branch not in SCAN_BRANCHES]
+        if not branches or unknown or len(set(branches)) != len(branches):
+            raise ValueError(
+                f"scan_branches must be a non-empty set of distinct names from {SCAN_BRANCHES}, got {branches}"
+            )
+        if self.local_window < 1:
+            raise ValueError(f"local_window must be >= 1, got {self.local_window}")
+        switches_off = [name for name in ("deform_points", "deform_order", "offset_bias", "offset_channel_attention")
+                        if not getattr(self, name)]
+        if switches_off and DEFORMABLE not in branches:
+            raise ValueError(f"{', '.join(switches_off)} False only applies to the {DEFORMABLE!r} scan branch, which "
+                             f"scan_branches {branches} lacks: add it or leave the switches True")
+        object.__setattr__(self, "branches", branches)
 
 
 class DSSM(nn.Module):
@@ -211,6 +375,7 @@ class DSSM(nn.Module):
         dt_rank: Rank R of the dt projection; None: ceil(inner width / 16).
         offset_kernel_size: Kernel of the offset network's depthwise conv.
         scan_backend: ``backend`` of :func:`classification.ops.selective_scan.selective_scan_fn`.
+        scan_options: Scan branches and deformable components (:class:`ScanOptions`).
     """
 
     def __init__(
@@ -221,8 +386,12 @@ class DSSM(nn.Module):
         dt_rank: int | None,
         offset_kernel_size: int,
         scan_backend: str,
+        scan_options: ScanOptions = ScanOptions(),
     ):
         super().__init__()
+        self.scan_branches = scan_options.branches
+        self.local_window = scan_options.local_window
+        num_branches = len(self.scan_branches)
         inner = int(ssm_ratio * dim)
         self.inner = inner
         self.d_state = d_state
@@ -232,12 +401,16 @@ class DSSM(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
         self.act = nn.SiLU()
-        self.deformable = DeformableScan(inner, offset_kernel_size)
-        self.x_proj_weight = nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, self.dt_rank + 2 * d_state, inner))
-        self.dt_proj_weight = nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, inner, self.dt_rank))
-        self.dt_bias = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS, inner)))
-        self.A_log = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS * inner, d_state)))
-        self.D = _no_weight_decay(nn.Parameter(torch.empty(NUM_SCAN_DIRECTIONS * inner)))
+        self.deformable = (
+            DeformableScan(inner, offset_kernel_size, scan_options.deform_points, scan_options.deform_order,
+                           scan_options.offset_bias, scan_options.offset_channel_attention)
+            if DEFORMABLE in self.scan_branches else None
+        )
+        self.x_proj_weight = nn.Parameter(torch.empty(num_branches, self.dt_rank + 2 * d_state, inner))
+        self.dt_proj_weight = nn.Parameter(torch.empty(num_branches, inner, self.dt_rank))
+        self.dt_bias = _no_weight_decay(nn.Parameter(torch.empty(num_branches, inner)))
+        self.A_log = _no_weight_decay(nn.Parameter(torch.empty(num_branches * inner, d_state)))
+        self.D = _no_weight_decay(nn.Parameter(torch.empty(num_branches * inner)))
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.reset_ssm_parameters()
 
@@ -259,15 +432,54 @@ class DSSM(nn.Module):
     def scan_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(batch, channels, length, d_state) of the selective scan run on input ``x`` (for FLOP counting)."""
         batch, height, width = x.shape[:3]
-        return batch, NUM_SCAN_DIRECTIONS * self.inner, height * width, self.d_state
+        return batch, len(self.scan_branches) * self.inner, height * width, self.d_state
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _branch_sequences(self, x: Tensor) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Features (B, inner, H, W) -> per branch the sequence (B, inner, L) and its order ((L,) or (B, L) or None)."""
+        height, width = x.shape[-2:]
+        raster = x.flatten(2)
+        sequences, orders = [], []
+        for branch in self.scan_branches:
+            if branch == DEFORMABLE:
+                sequence, order = self.deformable(x)
+            elif branch == FORWARD:
+                sequence, order = raster, None
+            elif branch == BACKWARD:
+                sequence, order = raster.flip(-1), None
+            else:
+                order = scan_branch_order(branch, height, width, self.local_window, x.device)
+                sequence = raster[..., order]
+            sequences.append(sequence)
+            orders.append(order)
+        return sequences, orders
+
+    def _to_raster(self, branch: str, y: Tensor, order: Tensor | None) -> Tensor:
+        """A branch's scan output (B, inner, L) back in raster order."""
+        if branch == BACKWARD:
+            return y.flip(-1)
+        if order is None:
+            return y
+        if order.dim() == 1:
+            return y[..., torch.argsort(order)]
+        return unsort_tokens(y, order)
+
+    def branch_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each scan branch's output back in raster order, before averaging, and the gate's input.
+
+        :meth:`forward` is ``out_proj(mean over K of ys * SiLU(z))``, the mean summed in branch order.
+
+        Args:
+            x: (B, H, W, dim).
+
+        Returns:
+            ``ys`` (B, K, H, W, inner), branch k of :attr:`scan_branches` at index k, and ``z`` (B, H, W, inner), the
+            gate before its SiLU.
+        """
         height, width = x.shape[1:3]
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
         x = self.act(self.conv(channels_last_to_first(x)))  # (B, inner, H, W)
-        deformed, order = self.deformable(x)  # (B, inner, L), (B, L)
-        raster = x.flatten(2)
-        xs = torch.stack([raster, raster.flip(-1), deformed], dim=1)  # (B, K, inner, L)
+        sequences, orders = self._branch_sequences(x)
+        xs = torch.stack(sequences, dim=1)  # (B, K, inner, L)
         projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dt, B, C = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
         delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
@@ -275,10 +487,19 @@ class DSSM(nn.Module):
             xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_log), B, C,
             D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
         )
-        y = rearrange(y, "b (k d) l -> b k d l", k=NUM_SCAN_DIRECTIONS)
-        y = (y[:, RASTER] + y[:, REVERSED].flip(-1) + unsort_tokens(y[:, DEFORMABLE], order)) / NUM_SCAN_DIRECTIONS
-        y = rearrange(y, "b d (h w) -> b h w d", h=height, w=width)
-        return self.out_proj(y * self.act(z))
+        y = rearrange(y, "b (k d) l -> b k d l", k=len(self.scan_branches))
+        ys = torch.stack([
+            self._to_raster(branch, y[:, index], orders[index]) for index, branch in enumerate(self.scan_branches)
+        ], dim=1)
+        return rearrange(ys, "b k d (h w) -> b k h w d", h=height, w=width), z
+
+    def forward(self, x: Tensor) -> Tensor:
+        ys, z = self.branch_outputs(x)
+        num_branches = ys.shape[1]
+        total = ys[:, 0]
+        for index in range(1, num_branches):  # summed in branch order, as the release's (y0 + y1 + y2) / 3
+            total = total + ys[:, index]
+        return self.out_proj(total / num_branches * self.act(z))
 
 
 class DefMambaBlock(nn.Module):
@@ -295,10 +516,11 @@ class DefMambaBlock(nn.Module):
         drop_rate: float,
         drop_path_rate: float,
         scan_backend: str,
+        scan_options: ScanOptions,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mixer = DSSM(dim, d_state, ssm_ratio, dt_rank, offset_kernel_size, scan_backend)
+        self.mixer = DSSM(dim, d_state, ssm_ratio, dt_rank, offset_kernel_size, scan_backend, scan_options)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
@@ -324,12 +546,13 @@ class DefMambaStage(nn.Module):
         offset_kernel_size: int,
         drop_rate: float,
         scan_backend: str,
+        scan_options: ScanOptions,
     ):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             DefMambaBlock(dim, d_state, ssm_ratio, dt_rank, mlp_ratio, offset_kernel_size, drop_rate, rate,
-                          scan_backend)
+                          scan_backend, scan_options)
             for rate in drop_path_rates
         ])
         self.grad_checkpointing = False
@@ -363,6 +586,12 @@ class DefMamba(Backbone):
         drop_path_rate: Stochastic depth, rising linearly to this over all blocks.
         offset_kernel_sizes: Offset-network depthwise kernel per stage.
         scan_backend: Selective-scan backend (``auto``, ``ref``, ``torch``, ``cpu``, ``cuda``, ``triton``).
+        scan_branches: Scan sequences of every DSSM, distinct names from :data:`SCAN_BRANCHES` (Table 4).
+        local_window: Window side of the ``local`` branch; edge windows are cut short when a side is not a multiple.
+        deform_points: Point offset DP of the deformable branch (Table 5).
+        deform_order: Token-index offset DT (off: the deformable branch scans in raster order).
+        offset_bias: Offset bias OB (off: no offset-bias tables).
+        offset_channel_attention: Channel attention CA in the offset network.
     """
 
     # The released DefMamba FLOP counter counts the selective scan and the bilinear sampling (see utils/flops.py).
@@ -383,8 +612,16 @@ class DefMamba(Backbone):
         drop_path_rate: float = 0.0,
         offset_kernel_sizes: tuple[int, ...] = (9, 7, 5, 3),
         scan_backend: str = "auto",
+        scan_branches: tuple[str, ...] = RELEASED_SCAN_BRANCHES,
+        local_window: int = DEFAULT_LOCAL_WINDOW,
+        deform_points: bool = True,
+        deform_order: bool = True,
+        offset_bias: bool = True,
+        offset_channel_attention: bool = True,
     ):
         super().__init__()
+        scan_options = ScanOptions(scan_branches, local_window, deform_points, deform_order, offset_bias,
+                                   offset_channel_attention)
         if len(depths) != NUM_STAGES or len(offset_kernel_sizes) != NUM_STAGES:
             raise ValueError(f"depths {depths} and offset_kernel_sizes {offset_kernel_sizes} need {NUM_STAGES} entries")
         dims = [embed_dim * DOWNSAMPLE_STRIDE ** stage for stage in range(NUM_STAGES)]
@@ -395,7 +632,7 @@ class DefMamba(Backbone):
         self.stages = nn.ModuleList([
             DefMambaStage(
                 dims[max(stage - 1, 0)], dims[stage], stage > 0, rates[stage], d_state, ssm_ratio, dt_rank,
-                mlp_ratio, offset_kernel_sizes[stage], drop_rate, scan_backend,
+                mlp_ratio, offset_kernel_sizes[stage], drop_rate, scan_backend, scan_options,
             )
             for stage in range(NUM_STAGES)
         ])
