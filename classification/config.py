@@ -18,6 +18,7 @@ from yacs.config import CfgNode as CN
 AMP_MODES = ("bf16", "fp16", "off")
 MODEL_TYPES = ("defmamba", "damamba")
 SCAN_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
+SCAN_BRANCHES = ("forward", "backward", "deformable", "continuous", "local")  # DefMamba's scan sequences (Table 4)
 
 _C = CN()
 _C.BASE = [""]  # yaml files (relative to the yaml that names them) merged before it; only meaningful inside yaml
@@ -49,6 +50,13 @@ _C.MODEL.DEFMAMBA.SSM_RATIO = 1.0  # SSM inner width / block width
 _C.MODEL.DEFMAMBA.MLP_RATIO = 4.0  # MLP hidden width / block width
 _C.MODEL.DEFMAMBA.DROP_RATE = 0.0  # dropout inside the MLP
 _C.MODEL.DEFMAMBA.DROP_PATH_RATE = 0.2  # stochastic depth, rising linearly to this over all blocks
+# Ablation switches (paper Tables 4 and 5); the defaults are the released model.
+_C.MODEL.DEFMAMBA.SCAN_BRANCHES = ["forward", "backward", "deformable"]  # scan sequences, distinct, from SCAN_BRANCHES
+_C.MODEL.DEFMAMBA.LOCAL_WINDOW = 7  # window side of the "local" branch (raster inside non-overlapping windows)
+_C.MODEL.DEFMAMBA.DEFORM_POINTS = True  # DP: sample at learned point offsets (off: each token reads its own pixel)
+_C.MODEL.DEFMAMBA.DEFORM_ORDER = True  # DT: scan the deformable sequence in learned order (off: raster order)
+_C.MODEL.DEFMAMBA.OFFSET_BIAS = True  # OB: add the learned offset-bias table to the sampled features
+_C.MODEL.DEFMAMBA.OFFSET_CHANNEL_ATTENTION = True  # CA: channel attention inside the offset network
 
 _C.MODEL.DAMAMBA = CN()
 _C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]  # stage widths
@@ -209,6 +217,26 @@ def merge_opts(cfg: CN, opts: list[str]) -> None:
         _set_key(cfg, full_key, _parse_value(text), "--opts", text=text)
 
 
+def _validate_scan_ablation(defmamba: CN) -> None:
+    """Checks the DefMamba scan switches: known, distinct branches; deformable switches only with that branch."""
+    branches = list(defmamba.SCAN_BRANCHES)
+    unknown = [branch for branch in branches if branch not in SCAN_BRANCHES]
+    if not branches or unknown:
+        raise ConfigError(f"MODEL.DEFMAMBA.SCAN_BRANCHES must be a non-empty list of names from {SCAN_BRANCHES}, "
+                          f"got {branches}" + (f" (unknown: {unknown})" if unknown else ""))
+    repeated = sorted({branch for branch in branches if branches.count(branch) > 1})
+    if repeated:
+        raise ConfigError(f"MODEL.DEFMAMBA.SCAN_BRANCHES must not repeat a branch, got {branches} "
+                          f"(repeated: {repeated})")
+    if defmamba.LOCAL_WINDOW < 1:
+        raise ConfigError(f"MODEL.DEFMAMBA.LOCAL_WINDOW must be >= 1, got {defmamba.LOCAL_WINDOW}")
+    switches_off = [f"MODEL.DEFMAMBA.{key}" for key in ("DEFORM_POINTS", "DEFORM_ORDER", "OFFSET_BIAS",
+                                                        "OFFSET_CHANNEL_ATTENTION") if not defmamba[key]]
+    if switches_off and "deformable" not in branches:
+        raise ConfigError(f"{', '.join(switches_off)} False only applies to the 'deformable' scan branch, which "
+                          f"MODEL.DEFMAMBA.SCAN_BRANCHES {branches} lacks: add it or leave the switches True")
+
+
 def validate(cfg: CN) -> None:
     """Checks values that a type check cannot (choices, ranges, consistency)."""
     choices = {"AMP": (cfg.AMP, AMP_MODES), "MODEL.TYPE": (cfg.MODEL.TYPE, MODEL_TYPES),
@@ -222,6 +250,7 @@ def validate(cfg: CN) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    _validate_scan_ablation(cfg.MODEL.DEFMAMBA)
     if cfg.TRAIN.MESA.WEIGHT > 0 and not cfg.TRAIN.EMA.ENABLE:
         raise ConfigError("TRAIN.MESA.WEIGHT > 0 needs the EMA teacher: set TRAIN.EMA.ENABLE True")
     if not 0.0 < cfg.DATA.CROP_PCT <= 1.0:

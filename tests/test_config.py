@@ -109,7 +109,11 @@ def test_build_model_maps_every_family_key(monkeypatch):
     expected = {
         "defmamba": {"EMBED_DIM": ("embed_dim", 24), "DEPTHS": ("depths", (1, 2, 3, 4)), "D_STATE": ("d_state", 4),
                      "SSM_RATIO": ("ssm_ratio", 2.0), "MLP_RATIO": ("mlp_ratio", 3.0),
-                     "DROP_RATE": ("drop_rate", 0.1), "DROP_PATH_RATE": ("drop_path_rate", 0.3)},
+                     "DROP_RATE": ("drop_rate", 0.1), "DROP_PATH_RATE": ("drop_path_rate", 0.3),
+                     "SCAN_BRANCHES": ("scan_branches", ("local", "deformable")), "LOCAL_WINDOW": ("local_window", 3),
+                     "DEFORM_POINTS": ("deform_points", False), "DEFORM_ORDER": ("deform_order", False),
+                     "OFFSET_BIAS": ("offset_bias", False),
+                     "OFFSET_CHANNEL_ATTENTION": ("offset_channel_attention", False)},
         "damamba": {"DIMS": ("dims", (16, 32, 48, 64)), "DEPTHS": ("depths", (1, 1, 2, 1)),
                     "MLP_RATIOS": ("mlp_ratios", (2.0, 2.0, 3.0, 3.0)), "LAYERSCALE": ("layerscale", (3,)),
                     "DROP_PATH_RATE": ("drop_path_rate", 0.25)},

@@ -13,7 +13,10 @@ def model_kwargs(config: CfgNode) -> dict:
         family = model.DEFMAMBA
         return dict(common, embed_dim=family.EMBED_DIM, depths=tuple(family.DEPTHS), d_state=family.D_STATE,
                     ssm_ratio=family.SSM_RATIO, mlp_ratio=family.MLP_RATIO, drop_rate=family.DROP_RATE,
-                    drop_path_rate=family.DROP_PATH_RATE)
+                    drop_path_rate=family.DROP_PATH_RATE, scan_branches=tuple(family.SCAN_BRANCHES),
+                    local_window=family.LOCAL_WINDOW, deform_points=family.DEFORM_POINTS,
+                    deform_order=family.DEFORM_ORDER, offset_bias=family.OFFSET_BIAS,
+                    offset_channel_attention=family.OFFSET_CHANNEL_ATTENTION)
     if model.TYPE == "damamba":
         family = model.DAMAMBA
         return dict(common, dims=tuple(family.DIMS), depths=tuple(family.DEPTHS),
