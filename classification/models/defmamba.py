@@ -463,6 +463,14 @@ class DSSM(nn.Module):
             return y[..., torch.argsort(order)]
         return unsort_tokens(y, order)
 
+    def scan_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Input (B, H, W, dim) -> the features every branch scans (B, inner, H, W) and the gate's input z.
+
+        The first is what :meth:`DeformableScan.scan_geometry` takes; z (B, H, W, inner) is the gate before its SiLU.
+        """
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
+        return self.act(self.conv(channels_last_to_first(x))), z
+
     def branch_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Each scan branch's output back in raster order, before averaging, and the gate's input.
 
@@ -476,8 +484,7 @@ class DSSM(nn.Module):
             gate before its SiLU.
         """
         height, width = x.shape[1:3]
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
-        x = self.act(self.conv(channels_last_to_first(x)))  # (B, inner, H, W)
+        x, z = self.scan_features(x)
         sequences, orders = self._branch_sequences(x)
         xs = torch.stack(sequences, dim=1)  # (B, K, inner, L)
         projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
