@@ -193,3 +193,39 @@ def test_sampling_points_stay_float32_under_bfloat16_autocast(monkeypatch):
     assert seen == [torch.float32] * 4  # bfloat16 would resolve only 0.25 px at a coordinate of 56
     with torch.no_grad():
         torch.testing.assert_close(logits.float(), model(image), rtol=0.1, atol=0.1)
+
+
+def test_scan_points_are_pixel_centres_plus_each_groups_offset():
+    model = _small("damamba_tiny").eval()
+    mixer = model.stages[1].blocks[0].mixer  # width 32: two groups of 16 channels
+    groups, height, width = mixer.groups, 5, 7
+    shifts = torch.tensor([[1.5, -0.25], [-2.0, 3.0]])  # (dx, dy) of groups 0 and 1
+    with torch.no_grad():
+        mixer.offset.proj.weight.zero_()
+        mixer.offset.proj.bias.copy_(shifts.flatten())
+    x = torch.randn(2, 32, height, width)
+    points = mixer.scan_points(x)
+    assert groups == 2 and points.shape == (2, groups, height, width, 2) and points.dtype == torch.float32
+    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    for group, (dx, dy) in enumerate(shifts.tolist()):
+        torch.testing.assert_close(points[:, group, ..., 0], (cols + dx).expand(2, -1, -1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(points[:, group, ..., 1], (rows + dy).expand(2, -1, -1), rtol=0, atol=1e-6)
+
+
+def test_forward_samples_at_scan_points(monkeypatch):
+    model = _small("damamba_tiny").eval()
+    mixer = model.stages[0].blocks[0].mixer
+    x = torch.randn(1, 16, 6, 5)
+    seen = []
+    sample = damamba.bilinear_sample
+
+    def recording_sample(features, points):
+        seen.append(points)
+        return sample(features, points)
+
+    monkeypatch.setattr(damamba, "bilinear_sample", recording_sample)
+    with torch.no_grad():
+        mixer(x)
+        expected = mixer.scan_points(x)
+    assert len(seen) == 1 and torch.equal(seen[0], expected)

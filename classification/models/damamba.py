@@ -142,14 +142,24 @@ class DynamicAdaptiveScanSSM(nn.Module):
         reference = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (height, width, 2): (j, i)
         return rearrange(offsets, "b h w (g xy) -> b g h w xy", xy=NUM_COORDS) + reference
 
+    def scan_points(self, x: Tensor) -> Tensor:
+        """Where each group samples for mixer input ``x`` (batch, dim, height, width): the points :meth:`forward` uses.
+
+        The offsets come from ``x`` itself (the mixer input), not from the value features. Group g of the token at
+        pixel (i, j) reads at ``(j + dx_g, i + dy_g)``; tokens are scanned in raster order of their pixels.
+
+        Returns:
+            (batch, groups, height, width, 2) pixel (x, y) points, at least float32.
+        """
+        offsets = self.offset(x)
+        # Pixel coordinates need float32 at least (under bfloat16 autocast, 56 + dx would resolve only 0.25 px).
+        return self.sampling_points(offsets.to(torch.promote_types(offsets.dtype, torch.float32)))
+
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         values = self.act(self.dw_conv(self.in_proj(x)))
-        offsets = self.offset(x)  # from the mixer input, not from the values
-        # Pixel coordinates need float32 at least (under bfloat16 autocast, 56 + dx would resolve only 0.25 px).
-        dtype = torch.promote_types(offsets.dtype, torch.float32)
-        points = self.sampling_points(offsets.to(dtype))
-        u = rearrange(bilinear_sample(values.to(dtype), points), "b c h w -> b c (h w)")  # raster order, one direction
+        points = self.scan_points(x)
+        u = rearrange(bilinear_sample(values.to(points.dtype), points), "b c h w -> b c (h w)")  # raster, one direction
         dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
                                            [self.dt_rank, D_STATE, D_STATE], dim=1)
         delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
