@@ -191,7 +191,8 @@ class DeformableScan(nn.Module):
         kernel_size: Kernel of the offset network's depthwise conv.
         deform_points: Sample the features at learned point offsets (DP); off: each token is its own pixel's feature.
         deform_order: Scan in the learned order (DT); off: raster order.
-        offset_bias: Add the offset-bias table sampled at each point's displacement (OB).
+        offset_bias: Add the offset-bias table sampled at each point's displacement (OB); with DP off the points are
+            the pixels themselves, so the bias is a learned, input-independent map.
         offset_channel_attention: Channel attention in the offset network (CA). The offset network exists only when
             DP or DT is on and predicts only their channels.
     """
