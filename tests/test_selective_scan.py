@@ -1,6 +1,7 @@
 """Selective scan: every backend against the reference (y and all seven gradients), the reference against a closed
 form, gradchecks, dtype policy, backend dispatch, long-sequence stability and the input checks."""
 import functools
+import logging
 import math
 import types
 
@@ -186,7 +187,7 @@ def _fake_kernel(available: bool = True, accepts_half: bool = False) -> types.Si
     received = []
 
     def scan(u, delta, A, B, C, D, delta_bias, delta_softplus):
-        received.append(u.dtype)
+        received.append((u.dtype, A.dtype))
         assert B.dim() == 4 and C.dim() == 4
         return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus).to(torch.float32)
 
@@ -222,17 +223,42 @@ def test_auto_order_on_cuda(monkeypatch, cuda, triton, expected):
     ]
 
 
-@pytest.mark.parametrize("accepts_half, received", [(False, torch.float32), (True, torch.float16)])
-def test_kernel_dispatch_and_half_policy(monkeypatch, accepts_half, received):
+@pytest.mark.parametrize(
+    "accepts_half, float32_weights, received",
+    [
+        (False, False, (torch.float32, torch.float32)),
+        (False, True, (torch.float32, torch.float32)),
+        (True, False, (torch.float16, torch.float32)),
+        (True, True, (torch.float16, torch.float32)),  # autocast: half projections next to float32 parameters
+    ],
+)
+def test_kernel_dispatch_and_half_policy(monkeypatch, accepts_half, float32_weights, received):
     kernel = _fake_kernel(accepts_half=accepts_half)
     monkeypatch.setattr(ss, "_kernel_module", {"cpu": kernel}.get)
     case = ScanCase(batch=1, channels=2, length=5, state_size=3, groups=1, flat_bc=True)
     inputs = make_inputs(case, torch.float16)
+    if float32_weights:
+        inputs.update({name: inputs[name].float() for name in ("A", "D", "delta_bias")})
     y = selective_scan_fn(**inputs, delta_softplus=True, backend="auto")
-    assert kernel.received == [received]
+    assert kernel.received == [received]  # (dtype of u, delta, B, C; dtype of A, D, delta_bias)
     assert y.dtype == torch.float32
     expected = selective_scan_ref(**cast_inputs(inputs, torch.float64), delta_softplus=True)
     assert relative_error(y, expected) < 1e-4
+
+
+def test_auto_on_cuda_warns_once_with_the_reason_and_the_build_command(monkeypatch, caplog):
+    ss._warn_slower_backend.cache_clear()
+    reason = "the CUDA extension is not built; build it with `make kernels`"
+    cuda = types.SimpleNamespace(is_available=lambda: False, unavailable_reason=lambda: reason)
+    monkeypatch.setattr(ss, "_kernel_module", {"cuda": cuda, "triton": _fake_kernel()}.get)
+    with caplog.at_level(logging.WARNING, logger=ss.__name__):
+        assert [resolve_backend("auto", "cuda") for _ in range(3)] == ["triton"] * 3
+        assert resolve_backend("triton", "cuda") == "triton"  # forced: no warning
+        assert resolve_backend("auto", "cpu") in ("cpu", "torch")  # the CPU fallback is expected: no warning
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [f"selective scan: backend='auto' on cuda tensors runs 'triton', slower than 'cuda': "
+                        f"backend 'cuda' is unavailable: {reason}"]
+    ss._warn_slower_backend.cache_clear()
 
 
 def test_unavailable_backends_raise_with_the_reason(monkeypatch):

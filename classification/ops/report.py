@@ -8,8 +8,12 @@ import torch
 
 from .selective_scan import AUTO_ORDER, BACKENDS, _kernel_module, _unavailable_reason, resolve_backend
 
-CUDA_BUILD_COMMAND = "make kernels  (or: TORCH_CUDA_ARCH_LIST=<arch> pip install --no-build-isolation ./kernels/selective_scan)"
-CPU_BUILD_COMMAND = "make kernels-cpu  (or: SELECTIVE_SCAN_CUDA=0 pip install --no-build-isolation ./kernels/selective_scan)"
+CUDA_BUILD_COMMAND = (
+    "make kernels  (or: TORCH_CUDA_ARCH_LIST=<arch> pip install --no-build-isolation ./kernels/selective_scan)"
+)
+CPU_BUILD_COMMAND = (
+    "make kernels-cpu  (or: SELECTIVE_SCAN_CUDA=0 pip install --no-build-isolation ./kernels/selective_scan)"
+)
 
 
 def _triton_version() -> str:

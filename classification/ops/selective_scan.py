@@ -27,10 +27,17 @@ Backends (``backend=`` of :func:`selective_scan_fn`):
 - ``auto``: on CPU tensors ``cpu`` if built, else ``torch``; on CUDA tensors ``cuda``, then ``triton``, then
   ``torch``; on any other device ``torch``.
 
-Dtypes: inputs are promoted to one floating dtype; float16/bfloat16 are computed in float32 and ``y`` is float32
-(a kernel module that sets ``ACCEPTS_HALF_INPUTS = True`` receives them as given, ``y`` is float32 all the same).
-The state is held in the compute dtype (float32, or float64 for float64 inputs).
+Dtypes: inputs are promoted to one floating dtype; float16/bfloat16 are computed in float32 and ``y`` is float32.
+A kernel module that sets ``ACCEPTS_HALF_INPUTS = True`` reads half ``u``, ``delta``, ``B``, ``C`` as given (also
+next to float32 ``A``, ``D``, ``delta_bias``, as under autocast), the weights in float32; ``y`` is float32 all the
+same. The state, ``exp(dt·A)`` and the softplus are computed in float32 (float64 for float64 inputs), with autocast
+switched off around the backend, so they stay float32 under ``torch.autocast``.
+
+``auto`` on CUDA tensors that cannot run ``cuda`` logs one warning (per process) naming the reason and the build
+command. Under ``torch.compile`` / ``torch.export`` the scan is one custom op, ``torch.ops.defmamba.selective_scan``
+(``custom_ops.py``).
 """
+import contextlib
 import functools
 import importlib
 import logging
@@ -85,6 +92,9 @@ def _canonical_inputs(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """Validates the layouts, gives B and C their 4-D layout and casts everything to one floating dtype.
 
+    Without ``upcast_half`` (backends with ``ACCEPTS_HALF_INPUTS``), half u, delta, B, C (one half dtype, or mixed
+    with float32 weights as under autocast) stay in their promoted half dtype and A, D, delta_bias become float32.
+
     Raises:
         ValueError: on a wrong rank, mismatched sizes, a group count that does not divide the channels, an empty
             sequence, a non-floating dtype or tensors on different devices; the message names the tensor, the shape
@@ -136,13 +146,19 @@ def _canonical_inputs(
 
     present = [t for t in named.values() if t is not None]
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in present])
-    if upcast_half and dtype in HALF_DTYPES:
-        dtype = torch.float32
+    sequence_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (u, delta, B, C)])
+    if not upcast_half and sequence_dtype in HALF_DTYPES and dtype in HALF_DTYPES + (torch.float32,):
+        # Half sequences (autocast's projections) stay half, the per-channel weights A, D, delta_bias float32.
+        weight_dtype = torch.float32
+    else:
+        sequence_dtype = weight_dtype = torch.float32 if upcast_half and dtype in HALF_DTYPES else dtype
 
-    def cast(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype)
+    def cast(t: Tensor | None, to: torch.dtype) -> Tensor | None:
+        return None if t is None else t.to(to)
 
-    return cast(u), cast(delta), cast(A), cast(grouped["B"]), cast(grouped["C"]), cast(D), cast(delta_bias)
+    return (cast(u, sequence_dtype), cast(delta, sequence_dtype), cast(A, weight_dtype),
+            cast(grouped["B"], sequence_dtype), cast(grouped["C"], sequence_dtype), cast(D, weight_dtype),
+            cast(delta_bias, weight_dtype))
 
 
 def _effective_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
@@ -465,6 +481,13 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
+def _warn_slower_backend(chosen: str, reason: str) -> None:
+    """Warns, once per process (per choice and reason), that ``auto`` on CUDA runs a slower backend than ``cuda``."""
+    logger.warning("selective scan: backend='auto' on cuda tensors runs %r, slower than %r: %s", chosen,
+                   AUTO_ORDER["cuda"][0], reason)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on `device`: what `auto` would try, in its order, then the rest."""
     device = torch.device(device)
@@ -482,7 +505,12 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     """
     device = torch.device(device)
     if name == "auto":
-        return next(c for c in AUTO_ORDER.get(device.type, ("torch",)) if _unavailable_reason(c, device) is None)
+        order = AUTO_ORDER.get(device.type, ("torch",))
+        chosen = next(c for c in order if _unavailable_reason(c, device) is None)
+        # On the CPU the compiled kernel is optional and the fallback expected (the backend report says so).
+        if device.type == "cuda" and chosen != order[0]:
+            _warn_slower_backend(chosen, _unavailable_reason(order[0], device))
+        return chosen
     if name not in BACKENDS:
         raise ValueError(f"backend: got {name!r}, need one of {('auto',) + BACKENDS}")
     reason = _unavailable_reason(name, device)
@@ -525,14 +553,41 @@ def selective_scan_fn(
             unknown backend.
         RuntimeError: the requested backend cannot run here (the message says how to build it).
     """
-    name = resolve_backend(backend, u.device if isinstance(u, Tensor) else "cpu")
-    if name == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    if name == "torch":
-        inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
-        return _selective_scan_torch(*inputs, delta_softplus)
-    module = _kernel_module(name)
-    upcast_half = not getattr(module, "ACCEPTS_HALF_INPUTS", False)
-    inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=upcast_half)
-    y = module.scan(*inputs, delta_softplus)
+    if torch.compiler.is_compiling():
+        from . import custom_ops  # registers the op on first use; imported here, custom_ops imports this module
+
+        return custom_ops.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
+    return eager_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
+
+
+def eager_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    backend: str,
+) -> Tensor:
+    """:func:`selective_scan_fn` without the compiler route: resolves the backend and runs it, autocast disabled.
+
+    Autocast is switched off around the backend so that its matmuls, exp and softplus run in the dtype the
+    dispatcher chose (float32 for half inputs), never in autocast's lower precision.
+    """
+    device = u.device if isinstance(u, Tensor) else torch.device("cpu")
+    name = resolve_backend(backend, device)
+    no_autocast = torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else (
+        contextlib.nullcontext())
+    with no_autocast:
+        if name == "ref":
+            return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        if name == "torch":
+            inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
+            return _selective_scan_torch(*inputs, delta_softplus)
+        module = _kernel_module(name)
+        upcast_half = not getattr(module, "ACCEPTS_HALF_INPUTS", False)
+        inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=upcast_half)
+        y = module.scan(*inputs, delta_softplus)
     return y.float() if y.dtype in HALF_DTYPES else y

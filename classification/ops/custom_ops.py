@@ -1,0 +1,105 @@
+"""The selective scan as a ``torch.library`` custom op, so ``torch.compile`` and ``torch.export`` see one node.
+
+``selective_scan_fn`` routes through ``torch.ops.defmamba.selective_scan`` while ``torch.compiler.is_compiling()``
+(dynamo and export tracing); eager calls never touch this module, so eager speed is unchanged.
+
+- ``defmamba::selective_scan(u, delta, A, B, C, D?, delta_bias?, delta_softplus, backend) -> y`` runs the eager
+  dispatcher (backend resolution, validation, the chosen backend) without building an autograd graph. Its fake
+  (meta) implementation validates the layouts on fake tensors and returns ``y``'s shape and dtype.
+- Its registered autograd calls ``defmamba::selective_scan_backward``, which the compiler treats as opaque: it
+  re-runs the backend's differentiable forward on detached inputs and takes ``torch.autograd.grad``. The backward of
+  a compiled graph therefore costs one extra scan forward (the eager path saves the backend's own residuals
+  instead). Double backward is not supported.
+
+The deformable ops need no custom op: ``grid_sample``, ``argsort`` and ``gather`` trace as they are, and dynamo
+traces the straight-through sort's ``autograd.Function`` (forward and backward) without a graph break.
+"""
+import torch
+from torch import Tensor
+
+from .selective_scan import HALF_DTYPES, _canonical_inputs, eager_selective_scan
+
+LIBRARY = "defmamba"
+NUM_TENSOR_INPUTS = 7  # u, delta, A, B, C, D, delta_bias
+
+
+def _output_dtype(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                  delta_bias: Tensor | None) -> torch.dtype:
+    """The dtype of ``y``: the promoted input dtype, float32 for float16/bfloat16."""
+    dtype = u.dtype
+    for t in (delta, A, B, C, D, delta_bias):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+@torch.library.custom_op(f"{LIBRARY}::selective_scan", mutates_args=())
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   delta_bias: Tensor | None, delta_softplus: bool, backend: str) -> Tensor:
+    """``selective_scan_fn`` as one opaque op (same arguments); ``y`` (batch, G·D, L), contiguous."""
+    with torch.no_grad():
+        return eager_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend).contiguous()
+
+
+@selective_scan.register_fake
+def _selective_scan_fake(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                         delta_bias: Tensor | None, delta_softplus: bool, backend: str) -> Tensor:
+    _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)  # the same ValueErrors at trace time
+    return u.new_empty(u.shape, dtype=_output_dtype(u, delta, A, B, C, D, delta_bias))
+
+
+@torch.library.custom_op(f"{LIBRARY}::selective_scan_backward", mutates_args=())
+def selective_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                            D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, backend: str,
+                            needs_grad: list[bool]) -> list[Tensor]:
+    """Gradients of every tensor input (each in its input's shape and dtype) by recomputing the forward.
+
+    Args:
+        grad_y: Gradient of ``y``.
+        u, delta, A, B, C, D, delta_bias, delta_softplus, backend: The forward's arguments.
+        needs_grad: Per tensor input (u, delta, A, B, C, D, delta_bias), whether its gradient is wanted.
+
+    Returns:
+        Seven tensors; an input that is None or needs no gradient gets zeros of its shape (an empty tensor for None).
+    """
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    leaves = [t.detach().requires_grad_(needed) if t is not None else None for t, needed in zip(inputs, needs_grad)]
+    wanted = [t for t, needed in zip(leaves, needs_grad) if t is not None and needed]
+    with torch.enable_grad():
+        y = eager_selective_scan(*leaves, delta_softplus, backend)
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True) if wanted else ())
+    out = []
+    for t, needed in zip(inputs, needs_grad):
+        if t is None:
+            out.append(u.new_empty(0))
+            continue
+        grad = next(grads) if needed else None
+        # A fresh tensor per output: a custom op may not return an input, a view of one, or one tensor twice.
+        out.append(torch.zeros_like(t) if grad is None else grad.clone())
+    return out
+
+
+@selective_scan_backward.register_fake
+def _selective_scan_backward_fake(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                  D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, backend: str,
+                                  needs_grad: list[bool]) -> list[Tensor]:
+    return [u.new_empty(0) if t is None else torch.empty_like(t) for t in (u, delta, A, B, C, D, delta_bias)]
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    *tensors, delta_softplus, backend = inputs
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*(t for t in tensors if t is not None))
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    saved = iter(ctx.saved_tensors)
+    tensors = [next(saved) if present else None for present in ctx.present]
+    needs_grad = [bool(needed) for needed in ctx.needs_input_grad[:NUM_TENSOR_INPUTS]]
+    grads = selective_scan_backward(grad_y, *tensors, ctx.delta_softplus, ctx.backend, needs_grad)
+    return tuple(g if needed and t is not None else None for g, t, needed in zip(grads, tensors, needs_grad)) + (
+        None, None)
+
+
+selective_scan.register_autograd(_backward, setup_context=_setup_context)
