@@ -1,0 +1,216 @@
+"""tools/model_table.py and tools/visualize.py on tiny models: the numbers and points they report are the models'."""
+import argparse
+import csv
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from classification.config import get_config
+from classification.models import build_model
+from classification.utils.flops import model_flops
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+IMG_SIZE = 32
+DPI = 50
+PANEL_PIXELS = 200  # PANEL_INCHES (4) x DPI
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The released counts (specs): DefMamba-T parameters and GFLOPs at 224, DAMamba-T parameters.
+DEFMAMBA_TINY_PARAMS, DEFMAMBA_TINY_GFLOPS, DAMAMBA_TINY_PARAMS = 7_547_878, 1.29, 25_439_870
+
+TINY_DEFMAMBA = """
+MODEL: {TYPE: defmamba, NAME: defmamba_tiny, NUM_CLASSES: 5, DEFMAMBA: {EMBED_DIM: 8, DEPTHS: [1, 2, 1, 1]}}
+DATA: {IMG_SIZE: 32}
+"""
+TINY_DAMAMBA = """
+MODEL: {TYPE: damamba, NAME: damamba_tiny, NUM_CLASSES: 5,
+        DAMAMBA: {DIMS: [16, 32, 48, 64], DEPTHS: [1, 1, 1, 1], MLP_RATIOS: [2.0, 2.0, 2.0, 2.0]}}
+DATA: {IMG_SIZE: 32}
+"""
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+model_table = _load_tool("model_table")
+visualize = _load_tool("visualize")
+
+
+def _config_file(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _model_of(cfg: str) -> torch.nn.Module:
+    return build_model(get_config(argparse.Namespace(cfg=cfg), world_size=1))
+
+
+def _trained_like_checkpoint(tmp_path: Path, cfg: str) -> tuple[str, torch.nn.Module]:
+    """A main.py-style checkpoint of random weights (seed 123, not the tool's seed) and the model holding them."""
+    torch.manual_seed(123)
+    model = _model_of(cfg)
+    with torch.no_grad():  # a nonzero offset-bias / offset path, as after training
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path = tmp_path / f"{Path(cfg).stem}.pth"
+    torch.save({"model": model.state_dict(), "model_ema": None, "epoch": 3, "config": "MODEL: {}"}, path)
+    return str(path), model.eval()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def _block_input(model: torch.nn.Module, image: torch.Tensor, stage: int, block: int) -> torch.Tensor:
+    """The block's input as the model's own forward passes it (captured by a hook), with the graph kept."""
+    captured = []
+    handle = model.stages[stage].blocks[block].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(image)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _chelsea_input(model: torch.nn.Module, size: int) -> torch.Tensor:
+    return visualize.to_model_input(visualize.load_image(None, size), model)
+
+
+def test_model_table_csv_counts_are_the_models(tmp_path, capsys):
+    configs = [_config_file(tmp_path, "def", TINY_DEFMAMBA), _config_file(tmp_path, "da", TINY_DAMAMBA)]
+    rows = model_table.main([*configs, "--img-size", str(IMG_SIZE), "--no-throughput", "--csv"])
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["model"] for row in parsed] == configs == [row.model for row in rows]
+    for cfg, row in zip(configs, parsed):
+        model = _model_of(cfg)
+        assert int(row["params"]) == sum(param.numel() for param in model.parameters())
+        assert float(row["gflops"]) == model_flops(model, IMG_SIZE) / 1e9
+        assert row["images_per_sec"] == row["device"] == "" and int(row["img_size"]) == IMG_SIZE
+
+
+def test_model_table_markdown_registry_names_and_throughput(capsys):
+    rows = model_table.main(["defmamba_tiny", "--batch-size", "2", "--warmup", "0", "--iters", "1"])
+    out = capsys.readouterr().out
+    assert rows[0].params == DEFMAMBA_TINY_PARAMS
+    assert rows[0].gflops == pytest.approx(DEFMAMBA_TINY_GFLOPS, rel=5e-3)
+    assert rows[0].images_per_sec > 0
+    header, rule, line = out.splitlines()[:3]
+    assert header.startswith("| model | params | GFLOPs @224 | images/s |") and rule.startswith("|---")
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[:3] == ["`defmamba_tiny`", f"{DEFMAMBA_TINY_PARAMS:,}", f"{rows[0].gflops:.4g}"]
+    assert float(cells[3]) == pytest.approx(rows[0].images_per_sec, abs=0.05)
+    assert "batch 2, 224x224" in out and "on cpu (" in out
+
+
+def test_model_table_rejects_unknown_models(capsys):
+    with pytest.raises(SystemExit):
+        model_table.main(["defmamba_huge", "--no-throughput"])
+    assert "neither a registered model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        model_table.main(["configs/no_such.yaml", "--no-throughput"])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_visualize_defmamba_points_and_orders_are_the_models(tmp_path):
+    cfg = _config_file(tmp_path, "def", TINY_DEFMAMBA)
+    checkpoint, model = _trained_like_checkpoint(tmp_path, cfg)
+    stage, block = 1, 1
+    written = visualize.main(["--cfg", cfg, "--checkpoint", checkpoint, "--stage", str(stage), "--block", str(block),
+                              "--figures", "points", "scan_order", "--output-dir", str(tmp_path / "figs"),
+                              "--prefix", "t_", "--dpi", str(DPI)])
+    assert _png_size(tmp_path / "figs" / "t_points.png") == (PANEL_PIXELS, PANEL_PIXELS)
+    assert _png_size(tmp_path / "figs" / "t_scan_order.png") == (2 * PANEL_PIXELS, PANEL_PIXELS)
+
+    image = _chelsea_input(model, IMG_SIZE)
+    target = model.stages[stage].blocks[block]
+    with torch.no_grad():
+        features, _ = target.mixer.scan_features(target.norm1(_block_input(model, image, stage, block)))
+    geometry = target.mixer.deformable.scan_geometry(features)
+    points = written["points"][1]
+    assert points.points.shape == (4, 4, 2)  # 32 px -> stage 1 map 4 x 4
+    torch.testing.assert_close(points.points, geometry.points[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(points.reference, geometry.reference_points, rtol=0, atol=0)
+    assert (points.points - points.reference).abs().max() > 1e-3  # the arrows are not all zero
+
+    orders = written["scan_order"][1]
+    assert torch.equal(orders["deformable"], geometry.order[0])
+    assert torch.equal(orders["forward"], torch.arange(16))
+    ranks = visualize.rank_map(orders["deformable"], (4, 4)).reshape(-1)
+    assert [ranks[index] * 15 for index in orders["deformable"].tolist()] == pytest.approx(list(range(16)))
+
+
+def test_visualize_defmamba_erf_is_each_branchs_gradient(tmp_path):
+    cfg = _config_file(tmp_path, "def", TINY_DEFMAMBA)
+    checkpoint, model = _trained_like_checkpoint(tmp_path, cfg)
+    row, col = 3, 4  # stage 0 of a 32 px image: an 8 x 8 map
+    written = visualize.main(["--cfg", cfg, "--checkpoint", checkpoint, "--figures", "erf", "--position", str(row),
+                              str(col), "--output-dir", str(tmp_path), "--dpi", str(DPI)])
+    assert _png_size(tmp_path / "erf.png") == (3 * PANEL_PIXELS, PANEL_PIXELS)
+    maps = written["erf"][1]
+    assert list(maps) == ["forward", "backward", "deformable"]
+
+    image = _chelsea_input(model, IMG_SIZE).requires_grad_(True)
+    target = model.stages[0].blocks[0]
+    ys, _ = target.mixer.branch_outputs(target.norm1(_block_input(model, image, 0, 0)))
+    for index, branch in enumerate(maps):
+        (grad,) = torch.autograd.grad(ys[0, index, row, col].sum(), image, retain_graph=True)
+        expected = grad[0].abs().sum(0)
+        torch.testing.assert_close(maps[branch], expected / expected.max(), rtol=1e-4, atol=1e-6)
+        assert maps[branch].shape == (IMG_SIZE, IMG_SIZE) and maps[branch].max() == 1
+
+    # Receptive fields of the raster scans. The stem's two 3x3/2 convs give token row r image rows 4r-3..4r+3 and
+    # the mixer's 3x3 depthwise conv adds a token row on each side: the forward scan at row r sees token rows <= r,
+    # so image rows <= 4r+7 only; the backward scan sees image rows >= 4r-7 only. Each reaches beyond the conv.
+    last_seen, first_seen = 4 * row + 7, 4 * row - 7
+    assert maps["forward"][last_seen + 1:].max() == 0 and maps["forward"][:first_seen].max() > 0
+    assert maps["backward"][:first_seen].max() == 0 and maps["backward"][last_seen + 1:].max() > 0
+    assert maps["deformable"][:first_seen].max() > 0 and maps["deformable"][last_seen + 1:].max() > 0
+
+
+def test_visualize_damamba_sampling_points_are_the_models(tmp_path):
+    cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)
+    checkpoint, model = _trained_like_checkpoint(tmp_path, cfg)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy()).save(photo)
+    stage, group, size = 1, 1, 64
+    written = visualize.main(["--cfg", cfg, "--checkpoint", checkpoint, "--image", str(photo), "--img-size",
+                              str(size), "--stage", str(stage), "--group", str(group), "--output-dir", str(tmp_path),
+                              "--dpi", str(DPI)])
+    assert list(written) == ["points"]  # DAMamba's only figure by default
+    assert _png_size(tmp_path / "points.png") == (PANEL_PIXELS, PANEL_PIXELS)
+
+    image = visualize.to_model_input(visualize.load_image(str(photo), size), model)
+    assert image.shape == (1, 3, size, size)
+    target = model.stages[stage].blocks[0]
+    with torch.no_grad():
+        expected = target.mixer.scan_points(target.norm1(target.pos_embed(_block_input(model, image, stage, 0))))
+    points = written["points"][1]
+    torch.testing.assert_close(points.points, expected[0, group], rtol=0, atol=1e-6)
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")  # 64 px -> stage 1 map 8 x 8
+    assert torch.equal(points.reference, torch.stack([cols, rows], dim=-1))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "7"], "stages 0..3"),
+    (["--block", "2"], "stage 0 has blocks 0..0"),
+    (["--figures", "erf"], "DAMamba has no erf figure"),
+    (["--group", "5"], "sampling groups 0..0"),
+])
+def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
+    cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), *argv])
+    assert message in str(raised.value)

@@ -1,0 +1,366 @@
+"""Figures of the deformable scans, as in the DefMamba paper, for a checkpoint and an image (CPU, PNG).
+
+For one block (``--stage``, ``--block``, 0-based) of a DefMamba or DAMamba model, writes into ``--output-dir``:
+
+- ``{prefix}points.png`` (Figure 5(a)): reference points (white) and deformed points (red), joined by arrows, over
+  the image. DefMamba: the deformable branch's points (:meth:`DeformableScan.scan_geometry`; references on the
+  release's half-cell-shifted grid ``i + 0.5``). DAMamba: the points of sampling group ``--group``
+  (:meth:`DynamicAdaptiveScanSSM.scan_points`; references at the pixel centres).
+- ``{prefix}scan_order.png`` (Figure 5(b)/(c), DefMamba): the position of each token in the raster scan and in the
+  deformable scan, as a colour gradient (first scanned: dark, last: bright) over the image.
+- ``{prefix}erf.png`` (Figure 4, DefMamba): the gradient-based effective receptive field (as in VMamba) of the token
+  at ``--position`` for each scan branch of the block, side by side: ``|d y_k(position) / d image|`` summed over the
+  image channels, divided by its maximum, where ``y_k(position)`` is branch k's scan output at that token (back in
+  raster order, before averaging and gating) summed over channels.
+
+Points are drawn in image pixels: a point ``p`` of an ``h x w`` map of an ``S x S`` image is at
+``(p + 0.5) * S / side - 0.5``. The image is resized (short side to ``--img-size``, bicubic), centre-cropped to a
+square and normalised with the model's mean and std. Weights: ``--checkpoint`` (ours from ``main.py`` or a released
+one; read with ``torch.load(weights_only=False)``, so only files you trust), else random (seeded) weights.
+
+Usage::
+
+    python tools/visualize.py --cfg configs/demo/digits.yaml \\
+        --checkpoint output/demo/defmamba_tiny/default/checkpoint_best.pth --img-size 64 --output-dir figures
+    python tools/visualize.py --model defmamba_tiny --checkpoint defmamba_tiny.pth --stage 1 --block 0
+    python tools/visualize.py --model damamba_tiny --checkpoint DAMamba-T.pth --figures points --group 3
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import skimage.data
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+
+from classification.config import get_config
+from classification.models import DAMamba, DefMamba, build_model, create_model, is_model, list_models, load_checkpoint
+from classification.models.defmamba import ScanGeometry
+
+logger = logging.getLogger("visualize")
+
+POINTS, ORDER, ERF = "points", "scan_order", "erf"
+FIGURES = (POINTS, ORDER, ERF)
+FAMILY_FIGURES = {DefMamba: FIGURES, DAMamba: (POINTS,)}
+PANEL_INCHES = 4.0  # each panel is PANEL_INCHES x PANEL_INCHES; a figure is panels x 1
+DEFAULT_DPI = 100
+DEFAULT_IMG_SIZE = 224
+ORDER_ALPHA = 0.65  # opacity of the scan-order colours over the image
+ORDER_COLORMAP, ERF_COLORMAP = "viridis", "RdYlGn"
+ERF_LOG_FLOOR = 1e-4  # the ERF maps are drawn on a log colour scale from this fraction of their maximum to 1
+BRANCH_TITLES = {"forward": "raster", "backward": "reversed raster", "deformable": "deformable",
+                 "continuous": "continuous (snake)", "local": "local windows"}
+RASTER, DEFORMABLE = "forward", "deformable"
+
+
+class PointSet(NamedTuple):
+    """Where one block's tokens read their features, in pixel (x, y) coordinates of the block's token map.
+
+    Attributes:
+        reference: (h, w, 2) the points at zero offset.
+        points: (h, w, 2) the deformed points.
+    """
+
+    reference: Tensor
+    points: Tensor
+
+
+def load_image(path: str | None, size: int) -> np.ndarray:
+    """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3)."""
+    image = Image.fromarray(skimage.data.chelsea()) if path is None else Image.open(path)
+    return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+
+
+def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
+    """(S, S, 3) uint8 -> (1, 3, S, S) float32, normalised with the model's ``pretrained_cfg`` mean and std."""
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 255
+    return (pixels - mean) / std
+
+
+def check_block(model: nn.Module, stage: int, block: int) -> None:
+    """Raises a ValueError naming the valid range when ``stage`` / ``block`` do not exist in ``model``."""
+    if not 0 <= stage < len(model.stages):
+        raise ValueError(f"--stage {stage}: the model has stages 0..{len(model.stages) - 1}")
+    num_blocks = len(model.stages[stage].blocks)
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"--block {block}: stage {stage} has blocks 0..{num_blocks - 1}")
+
+
+def block_input(model: nn.Module, image: Tensor, stage: int, block: int) -> Tensor:
+    """What block ``block`` of stage ``stage`` receives for ``image`` (in the family's layout), with gradients.
+
+    Both families' stages are a ``downsample`` followed by ``blocks`` (a DAMamba stage ends with a norm, which the
+    earlier stages apply as part of ``stage(x)``).
+    """
+    check_block(model, stage, block)
+    x = model.stem(image)
+    for previous in model.stages[:stage]:
+        x = previous(x)
+    current = model.stages[stage]
+    x = current.downsample(x)
+    for earlier in current.blocks[:block]:
+        x = earlier(x)
+    return x
+
+
+def _scan_geometry(model: DefMamba, image: Tensor, stage: int, block: int) -> ScanGeometry:
+    """The deformable branch's points and order in one DefMamba block for ``image``."""
+    x = block_input(model, image, stage, block)
+    target = model.stages[stage].blocks[block]
+    if target.mixer.deformable is None:
+        raise ValueError(f"stage {stage} block {block} has no deformable branch "
+                         f"(scan branches {target.mixer.scan_branches})")
+    features, _ = target.mixer.scan_features(target.norm1(x))
+    return target.mixer.deformable.scan_geometry(features)
+
+
+@torch.no_grad()
+def sampling_points(model: nn.Module, image: Tensor, stage: int, block: int, group: int = 0) -> PointSet:
+    """The reference and deformed points of one block for ``image`` (1, 3, S, S), batch element 0.
+
+    DefMamba: the deformable branch's points; DAMamba: sampling group ``group``'s points.
+    """
+    if isinstance(model, DefMamba):
+        geometry = _scan_geometry(model, image, stage, block)
+        return PointSet(geometry.reference_points, geometry.points[0])
+    if not isinstance(model, DAMamba):
+        raise ValueError(f"sampling points need a DefMamba or a DAMamba, got {type(model).__name__}")
+    x = block_input(model, image, stage, block)
+    target = model.stages[stage].blocks[block]
+    if not 0 <= group < target.mixer.groups:
+        raise ValueError(f"--group {group}: stage {stage} has sampling groups 0..{target.mixer.groups - 1}")
+    points = target.mixer.scan_points(target.norm1(target.pos_embed(x)))  # (1, groups, h, w, 2)
+    height, width = points.shape[2:4]
+    rows = torch.arange(height, dtype=points.dtype)[:, None].expand(height, width)
+    cols = torch.arange(width, dtype=points.dtype)[None, :].expand(height, width)
+    return PointSet(torch.stack([cols, rows], dim=-1), points[0, group])
+
+
+def _require_defmamba(model: nn.Module, figure: str) -> None:
+    if not isinstance(model, DefMamba):
+        raise ValueError(f"the {figure} figure needs a DefMamba (scan branches), got {type(model).__name__}")
+
+
+@torch.no_grad()
+def scan_orders(model: nn.Module, image: Tensor, stage: int, block: int) -> dict[str, Tensor]:
+    """Raster and deformable scan orders of a DefMamba block: ``order[j]`` = raster index of the j-th token, (h*w,)."""
+    _require_defmamba(model, ORDER)
+    order = _scan_geometry(model, image, stage, block).order[0]
+    return {RASTER: torch.arange(order.numel()), DEFORMABLE: order}
+
+
+def block_map_size(model: nn.Module, image: Tensor, stage: int, block: int) -> tuple[int, int]:
+    """(h, w) of the token map of one block for ``image``."""
+    with torch.no_grad():
+        x = block_input(model, image, stage, block)
+    return tuple(x.shape[1:3]) if isinstance(model, DefMamba) else tuple(x.shape[2:4])
+
+
+def effective_receptive_fields(model: nn.Module, image: Tensor, stage: int, block: int,
+                               position: tuple[int, int]) -> dict[str, Tensor]:
+    """Per scan branch of a DefMamba block, the normalised ``|d y_k(position) / d image|`` summed over channels.
+
+    Args:
+        image: (1, C, S, S).
+        position: (row, col) of the token in the block's (h, w) map.
+
+    Returns:
+        Branch name -> (S, S) map in [0, 1] (all zeros when the gradient vanishes), in the mixer's branch order.
+    """
+    _require_defmamba(model, ERF)
+    image = image.detach().clone().requires_grad_(True)
+    x = block_input(model, image, stage, block)
+    target = model.stages[stage].blocks[block]
+    ys, _ = target.mixer.branch_outputs(target.norm1(x))  # (1, K, h, w, inner)
+    height, width = ys.shape[2:4]
+    row, col = position
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f"--position {row} {col}: stage {stage} block {block} has a {height}x{width} token map "
+                         f"for this image size")
+    maps = {}
+    for index, branch in enumerate(target.mixer.scan_branches):
+        (grad,) = torch.autograd.grad(ys[0, index, row, col].sum(), image, retain_graph=True)
+        contribution = grad[0].abs().sum(0)
+        peak = contribution.max()
+        maps[branch] = contribution / peak if peak > 0 else contribution
+    return maps
+
+
+def _new_figure(panels: int, dpi: int) -> Figure:
+    figure = Figure(figsize=(panels * PANEL_INCHES, PANEL_INCHES), dpi=dpi)
+    FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.04)
+    return figure
+
+
+def _to_image_pixels(points: Tensor, map_size: tuple[int, int], img_size: int) -> np.ndarray:
+    """Token-map pixel (x, y) -> image pixel (x, y) (pixel centres at integers)."""
+    height, width = map_size
+    scale = torch.tensor([img_size / width, img_size / height], dtype=points.dtype)
+    return ((points + 0.5) * scale - 0.5).reshape(-1, 2).numpy()
+
+
+def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, dpi: int) -> None:
+    """Figure 5(a): reference (white) and deformed (red) points with arrows, over the image."""
+    map_size = tuple(point_set.points.shape[:2])
+    reference = _to_image_pixels(point_set.reference.float(), map_size, image.shape[0])
+    deformed = _to_image_pixels(point_set.points.float(), map_size, image.shape[0])
+    figure = _new_figure(1, dpi)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.imshow(image)
+    marker = max(1.0, 60.0 / max(map_size))
+    axes.quiver(reference[:, 0], reference[:, 1], deformed[:, 0] - reference[:, 0], deformed[:, 1] - reference[:, 1],
+                angles="xy", scale_units="xy", scale=1, color="yellow", width=0.003)
+    axes.scatter(reference[:, 0], reference[:, 1], s=marker, c="white", linewidths=0)
+    axes.scatter(deformed[:, 0], deformed[:, 1], s=marker, c="red", linewidths=0)
+    axes.set_xlim(-0.5, image.shape[1] - 0.5)
+    axes.set_ylim(image.shape[0] - 0.5, -0.5)
+    axes.set_title(title, fontsize=9)
+    axes.set_axis_off()
+    figure.savefig(path, dpi=dpi)
+
+
+def rank_map(order: Tensor, map_size: tuple[int, int]) -> np.ndarray:
+    """(h, w) map of each token's position in the scan, scaled to [0, 1]."""
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel())
+    return (ranks.float() / max(order.numel() - 1, 1)).view(map_size).numpy()
+
+
+def plot_scan_orders(orders: dict[str, Tensor], map_size: tuple[int, int], image: np.ndarray, title: str, path: Path,
+                     dpi: int) -> None:
+    """Figure 5(b)/(c): each token's scan position as a colour over the image, one panel per order."""
+    figure = _new_figure(len(orders), dpi)
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
+    for index, (branch, order) in enumerate(orders.items()):
+        axes = figure.add_subplot(1, len(orders), index + 1)
+        axes.imshow(image, extent=extent)
+        axes.imshow(rank_map(order, map_size), cmap=ORDER_COLORMAP, alpha=ORDER_ALPHA, extent=extent,
+                    interpolation="nearest", vmin=0, vmax=1)
+        axes.set_title(f"{BRANCH_TITLES[branch]} scan order, {title}", fontsize=9)
+        axes.set_axis_off()
+    figure.savefig(path, dpi=dpi)
+
+
+def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple[int, int], title: str, path: Path,
+             dpi: int) -> None:
+    """Figure 4: one effective-receptive-field map per branch (log colour scale); a cross marks the chosen token."""
+    figure = _new_figure(len(maps), dpi)
+    for index, (branch, erf) in enumerate(maps.items()):
+        axes = figure.add_subplot(1, len(maps), index + 1)
+        axes.imshow(erf.clamp(min=ERF_LOG_FLOOR).numpy(), cmap=ERF_COLORMAP, norm=LogNorm(ERF_LOG_FLOOR, 1),
+                    interpolation="nearest")
+        centre = _to_image_pixels(torch.tensor([[position[1], position[0]]], dtype=torch.float32), map_size,
+                                  erf.shape[0])[0]
+        axes.plot(centre[0], centre[1], marker="+", color="black", markersize=8)
+        axes.set_title(f"{BRANCH_TITLES[branch]} branch, {title}", fontsize=9)
+        axes.set_axis_off()
+    figure.savefig(path, dpi=dpi)
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), and the image size."""
+    if args.cfg:
+        config = get_config(argparse.Namespace(cfg=args.cfg), world_size=1)
+        torch.manual_seed(args.seed)
+        model, img_size = build_model(config), config.DATA.IMG_SIZE
+    else:
+        torch.manual_seed(args.seed)
+        model, img_size = create_model(args.model), DEFAULT_IMG_SIZE
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, weights_only=False)
+    else:
+        logger.warning("no --checkpoint: random weights (seed %d)", args.seed)
+    return model.eval(), args.img_size or img_size
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cfg", help="yaml config the checkpoint was trained with (built as main.py builds it)")
+    source.add_argument("--model", help=f"registry name ({', '.join(list_models())}), 1000 classes")
+    parser.add_argument("--checkpoint", help="weights: ours (main.py) or released; default: random weights")
+    parser.add_argument("--use-ema", action="store_true", help="load the checkpoint's EMA weights")
+    parser.add_argument("--image", help="image file (default: scikit-image's chelsea photograph)")
+    parser.add_argument("--img-size", type=int, help=f"input side (default: DATA.IMG_SIZE of --cfg, else "
+                                                     f"{DEFAULT_IMG_SIZE})")
+    parser.add_argument("--stage", type=int, default=0, help="stage of the block, 0-based")
+    parser.add_argument("--block", type=int, default=0, help="block within the stage, 0-based")
+    parser.add_argument("--position", type=int, nargs=2, metavar=("ROW", "COL"),
+                        help="ERF token in the block's map (default: the centre)")
+    parser.add_argument("--group", type=int, default=0, help="DAMamba sampling group to draw")
+    parser.add_argument("--figures", nargs="+", choices=FIGURES,
+                        help="figures to write (default: all the model family supports)")
+    parser.add_argument("--output-dir", default="output/figures", help="folder for the PNGs (created)")
+    parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
+    parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
+                        help=f"pixels per inch; a panel is {PANEL_INCHES:g} x {PANEL_INCHES:g} inches")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    args = parser.parse_args(argv)
+    if args.model and not is_model(args.model):
+        parser.error(f"--model {args.model!r} is not registered; choose from {', '.join(list_models())}")
+    if args.img_size is not None and args.img_size < 1 or args.dpi < 1:
+        parser.error("--img-size and --dpi must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
+    """Writes the figures; returns figure name -> (PNG path, the data it plots).
+
+    The data: ``points`` a :class:`PointSet`, ``scan_order`` branch -> order, ``erf`` branch -> map.
+    """
+    args = parse_args(argv)
+    model, img_size = build(args)
+    supported = FAMILY_FIGURES.get(type(model))
+    if supported is None:
+        raise SystemExit(f"visualize: {type(model).__name__} is neither a DefMamba nor a DAMamba")
+    figures = args.figures or supported
+    unsupported = [name for name in figures if name not in supported]
+    if unsupported:
+        raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
+                         f"{' '.join(supported)}")
+    image = load_image(args.image, img_size)
+    batch = to_model_input(image, model)
+    try:
+        map_size = block_map_size(model, batch, args.stage, args.block)
+    except ValueError as err:
+        raise SystemExit(f"visualize: {err}") from err
+    position = tuple(args.position) if args.position else (map_size[0] // 2, map_size[1] // 2)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    where = f"stage {args.stage} block {args.block}"
+    written = {}
+    try:
+        for name in figures:
+            path = output_dir / f"{args.prefix}{name}.png"
+            if name == POINTS:
+                data = sampling_points(model, batch, args.stage, args.block, args.group)
+                group = f", group {args.group}" if isinstance(model, DAMamba) else ""
+                plot_points(data, image, f"{type(model).__name__} {where}{group}: reference -> deformed", path,
+                            args.dpi)
+            elif name == ORDER:
+                data = scan_orders(model, batch, args.stage, args.block)
+                plot_scan_orders(data, map_size, image, where, path, args.dpi)
+            else:
+                data = effective_receptive_fields(model, batch, args.stage, args.block, position)
+                plot_erf(data, position, map_size, f"{where}, token {position}", path, args.dpi)
+            logger.info("wrote %s", path)
+            written[name] = (path, data)
+    except ValueError as err:
+        raise SystemExit(f"visualize: {err}") from err
+    return written
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main()
