@@ -80,6 +80,9 @@ def load_image(path: str | None, size: int) -> np.ndarray:
 
 def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
     """(S, S, 3) uint8 -> (1, 3, S, S) float32, normalised with the model's ``pretrained_cfg`` mean and std."""
+    in_chans = next(module for module in model.modules() if isinstance(module, nn.Conv2d)).in_channels
+    if in_chans != image.shape[-1]:
+        raise ValueError(f"the model takes {in_chans}-channel images; the figures use RGB images (3 channels)")
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 255
@@ -330,8 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
                          f"{' '.join(supported)}")
     image = load_image(args.image, img_size)
-    batch = to_model_input(image, model)
     try:
+        batch = to_model_input(image, model)
         map_size = block_map_size(model, batch, args.stage, args.block)
     except ValueError as err:
         raise SystemExit(f"visualize: {err}") from err
@@ -346,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
             if name == POINTS:
                 data = sampling_points(model, batch, args.stage, args.block, args.group)
                 group = f", group {args.group}" if isinstance(model, DAMamba) else ""
-                plot_points(data, image, f"{type(model).__name__} {where}{group}: reference -> deformed", path,
-                            args.dpi)
+                title = f"{type(model).__name__} {where}{group}: reference (white) -> deformed (red)"
+                plot_points(data, image, title, path, args.dpi)
             elif name == ORDER:
                 data = scan_orders(model, batch, args.stage, args.block)
                 plot_scan_orders(data, map_size, image, where, path, args.dpi)
