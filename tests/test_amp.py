@@ -1,0 +1,124 @@
+"""Mixed precision: the scan computes in float32 under autocast, bf16 training tracks float32, and fp16's grad
+scaler skips an overflowing step without losing the update count, the schedule or the scaler state."""
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import main
+from classification.config import get_config
+from classification.engine import train_one_epoch
+from classification.lr_scheduler import build_scheduler
+from classification.models.registry import create_model
+from classification.ops import selective_scan_fn
+from classification.optim import build_optimizer
+from classification.utils import checkpoint as ckpt
+from scan_cases import CASES, cast_inputs, make_inputs, relative_error
+
+TRAIN_STEPS = 3
+SGD_LR = 0.03
+# bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 0.002). The projections, convolutions and MLPs round their
+# outputs to it (the scan and the loss do not): the first loss differs by ~1e-4 relative, and the bf16 gradients
+# move the weights a little differently, so after 3 SGD steps at lr 0.03 the losses differed by at most 0.5%
+# relative over 4 seeds. 2% is four times that.
+BF16_LOSS_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("bf16_names", [("u", "delta", "B", "C"), ("u", "delta", "A", "B", "C", "D", "delta_bias")],
+                         ids=["autocast-mix", "all-bf16"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "ref"])
+def test_scan_under_autocast_computes_in_float32(backend, bf16_names):
+    """bf16 inputs (autocast's mix: bf16 sequences, float32 weights; or all bf16): y is the float32 scan of them."""
+    case = CASES[0]
+    inputs = make_inputs(case, torch.float32)
+    for name in bf16_names:
+        inputs[name] = inputs[name].detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+    assert y.dtype == torch.float32
+    expected = selective_scan_fn(**cast_inputs(inputs, torch.float32), delta_softplus=True, backend="ref")
+    assert relative_error(y, expected) < 1e-5
+    y.sum().backward()
+    assert all(t.grad.dtype == t.dtype for t in inputs.values() if t is not None)
+    assert all(torch.isfinite(t.grad).all() for t in inputs.values() if t is not None)
+
+
+def _sgd_losses(model: nn.Module, amp_dtype: torch.dtype | None) -> list[float]:
+    torch.manual_seed(1)
+    images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+    losses = []
+    for _ in range(TRAIN_STEPS):
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_autocast_training_tracks_float32():
+    torch.manual_seed(0)
+    model = create_model("damamba_tiny", num_classes=5, dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), head_dim=8,
+                         drop_path_rate=0.0, scan_backend="auto")
+    reference = _sgd_losses(copy.deepcopy(model), None)
+    mixed = _sgd_losses(copy.deepcopy(model), torch.bfloat16)
+    assert all(math.isfinite(loss) for loss in mixed)
+    assert reference[-1] < reference[0]  # it trains, so the steps compared are real updates
+    assert mixed == pytest.approx(reference, rel=BF16_LOSS_RTOL)
+
+
+INIT_SCALE = 2.0**10
+OVERFLOW_STEP = 1  # its inputs are scaled up so that the float16 weight gradient overflows (the loss stays finite)
+OVERFLOW_INPUT_SCALE = 1e4
+
+
+def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)  # under fp16 autocast its weight gradient is computed in float16 (max 65504)
+    config = get_config(argparse.Namespace(opts=[
+        "TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "1", "TRAIN.BASE_LR", "0.1",
+        "TRAIN.MIN_LR", "0.01"]), world_size=1)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer, TRAIN_STEPS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, growth_interval=1000)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 6, generator=generator) * (OVERFLOW_INPUT_SCALE if step == OVERFLOW_STEP else 1),
+                torch.randint(0, 3, (4,), generator=generator), 0) for step in range(TRAIN_STEPS)]
+    weights = [model.weight.detach().clone()]
+    seen = []
+
+    def after_update(epoch: int, steps_done: int, num_updates: int) -> None:
+        weights.append(model.weight.detach().clone())
+        seen.append((steps_done, num_updates, scaler.get_scale(), optimizer.param_groups[0]["lr"]))
+        main.save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
+            tmp_path / f"update{num_updates}.pth", model=model, model_ema=None, optimizer=optimizer,
+            lr_scheduler=scheduler, scaler=scaler, epoch=epoch, step=steps_done, num_updates=num_updates,
+            max_accuracy=0.0, max_accuracy_ema=0.0, config=config, is_main=True)
+
+    stats = train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
+                            0, 1, clip_grad=5.0, amp_dtype=torch.float16, print_freq=100, step_hook=after_update)
+
+    assert math.isfinite(stats["loss"])
+    changed = [not torch.equal(after, before) for before, after in zip(weights, weights[1:])]
+    assert changed == [step != OVERFLOW_STEP for step in range(TRAIN_STEPS)]  # only the overflowing step is skipped
+    expected_lrs = []
+    for update in range(1, TRAIN_STEPS + 1):  # the schedule counts every update, skipped or not
+        fresh = build_scheduler(config, build_optimizer(config, nn.Linear(6, 3)), TRAIN_STEPS)
+        fresh.step_update(update)
+        expected_lrs.append(fresh.optimizer.param_groups[0]["lr"])
+    scales = [INIT_SCALE] * OVERFLOW_STEP + [INIT_SCALE / 2] * (TRAIN_STEPS - OVERFLOW_STEP)  # backoff 0.5, once
+    assert seen == [(step + 1, step + 1, scales[step], pytest.approx(expected_lrs[step]))
+                    for step in range(TRAIN_STEPS)]
+    assert optimizer.state[model.weight]["step"] == TRAIN_STEPS - 1  # AdamW counts the steps it applied
+    saved = ckpt.load_training_checkpoint(tmp_path / f"update{TRAIN_STEPS}.pth")
+    resumed = torch.amp.GradScaler("cpu")
+    resumed.load_state_dict(saved["scaler"])
+    assert resumed.get_scale() == INIT_SCALE / 2
+    assert (saved["step"], saved["num_updates"]) == (TRAIN_STEPS, TRAIN_STEPS)
+    assert saved["lr_scheduler"] == scheduler.state_dict()
+    assert saved["optimizer"]["state"][0]["step"] == TRAIN_STEPS - 1
