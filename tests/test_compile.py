@@ -48,8 +48,9 @@ def test_fullgraph_compile_gives_the_eager_logits_and_gradients(name, backend):
         torch.testing.assert_close(compiled_grads[param_name], grad, rtol=RTOL, atol=ATOL, msg=param_name)
 
 
-def test_export_captures_the_scan_as_one_op_and_round_trips():
-    model = _model("defmamba_tiny", "auto").eval()
+@pytest.mark.parametrize("name", TINY)
+def test_export_captures_the_scan_as_one_op_and_round_trips(name):
+    model = _model(name, "auto").eval()
     x = torch.randn(BATCH, 3, IMG_SIZE, IMG_SIZE)
     exported = torch.export.export(model, (x,))
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]

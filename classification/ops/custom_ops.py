@@ -11,8 +11,10 @@
   a compiled graph therefore costs one extra scan forward (the eager path saves the backend's own residuals
   instead). Double backward is not supported.
 
-The deformable ops need no custom op: ``grid_sample``, ``argsort`` and ``gather`` trace as they are, and dynamo
-traces the straight-through sort's ``autograd.Function`` (forward and backward) without a graph break.
+The deformable ops (``deformable.py``) stay compositions of aten ops on purpose: ``grid_sample``, ``argsort``,
+``gather`` and ``scatter`` already have fake kernels and autograd formulas, dynamo traces the straight-through sort's
+``autograd.Function`` (forward and backward) without a graph break (``tests/test_compile.py``, ``fullgraph=True``),
+and left visible they can be fused with their neighbours by inductor, which an opaque custom op would prevent.
 """
 import torch
 from torch import Tensor
