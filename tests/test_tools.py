@@ -110,7 +110,7 @@ def test_model_table_markdown_registry_names_and_throughput(capsys):
     header, rule, line = out.splitlines()[:3]
     assert header.startswith("| model | params | GFLOPs @224 | images/s |") and rule.startswith("|---")
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells[:3] == ["`defmamba_tiny`", f"{DEFMAMBA_TINY_PARAMS:,}", f"{rows[0].gflops:.4g}"]
+    assert cells[:3] == ["`defmamba_tiny`", f"{DEFMAMBA_TINY_PARAMS:,}", f"{rows[0].gflops:.4f}"]
     assert float(cells[3]) == pytest.approx(rows[0].images_per_sec, abs=0.05)
     assert "batch 2, 224x224" in out and "on cpu (" in out
 

@@ -103,7 +103,7 @@ def format_markdown(rows: list[Row], img_size: int, caption: str) -> str:
     lines = [f"| model | params | GFLOPs @{img_size} | images/s |", "|---|---:|---:|---:|"]
     for row in rows:
         speed = "-" if row.images_per_sec is None else f"{row.images_per_sec:.1f}"
-        lines.append(f"| `{row.model}` | {row.params:,} | {row.gflops:.4g} | {speed} |")
+        lines.append(f"| `{row.model}` | {row.params:,} | {row.gflops:.4f} | {speed} |")
     lines += ["", caption]
     return "\n".join(lines) + "\n"
 
