@@ -52,6 +52,8 @@ FAMILY_FIGURES = {DefMamba: FIGURES, DAMamba: (POINTS,)}
 PANEL_INCHES = 4.0  # each panel is PANEL_INCHES x PANEL_INCHES; a figure is panels x 1
 DEFAULT_DPI = 100
 DEFAULT_IMG_SIZE = 224
+DEFAULT_ARROWS_PER_SIDE = 16  # Figure 5(a) thins larger token maps to this many arrows per side
+POINT_MARKER_SIZE = 6  # scatter marker area of the points, in points^2
 ORDER_ALPHA = 0.65  # opacity of the scan-order colours over the image
 ORDER_COLORMAP, ERF_COLORMAP = "viridis", "RdYlGn"
 ERF_LOG_FLOOR = 1e-4  # the ERF maps are drawn on a log colour scale from this fraction of their maximum to 1
@@ -201,7 +203,7 @@ def effective_receptive_fields(model: nn.Module, image: Tensor, stage: int, bloc
 def _new_figure(panels: int, dpi: int) -> Figure:
     figure = Figure(figsize=(panels * PANEL_INCHES, PANEL_INCHES), dpi=dpi)
     FigureCanvasAgg(figure)
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92, wspace=0.04)
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.89, wspace=0.04)
     return figure
 
 
@@ -212,22 +214,27 @@ def _to_image_pixels(points: Tensor, map_size: tuple[int, int], img_size: int) -
     return ((points + 0.5) * scale - 0.5).reshape(-1, 2).numpy()
 
 
-def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, dpi: int) -> None:
-    """Figure 5(a): reference (white) and deformed (red) points with arrows, over the image."""
+def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, dpi: int,
+                arrows_per_side: int = DEFAULT_ARROWS_PER_SIDE) -> None:
+    """Figure 5(a): reference (white) and deformed (red) points with arrows, over the image.
+
+    Larger maps are thinned to every k-th token along each side, so that at most ``arrows_per_side`` are drawn.
+    """
     map_size = tuple(point_set.points.shape[:2])
-    reference = _to_image_pixels(point_set.reference.float(), map_size, image.shape[0])
-    deformed = _to_image_pixels(point_set.points.float(), map_size, image.shape[0])
+    step = -(-max(map_size) // arrows_per_side)
+    reference = _to_image_pixels(point_set.reference[::step, ::step].float(), map_size, image.shape[0])
+    deformed = _to_image_pixels(point_set.points[::step, ::step].float(), map_size, image.shape[0])
     figure = _new_figure(1, dpi)
     axes = figure.add_subplot(1, 1, 1)
     axes.imshow(image)
-    marker = max(1.0, 60.0 / max(map_size))
     axes.quiver(reference[:, 0], reference[:, 1], deformed[:, 0] - reference[:, 0], deformed[:, 1] - reference[:, 1],
-                angles="xy", scale_units="xy", scale=1, color="yellow", width=0.003)
-    axes.scatter(reference[:, 0], reference[:, 1], s=marker, c="white", linewidths=0)
-    axes.scatter(deformed[:, 0], deformed[:, 1], s=marker, c="red", linewidths=0)
+                angles="xy", scale_units="xy", scale=1, color="yellow", width=0.004)
+    axes.scatter(reference[:, 0], reference[:, 1], s=POINT_MARKER_SIZE, c="white", linewidths=0)
+    axes.scatter(deformed[:, 0], deformed[:, 1], s=POINT_MARKER_SIZE, c="red", linewidths=0)
     axes.set_xlim(-0.5, image.shape[1] - 0.5)
     axes.set_ylim(image.shape[0] - 0.5, -0.5)
-    axes.set_title(title, fontsize=9)
+    thinned = f", every {step}th token" if step > 1 else ""
+    axes.set_title(f"{title}{thinned}\nreference (white) -> deformed (red)", fontsize=9)
     axes.set_axis_off()
     figure.savefig(path, dpi=dpi)
 
@@ -302,6 +309,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--position", type=int, nargs=2, metavar=("ROW", "COL"),
                         help="ERF token in the block's map (default: the centre)")
     parser.add_argument("--group", type=int, default=0, help="DAMamba sampling group to draw")
+    parser.add_argument("--arrows-per-side", type=int, default=DEFAULT_ARROWS_PER_SIDE,
+                        help="points figure: draw every k-th token so that at most this many arrows span a side")
     parser.add_argument("--figures", nargs="+", choices=FIGURES,
                         help="figures to write (default: all the model family supports)")
     parser.add_argument("--output-dir", default="output/figures", help="folder for the PNGs (created)")
@@ -312,8 +321,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.model and not is_model(args.model):
         parser.error(f"--model {args.model!r} is not registered; choose from {', '.join(list_models())}")
-    if args.img_size is not None and args.img_size < 1 or args.dpi < 1:
-        parser.error("--img-size and --dpi must be >= 1")
+    if args.img_size is not None and args.img_size < 1 or args.dpi < 1 or args.arrows_per_side < 1:
+        parser.error("--img-size, --dpi and --arrows-per-side must be >= 1")
     return args
 
 
@@ -349,8 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
             if name == POINTS:
                 data = sampling_points(model, batch, args.stage, args.block, args.group)
                 group = f", group {args.group}" if isinstance(model, DAMamba) else ""
-                title = f"{type(model).__name__} {where}{group}: reference (white) -> deformed (red)"
-                plot_points(data, image, title, path, args.dpi)
+                plot_points(data, image, f"{type(model).__name__} {where}{group}", path, args.dpi,
+                            args.arrows_per_side)
             elif name == ORDER:
                 data = scan_orders(model, batch, args.stage, args.block)
                 plot_scan_orders(data, map_size, image, where, path, args.dpi)
