@@ -110,7 +110,8 @@ def train_one_epoch(
         step_hook: Called after every update (mid-epoch checkpoints).
 
     Returns:
-        Mean loss, last learning rate, mean gradient norm, skipped images, images/s (all processes).
+        Mean loss, last learning rate, mean finite gradient norm, skipped images, images/s (all processes), and the
+        updates with a non-finite gradient norm (``overflow_updates``: fp16 steps the grad scaler skipped).
 
     Raises:
         NonFiniteLossError: When the loss is NaN or infinite on any process; no update is made with it.
@@ -124,6 +125,7 @@ def train_one_epoch(
     mesa_criterion = SoftTargetCrossEntropy()
     loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
     skipped_images = 0
+    overflow_updates = 0
     images_seen = 0
     optimizer.zero_grad(set_to_none=True)
     epoch_start = last = time.perf_counter()
@@ -164,7 +166,10 @@ def train_one_epoch(
             if model_ema is not None:
                 model_ema.update(unwrap(model), step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
-            norm_meter.update(float(grad_norm))
+            if math.isfinite(grad_norm):
+                norm_meter.update(float(grad_norm))
+            else:  # with fp16 the scaler skipped this step and lowered its scale; the mean norm leaves it out
+                overflow_updates += 1
             if step_hook is not None:
                 step_hook(epoch, step + 1, num_updates)
         loss_meter.update(loss_value, images.shape[0])
@@ -186,7 +191,8 @@ def train_one_epoch(
         logger.warning("epoch %d: %d unreadable training images skipped", epoch, skipped_total)
     return {
         "loss": loss_meter.avg, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_meter.avg,
-        "skipped_images": skipped_total, "images_per_sec": images_seen * world_size / max(elapsed, 1e-9),
+        "skipped_images": skipped_total, "overflow_updates": overflow_updates,
+        "images_per_sec": images_seen * world_size / max(elapsed, 1e-9),
         "epoch_time": elapsed,
     }
 

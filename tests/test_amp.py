@@ -103,7 +103,8 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_p
     stats = train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
                             0, 1, clip_grad=5.0, amp_dtype=torch.float16, print_freq=100, step_hook=after_update)
 
-    assert math.isfinite(stats["loss"])
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])  # the mean of the applied steps' norms
+    assert stats["overflow_updates"] == 1
     changed = [not torch.equal(after, before) for before, after in zip(weights, weights[1:])]
     assert changed == [step != OVERFLOW_STEP for step in range(TRAIN_STEPS)]  # only the overflowing step is skipped
     expected_lrs = []
