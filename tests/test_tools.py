@@ -214,3 +214,15 @@ def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), *argv])
     assert message in str(raised.value)
+
+
+def test_points_figure_thins_large_maps(tmp_path):
+    side, arrows_per_side = 40, 8  # every 5th token: 8 x 8 arrows
+    grid = torch.stack(torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="xy"), dim=-1)
+    point_set = visualize.PointSet(grid, grid + 0.25)
+    image = visualize.load_image(None, 4 * side)
+    figure = visualize.plot_points(point_set, image, "test", tmp_path / "p.png", DPI, arrows_per_side)
+    arrows = figure.axes[0].collections[0]
+    assert arrows.N == arrows_per_side ** 2
+    assert arrows.U.tolist() == pytest.approx([4 * 0.25] * arrows.N)  # 0.25 token = 1 image pixel at stride 4
+    assert _png_size(tmp_path / "p.png") == (PANEL_PIXELS, PANEL_PIXELS)

@@ -5,13 +5,14 @@ For one block (``--stage``, ``--block``, 0-based) of a DefMamba or DAMamba model
 - ``{prefix}points.png`` (Figure 5(a)): reference points (white) and deformed points (red), joined by arrows, over
   the image. DefMamba: the deformable branch's points (:meth:`DeformableScan.scan_geometry`; references on the
   release's half-cell-shifted grid ``i + 0.5``). DAMamba: the points of sampling group ``--group``
-  (:meth:`DynamicAdaptiveScanSSM.scan_points`; references at the pixel centres).
+  (:meth:`DynamicAdaptiveScanSSM.scan_points`; references at the pixel centres). Maps with more than
+  ``--arrows-per-side`` tokens along a side are thinned to every k-th token.
 - ``{prefix}scan_order.png`` (Figure 5(b)/(c), DefMamba): the position of each token in the raster scan and in the
   deformable scan, as a colour gradient (first scanned: dark, last: bright) over the image.
 - ``{prefix}erf.png`` (Figure 4, DefMamba): the gradient-based effective receptive field (as in VMamba) of the token
   at ``--position`` for each scan branch of the block, side by side: ``|d y_k(position) / d image|`` summed over the
   image channels, divided by its maximum, where ``y_k(position)`` is branch k's scan output at that token (back in
-  raster order, before averaging and gating) summed over channels.
+  raster order, before averaging and gating) summed over channels; drawn on a log colour scale.
 
 Points are drawn in image pixels: a point ``p`` of an ``h x w`` map of an ``S x S`` image is at
 ``(p + 0.5) * S / side - 0.5``. The image is resized (short side to ``--img-size``, bicubic), centre-cropped to a
@@ -215,10 +216,11 @@ def _to_image_pixels(points: Tensor, map_size: tuple[int, int], img_size: int) -
 
 
 def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, dpi: int,
-                arrows_per_side: int = DEFAULT_ARROWS_PER_SIDE) -> None:
+                arrows_per_side: int = DEFAULT_ARROWS_PER_SIDE) -> Figure:
     """Figure 5(a): reference (white) and deformed (red) points with arrows, over the image.
 
     Larger maps are thinned to every k-th token along each side, so that at most ``arrows_per_side`` are drawn.
+    Returns the figure (saved to ``path``).
     """
     map_size = tuple(point_set.points.shape[:2])
     step = -(-max(map_size) // arrows_per_side)
@@ -237,6 +239,7 @@ def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, 
     axes.set_title(f"{title}{thinned}\nreference (white) -> deformed (red)", fontsize=9)
     axes.set_axis_off()
     figure.savefig(path, dpi=dpi)
+    return figure
 
 
 def rank_map(order: Tensor, map_size: tuple[int, int]) -> np.ndarray:
@@ -247,7 +250,7 @@ def rank_map(order: Tensor, map_size: tuple[int, int]) -> np.ndarray:
 
 
 def plot_scan_orders(orders: dict[str, Tensor], map_size: tuple[int, int], image: np.ndarray, title: str, path: Path,
-                     dpi: int) -> None:
+                     dpi: int) -> Figure:
     """Figure 5(b)/(c): each token's scan position as a colour over the image, one panel per order."""
     figure = _new_figure(len(orders), dpi)
     extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
@@ -259,10 +262,11 @@ def plot_scan_orders(orders: dict[str, Tensor], map_size: tuple[int, int], image
         axes.set_title(f"{BRANCH_TITLES[branch]} scan order, {title}", fontsize=9)
         axes.set_axis_off()
     figure.savefig(path, dpi=dpi)
+    return figure
 
 
 def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple[int, int], title: str, path: Path,
-             dpi: int) -> None:
+             dpi: int) -> Figure:
     """Figure 4: one effective-receptive-field map per branch (log colour scale); a cross marks the chosen token."""
     figure = _new_figure(len(maps), dpi)
     for index, (branch, erf) in enumerate(maps.items()):
@@ -275,6 +279,7 @@ def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple
         axes.set_title(f"{BRANCH_TITLES[branch]} branch, {title}", fontsize=9)
         axes.set_axis_off()
     figure.savefig(path, dpi=dpi)
+    return figure
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
