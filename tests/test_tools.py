@@ -115,13 +115,16 @@ def test_model_table_markdown_registry_names_and_throughput(capsys):
     assert "batch 2, 224x224" in out and "on cpu (" in out
 
 
-def test_model_table_rejects_unknown_models(capsys):
+def test_model_table_rejects_unknown_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         model_table.main(["defmamba_huge", "--no-throughput"])
     assert "neither a registered model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         model_table.main(["configs/no_such.yaml", "--no-throughput"])
     assert "does not exist" in capsys.readouterr().err
+    bad = _config_file(tmp_path, "bad", "MODEL: {DEFMAMBA: {EMBED_DIMS: 8}}")
+    with pytest.raises(SystemExit, match="unknown config key MODEL.DEFMAMBA.EMBED_DIMS"):
+        model_table.main([bad, "--no-throughput"])
 
 
 def test_visualize_defmamba_points_and_orders_are_the_models(tmp_path):
@@ -208,6 +211,8 @@ def test_visualize_damamba_sampling_points_are_the_models(tmp_path):
     (["--block", "2"], "stage 0 has blocks 0..0"),
     (["--figures", "erf"], "DAMamba has no erf figure"),
     (["--group", "5"], "sampling groups 0..0"),
+    (["--checkpoint", "no_such.pth"], "checkpoint file not found: no_such.pth"),
+    (["--image", "no_such.png"], "no_such.png"),
 ])
 def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from classification.config import AMP_MODES, get_config
+from classification.config import AMP_MODES, ConfigError, get_config
 from classification.engine import describe_device, throughput
 from classification.models import build_model, create_model, is_model, list_models
 from classification.utils.flops import model_flops
@@ -158,8 +158,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
     with_throughput = not args.no_throughput
-    rows = [measure(spec, args.img_size, device, args.batch_size, args.warmup, args.iters, AMP_DTYPES[args.amp],
-                    with_throughput, args.flops_all) for spec in args.models]
+    try:
+        rows = [measure(spec, args.img_size, device, args.batch_size, args.warmup, args.iters, AMP_DTYPES[args.amp],
+                        with_throughput, args.flops_all) for spec in args.models]
+    except ConfigError as err:
+        raise SystemExit(f"model_table: {err}") from err
     device_name = describe_device(device) if with_throughput else None
     if args.csv:
         sys.stdout.write(format_csv(rows, args.img_size, args.batch_size, args.amp, device_name))

@@ -41,8 +41,17 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 from torch import Tensor, nn
 
-from classification.config import get_config
-from classification.models import DAMamba, DefMamba, build_model, create_model, is_model, list_models, load_checkpoint
+from classification.config import ConfigError, get_config
+from classification.models import (
+    CheckpointError,
+    DAMamba,
+    DefMamba,
+    build_model,
+    create_model,
+    is_model,
+    list_models,
+    load_checkpoint,
+)
 from classification.models.defmamba import ScanGeometry
 
 logger = logging.getLogger("visualize")
@@ -284,12 +293,11 @@ def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
     """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), and the image size."""
-    if args.cfg:
-        config = get_config(argparse.Namespace(cfg=args.cfg), world_size=1)
-        torch.manual_seed(args.seed)
+    config = get_config(argparse.Namespace(cfg=args.cfg), world_size=1) if args.cfg else None
+    torch.manual_seed(args.seed)
+    if config is not None:
         model, img_size = build_model(config), config.DATA.IMG_SIZE
     else:
-        torch.manual_seed(args.seed)
         model, img_size = create_model(args.model), DEFAULT_IMG_SIZE
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, weights_only=False)
@@ -337,7 +345,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     The data: ``points`` a :class:`PointSet`, ``scan_order`` branch -> order, ``erf`` branch -> map.
     """
     args = parse_args(argv)
-    model, img_size = build(args)
+    try:
+        model, img_size = build(args)
+        image = load_image(args.image, img_size)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"visualize: {err}") from err
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
         raise SystemExit(f"visualize: {type(model).__name__} is neither a DefMamba nor a DAMamba")
@@ -346,7 +358,6 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     if unsupported:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
                          f"{' '.join(supported)}")
-    image = load_image(args.image, img_size)
     try:
         batch = to_model_input(image, model)
         map_size = block_map_size(model, batch, args.stage, args.block)
