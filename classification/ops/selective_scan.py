@@ -90,7 +90,7 @@ def _canonical_inputs(
     delta_bias: Tensor | None,
     upcast_half: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Validates the layouts, gives B and C their 4-D layout and casts to the compute dtype (docstring below).
+    """Validates the layouts, gives B and C their 4-D layout and casts to one floating dtype, but see upcast_half.
 
     Without ``upcast_half`` (backends with ``ACCEPTS_HALF_INPUTS``), half u, delta, B, C (one half dtype, or mixed
     with float32 weights as under autocast) stay in their promoted half dtype and A, D, delta_bias become float32.
