@@ -61,15 +61,43 @@ def _sgd_losses(model: nn.Module, amp_dtype: torch.dtype | None) -> list[float]:
     return losses
 
 
-def test_bf16_autocast_training_tracks_float32():
+TINY_MODELS = {
+    "defmamba": dict(name="defmamba_tiny", embed_dim=8, depths=(1, 1, 1, 1)),
+    "damamba": dict(name="damamba_tiny", dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), head_dim=8),
+}
+
+
+@pytest.mark.parametrize("family", TINY_MODELS)
+def test_bf16_autocast_training_tracks_float32(family):
     torch.manual_seed(0)
-    model = create_model("damamba_tiny", num_classes=5, dims=(16, 16, 16, 16), depths=(1, 1, 1, 1), head_dim=8,
-                         drop_path_rate=0.0, scan_backend="auto")
+    overrides = dict(TINY_MODELS[family])
+    model = create_model(overrides.pop("name"), num_classes=5, drop_path_rate=0.0, scan_backend="auto", **overrides)
     reference = _sgd_losses(copy.deepcopy(model), None)
     mixed = _sgd_losses(copy.deepcopy(model), torch.bfloat16)
     assert all(math.isfinite(loss) for loss in mixed)
     assert reference[-1] < reference[0]  # it trains, so the steps compared are real updates
     assert mixed == pytest.approx(reference, rel=BF16_LOSS_RTOL)
+
+
+def test_deformable_scan_geometry_stays_float32_under_bf16_autocast():
+    """Under bf16 autocast the points and scan positions are float32: bf16 would round token indices above 256."""
+    from classification.models.defmamba import DeformableScan
+
+    torch.manual_seed(0)
+    scan = DeformableScan(dim=4, kernel_size=3)
+    features = torch.randn(1, 4, 24, 24)  # 576 tokens
+    expected = scan.scan_geometry(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = scan.scan_geometry(features)
+        sequence, order = scan(features)
+    assert got.points.dtype == torch.float32 and sequence.dtype == torch.float32
+    # The offsets come from bf16 convolutions, so points move by at most a few bf16 ulps of the tanh'ed offsets.
+    assert torch.allclose(got.points, expected.points, atol=2e-2)
+    assert torch.equal(order, got.order)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, positions = scan._points_and_positions(features)
+    # float32 positions keep the 576 reference positions distinct (bf16 holds 8 significant bits: not above 256).
+    assert positions.dtype == torch.float32
 
 
 INIT_SCALE = 2.0**10

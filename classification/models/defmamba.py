@@ -261,15 +261,19 @@ class DeformableScan(nn.Module):
     def _points_and_positions(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Deformed points (B, H, W, 2) and scan positions (B, L) (None when DT is off) of features (B, D, H, W)."""
         batch, _, height, width = x.shape
-        offsets = torch.tanh(self.offset_net(x)) if self.offset_net is not None else None  # (B, DP*2 + DT, H, W)
+        # Points and positions in float32 at least: in bfloat16 (autocast) a pixel index above 256 is rounded.
+        geometry_like = x.new_empty(0, dtype=torch.promote_types(x.dtype, torch.float32))
+        offsets = None
+        if self.offset_net is not None:
+            offsets = torch.tanh(self.offset_net(x).to(geometry_like.dtype))  # (B, DP*2 + DT, H, W)
         if self.deform_points:
             points = self.deformed_points(offsets[:, :NUM_POINT_OFFSET_CHANNELS])
         else:
-            points = self.reference_points(height, width, x).expand(batch, -1, -1, -1)
+            points = self.reference_points(height, width, geometry_like).expand(batch, -1, -1, -1)
         if not self.deform_order:
             return points, None
         num_tokens = height * width
-        tokens = torch.arange(num_tokens, dtype=x.dtype, device=x.device)
+        tokens = torch.arange(num_tokens, dtype=geometry_like.dtype, device=x.device)
         # Reference scan positions 2 (l + 0.5) / (L - 1) - 1 (the release's half-cell shift); 0 for a single token.
         reference = 2 * (tokens + 0.5) / (num_tokens - 1) - 1 if num_tokens > 1 else torch.zeros_like(tokens)
         return points, reference + offsets[:, self.index_offset_channel].flatten(1)
@@ -292,7 +296,7 @@ class DeformableScan(nn.Module):
         """
         height, width = x.shape[-2:]
         points, positions = self._points_and_positions(x)
-        sampled = bilinear_sample(x, points.unsqueeze(1)) if self.deform_points else x
+        sampled = bilinear_sample(x.to(points.dtype), points.unsqueeze(1)) if self.deform_points else x
         if self.offset_bias_table is not None:
             sampled = sampled + self.offset_bias(points, height, width)
         if positions is None:
