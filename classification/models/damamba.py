@@ -17,15 +17,13 @@ import re
 
 import torch
 from einops import rearrange
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..ops.deformable import bilinear_sample
 from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import CheckpointError, register_checkpoint_filter
-from .layers import Backbone, linear_drop_path_rates, run_blocks
+from .layers import Backbone, create_backbone, imagenet_default_cfgs, linear_drop_path_rates, run_blocks
 from .registry import register_model
 
 LN_EPS = 1e-6  # every LayerNorm of the release
@@ -446,29 +444,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 register_checkpoint_filter(DAMamba, checkpoint_filter_fn)
 
 
-def _cfg() -> dict[str, object]:
-    return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.0", classifier="head.fc",
-    )
-
-
-default_cfgs = generate_default_cfgs({
-    "damamba_tiny": _cfg(),
-    "damamba_small": _cfg(),
-    "damamba_base": _cfg(),
-})
-
-
-def _create_damamba(variant: str, pretrained: bool = False, **kwargs) -> DAMamba:
-    """timm's builder: pretrained cfg, released-weight filter, ``features_only`` via ``forward_intermediates``."""
-    return build_model_with_cfg(
-        DAMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_STAGES))),
-        **kwargs,
-    )
+default_cfgs = imagenet_default_cfgs(("damamba_tiny", "damamba_small", "damamba_base"), first_conv="stem.0")
 
 
 # Drop-path rates are the release's training yamls' (its own entrypoints say 0.3 / 0.4 / 0.6; no effect on weights).
@@ -476,7 +452,7 @@ def _create_damamba(variant: str, pretrained: bool = False, **kwargs) -> DAMamba
 def damamba_tiny(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-T: dims 80-160-320-512, depths 3-4-12-5, 25,439,870 parameters, 4.848 GMACs (fvcore) at 224."""
     model_args = dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4, 4, 3, 3), drop_path_rate=0.15)
-    return _create_damamba("damamba_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DAMamba, "damamba_tiny", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
 
 
 @register_model
@@ -484,7 +460,7 @@ def damamba_small(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-S: dims 96-192-384-512, depths 4-8-20-6, 44,991,880 parameters, 10.299 GMACs (fvcore) at 224."""
     model_args = dict(dims=(96, 192, 384, 512), depths=(4, 8, 20, 6), mlp_ratios=(4, 4, 3, 3), layerscale=(2, 3),
                       drop_path_rate=0.4)
-    return _create_damamba("damamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DAMamba, "damamba_small", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
 
 
 @register_model
@@ -492,4 +468,4 @@ def damamba_base(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-B: dims 112-224-448-640, depths 4-8-25-8, 85,713,488 parameters, 16.402 GMACs (fvcore) at 224."""
     model_args = dict(dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), mlp_ratios=(4, 4, 3, 4), layerscale=(2, 3),
                       drop_path_rate=0.5)
-    return _create_damamba("damamba_base", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DAMamba, "damamba_base", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))

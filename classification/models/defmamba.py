@@ -30,9 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs
 from torch import Tensor, nn
 
 from ..ops.deformable import bilinear_sample, scan_order, sort_tokens_straight_through, unsort_tokens
@@ -42,6 +40,8 @@ from .layers import (
     Backbone,
     channels_first_to_last,
     channels_last_to_first,
+    create_backbone,
+    imagenet_default_cfgs,
     linear_drop_path_rates,
     run_blocks,
     trunc_normal_linear_init,
@@ -732,47 +732,25 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
 register_checkpoint_filter(DefMamba, checkpoint_filter_fn)
 
 
-def _cfg() -> dict[str, object]:
-    return dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.conv1", classifier="head.fc",
-    )
-
-
-default_cfgs = generate_default_cfgs({
-    "defmamba_tiny": _cfg(),
-    "defmamba_small": _cfg(),
-    "defmamba_base": _cfg(),
-})
-
-
-def _create_defmamba(variant: str, pretrained: bool = False, **kwargs) -> DefMamba:
-    """timm's builder: pretrained cfg, released-weight filter, ``features_only`` via ``forward_intermediates``."""
-    return build_model_with_cfg(
-        DefMamba, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_STAGES))),
-        **kwargs,
-    )
+default_cfgs = imagenet_default_cfgs(("defmamba_tiny", "defmamba_small", "defmamba_base"), first_conv="stem.conv1")
 
 
 @register_model
 def defmamba_tiny(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-T: C 48, depths 2-2-5-2, 7,547,878 parameters, 1.29 GFLOPs at 224."""
     model_args = dict(embed_dim=48, depths=(2, 2, 5, 2), drop_path_rate=0.2)
-    return _create_defmamba("defmamba_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DefMamba, "defmamba_tiny", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
 
 
 @register_model
 def defmamba_small(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-S: C 96, depths 2-2-6-2, 30,201,340 parameters, 5.01 GFLOPs at 224."""
     model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2)
-    return _create_defmamba("defmamba_small", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DefMamba, "defmamba_small", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
 
 
 @register_model
 def defmamba_base(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-B: C 96, depths 2-3-16-2, 48,595,576 parameters, 8.93 GFLOPs at 224."""
     model_args = dict(embed_dim=96, depths=(2, 3, 16, 2), drop_path_rate=0.4)
-    return _create_defmamba("defmamba_base", pretrained=pretrained, **dict(model_args, **kwargs))
+    return create_backbone(DefMamba, "defmamba_base", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))

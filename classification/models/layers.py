@@ -15,7 +15,11 @@
   last intermediate when ``forward_intermediates(norm=True)``; ``nn.Identity``-like when the family has none there;
 - :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
 """
+from collections.abc import Callable, Sequence
+
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -204,3 +208,38 @@ def channels_first_to_last(x: Tensor) -> Tensor:
     """(batch, channels, height, width) -> (batch, height, width, channels)."""
     return x.permute(0, 2, 3, 1)
 
+
+def imagenet_default_cfgs(variants: Sequence[str], first_conv: str) -> dict:
+    """timm ``default_cfgs`` for variants evaluated as released: 224 input, crop 0.875, bicubic, ImageNet mean/std."""
+    cfg = dict(
+        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        first_conv=first_conv, classifier="head.fc",
+    )
+    return generate_default_cfgs({variant: dict(cfg) for variant in variants})
+
+
+def create_backbone(
+    model_cls: type[Backbone],
+    variant: str,
+    pretrained: bool,
+    checkpoint_filter: Callable[[dict, nn.Module], dict],
+    model_args: dict[str, object],
+) -> Backbone:
+    """timm's builder for a variant: pretrained cfg, released-weight filter, ``features_only`` through
+    ``forward_intermediates`` (every stage).
+
+    Args:
+        model_cls: The family's :class:`Backbone` subclass.
+        variant: Registered name (its ``default_cfgs`` entry).
+        pretrained: Load the pretrained cfg's weights (none are hosted; timm's flag).
+        checkpoint_filter: The family's released-key converter.
+        model_args: Constructor keyword arguments (the variant's, updated with the caller's overrides).
+    """
+    num_stages = len(model_args["depths"])
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_stages))),
+        **model_args,
+    )
