@@ -6,14 +6,8 @@ import platform
 
 import torch
 
+from . import selective_scan_cpu, selective_scan_cuda
 from .selective_scan import AUTO_ORDER, BACKENDS, _kernel_module, _unavailable_reason, resolve_backend
-
-CUDA_BUILD_COMMAND = (
-    "make kernels  (or: TORCH_CUDA_ARCH_LIST=<arch> pip install --no-build-isolation ./kernels/selective_scan)"
-)
-CPU_BUILD_COMMAND = (
-    "make kernels-cpu  (or: SELECTIVE_SCAN_CUDA=0 pip install --no-build-isolation ./kernels/selective_scan)"
-)
 
 
 def _triton_version() -> str:
@@ -27,7 +21,7 @@ def _triton_version() -> str:
 def _cuda_extension_arch_status(device: torch.device) -> str:
     """Whether the CUDA extension runs on ``device``: a one-element scan, which fails without a kernel image for it."""
     if _kernel_module("cuda") is None or not _kernel_module("cuda").is_available():
-        return f"not built; build it with: {CUDA_BUILD_COMMAND}"
+        return f"not built; build it with: {selective_scan_cuda.BUILD_COMMAND}"
     major, minor = torch.cuda.get_device_capability(device)
     probe = torch.ones(1, 1, 1, device=device)
     try:
@@ -36,7 +30,7 @@ def _cuda_extension_arch_status(device: torch.device) -> str:
     except RuntimeError as error:
         return (
             f"built, but NOT for this GPU (sm_{major}{minor}): {error}; rebuild with "
-            f"TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation ./kernels/selective_scan"
+            f"{selective_scan_cuda.BUILD_COMMAND} (TORCH_CUDA_ARCH_LIST={major}.{minor} for this GPU)"
         )
     return f"built, runs on this GPU (sm_{major}{minor})"
 
@@ -60,7 +54,7 @@ def backend_report() -> list[str]:
                 lines.append(f"  {device.type:4s} backend {name:7s} {'available' if reason is None else reason}")
         lines.append(f"{device.type}: backend='auto' uses {resolve_backend('auto', device)!r}")
     if _unavailable_reason("cpu", torch.device("cpu")) is not None:
-        lines.append(f"CPU kernel not built (the 'torch' backend is slower); build it with: {CPU_BUILD_COMMAND}")
+        lines.append(f"CPU kernel not built (the 'torch' backend is slower); build it with {selective_scan_cpu.BUILD_COMMAND}")
     if torch.cuda.is_available():
         lines.append(f"CUDA extension: {_cuda_extension_arch_status(devices[-1])}")
     return lines
