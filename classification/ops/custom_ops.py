@@ -16,6 +16,9 @@ The deformable ops (``deformable.py``) stay compositions of aten ops on purpose:
 ``autograd.Function`` (forward and backward) without a graph break (``tests/test_compile.py``, ``fullgraph=True``),
 and left visible they can be fused with their neighbours by inductor, which an opaque custom op would prevent.
 """
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -50,6 +53,26 @@ def _selective_scan_fake(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     return u.new_empty(u.shape, dtype=_output_dtype(u, delta, A, B, C, D, delta_bias))
 
 
+@contextlib.contextmanager
+def _recording_autograd() -> Iterator[None]:
+    """Lets the ops run inside a custom op record an autograd graph.
+
+    While a custom op's implementation runs, the dispatcher excludes the autograd dispatch keys, so plain tensor ops
+    (the softplus of delta, the casts and reshapes of the inputs, the whole ``ref`` backend) record nothing even under
+    ``torch.enable_grad()``; only Python ``autograd.Function`` nodes would, and the gradients of everything outside
+    them would silently be lost. There is no public switch for this (PyTorch 2.14): the dispatcher's thread-local
+    exclude flag is cleared for the recompute and restored after.
+    """
+    key = torch._C.DispatchKey.AutogradFunctionality
+    was_excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+    torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, was_excluded)
+
+
 @torch.library.custom_op(f"{LIBRARY}::selective_scan_backward", mutates_args=())
 def selective_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                             D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, backend: str,
@@ -67,7 +90,7 @@ def selective_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor,
     inputs = (u, delta, A, B, C, D, delta_bias)
     leaves = [t.detach().requires_grad_(needed) if t is not None else None for t, needed in zip(inputs, needs_grad)]
     wanted = [t for t, needed in zip(leaves, needs_grad) if t is not None and needed]
-    with torch.enable_grad():
+    with _recording_autograd():
         y = eager_selective_scan(*leaves, delta_softplus, backend)
         grads = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True) if wanted else ())
     out = []
@@ -76,8 +99,9 @@ def selective_scan_backward(grad_y: Tensor, u: Tensor, delta: Tensor, A: Tensor,
             out.append(u.new_empty(0))
             continue
         grad = next(grads) if needed else None
-        # A fresh tensor per output: a custom op may not return an input, a view of one, or one tensor twice.
-        out.append(torch.zeros_like(t) if grad is None else grad.clone())
+        # A fresh tensor per output (a custom op may not return an input, a view of one, or one tensor twice), laid
+        # out exactly as the fake implementation's empty_like(t): inductor checks the strides it was promised.
+        out.append(torch.zeros_like(t) if grad is None else torch.empty_like(t).copy_(grad))
     return out
 
 
