@@ -1,4 +1,5 @@
 """Shared pytest fixtures."""
+import logging
 import os
 from pathlib import Path
 
@@ -17,3 +18,17 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 def fixtures_dir() -> Path:
     """The folder of committed test fixtures (never ../shared)."""
     return FIXTURES
+
+
+@pytest.fixture
+def isolated_logging():
+    """main() reconfigures the root logger; give pytest's handlers and level back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)

@@ -1,5 +1,4 @@
 """--deterministic: two CPU training runs with the same seed end with bit-identical weights; another seed does not."""
-import logging
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,13 @@ OPTS = ["MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAM
 
 
 @pytest.fixture
-def restore_global_state(monkeypatch):
+def restore_global_state(monkeypatch, isolated_logging):
     """main() configures the root logger and turns on deterministic algorithms: undo both afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # main sets it; monkeypatch restores the original
     yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
 

@@ -1,6 +1,5 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
 import json
-import logging
 import math
 import re
 from pathlib import Path
@@ -17,20 +16,6 @@ from test_data import make_image_folder
 TINY_DEFMAMBA = ["MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]"]
 TINY_DATA = ["DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "AUG.AUTO_AUGMENT", "''", "AUG.MIXUP", "0.0",
              "AUG.CUTMIX", "0.0", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1"]
-
-
-@pytest.fixture
-def isolated_logging():
-    """main() reconfigures the root logger; give pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
