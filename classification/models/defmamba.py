@@ -476,19 +476,8 @@ class DSSM(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, inner) each
         return self.act(self.conv(channels_last_to_first(x))), z
 
-    def branch_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Each scan branch's output back in raster order, before averaging, and the gate's input.
-
-        :meth:`forward` is ``out_proj(mean over K of ys * SiLU(z))``, the mean summed in branch order.
-
-        Args:
-            x: (B, H, W, dim).
-
-        Returns:
-            ``ys`` (B, K, H, W, inner), branch k of :attr:`scan_branches` at index k, and ``z`` (B, H, W, inner), the
-            gate before its SiLU.
-        """
-        height, width = x.shape[1:3]
+    def _raster_outputs(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Input (B, H, W, dim) -> per branch its scan output back in raster order (B, inner, L), and z."""
         x, z = self.scan_features(x)
         sequences, orders = self._branch_sequences(x)
         xs = torch.stack(sequences, dim=1)  # (B, K, inner, L)
@@ -500,18 +489,32 @@ class DSSM(nn.Module):
             D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
         )
         y = rearrange(y, "b (k d) l -> b k d l", k=len(self.scan_branches))
-        ys = torch.stack([
-            self._to_raster(branch, y[:, index], orders[index]) for index, branch in enumerate(self.scan_branches)
-        ], dim=1)
-        return rearrange(ys, "b k d (h w) -> b k h w d", h=height, w=width), z
+        return [self._to_raster(branch, y[:, k], orders[k]) for k, branch in enumerate(self.scan_branches)], z
+
+    def branch_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each scan branch's output back in raster order, before averaging, and the gate's input (for figures).
+
+        :meth:`forward` is ``out_proj(mean over K of ys * SiLU(z))``, the mean summed in branch order.
+
+        Args:
+            x: (B, H, W, dim).
+
+        Returns:
+            ``ys`` (B, K, H, W, inner), branch k of :attr:`scan_branches` at index k, and ``z`` (B, H, W, inner), the
+            gate before its SiLU.
+        """
+        height, width = x.shape[1:3]
+        ys, z = self._raster_outputs(x)
+        return rearrange(torch.stack(ys, dim=1), "b k d (h w) -> b k h w d", h=height, w=width), z
 
     def forward(self, x: Tensor) -> Tensor:
-        ys, z = self.branch_outputs(x)
-        num_branches = ys.shape[1]
-        total = ys[:, 0]
-        for index in range(1, num_branches):  # summed in branch order, as the release's (y0 + y1 + y2) / 3
-            total = total + ys[:, index]
-        return self.out_proj(total / num_branches * self.act(z))
+        height, width = x.shape[1:3]
+        ys, z = self._raster_outputs(x)
+        total = ys[0]
+        for y in ys[1:]:  # summed in branch order, as the release's (y0 + y1 + y2) / 3
+            total = total + y
+        y = rearrange(total / len(ys), "b d (h w) -> b h w d", h=height, w=width)
+        return self.out_proj(y * self.act(z))
 
 
 class DefMambaBlock(nn.Module):
