@@ -54,7 +54,8 @@ def backend_report() -> list[str]:
                 lines.append(f"  {device.type:4s} backend {name:7s} {'available' if reason is None else reason}")
         lines.append(f"{device.type}: backend='auto' uses {resolve_backend('auto', device)!r}")
     if _unavailable_reason("cpu", torch.device("cpu")) is not None:
-        lines.append(f"CPU kernel not built (the 'torch' backend is slower); build it with {selective_scan_cpu.BUILD_COMMAND}")
+        lines.append("CPU kernel not built (the 'torch' backend is slower); build it with "
+                     f"{selective_scan_cpu.BUILD_COMMAND}")
     if torch.cuda.is_available():
         lines.append(f"CUDA extension: {_cuda_extension_arch_status(devices[-1])}")
     return lines
