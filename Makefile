@@ -19,14 +19,19 @@ $(SETUP_STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-# The CPU selective-scan kernel is optional: when its build fails, everything runs on the `torch` backend.
+# The CPU selective-scan kernel is optional: when its build fails, everything runs on the `torch` backend. Set-up
+# tries it once per change of its sources (the stamp records the attempt); `make kernels-cpu` always rebuilds it.
+CPU_KERNEL_BUILD = SELECTIVE_SCAN_CUDA=0 $(PY) -m pip install --no-build-isolation ./kernels/selective_scan
 $(KERNEL_STAMP): $(SETUP_STAMP) $(KERNEL_SOURCES)
-	@SELECTIVE_SCAN_CUDA=0 $(PY) -m pip install -q --no-build-isolation ./kernels/selective_scan > $(VENV)/kernel-build.log 2>&1 \
+	@$(CPU_KERNEL_BUILD) -q > $(VENV)/kernel-build.log 2>&1 \
 		&& echo "selective-scan CPU kernel built" \
-		|| echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log); using the 'torch' backend"
+		|| echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log; retry: make kernels-cpu);" \
+			"using the 'torch' backend"
 	@touch $@
 
-kernels-cpu: $(KERNEL_STAMP)
+kernels-cpu: $(SETUP_STAMP)
+	$(CPU_KERNEL_BUILD)
+	@touch $(KERNEL_STAMP)
 
 # CPU and CUDA kernels; CUDA target architectures come from TORCH_CUDA_ARCH_LIST (default below), never from a GPU.
 # CUDA_HOME defaults to /usr/local/cuda when it exists: torch would otherwise guess it from a wrapper script's folder.

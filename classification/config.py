@@ -116,7 +116,7 @@ _C.PRINT_FREQ = 10  # progress line every N steps
 _C.SEED = 0  # random seed (each process adds its rank for model randomness; data order uses SEED itself)
 _C.EVAL_MODE = False  # only evaluate
 _C.THROUGHPUT_MODE = False  # only measure throughput
-_C.THROUGHPUT_ITERS = 30  # timed forward passes of --throughput (after as many warm-up passes)
+_C.THROUGHPUT_ITERS = 30  # timed forward passes of --throughput (after engine.THROUGHPUT_WARMUP_ITERS warm-up ones)
 
 
 class ConfigError(ValueError):

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from classification.ops import available_backends, resolve_backend
+from classification.ops import available_backends, report, resolve_backend, selective_scan_cuda
 from classification.ops.report import backend_report
 
 
@@ -21,3 +21,11 @@ def test_report_names_versions_and_the_auto_choice():
 def test_module_entry_point_prints_the_report():
     result = subprocess.run([sys.executable, "-m", "classification.ops"], capture_output=True, text=True, check=True)
     assert f"cpu: backend='auto' uses {resolve_backend('auto', 'cpu')!r}" in result.stdout
+
+
+def test_cuda_not_built_line_gives_the_architecture_of_this_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(report, "_kernel_module", lambda name: None)
+    line = report._cuda_extension_arch_status(torch.device("cuda", 0))
+    assert line.startswith("not built") and selective_scan_cuda.BUILD_COMMAND in line
+    assert line.endswith("(TORCH_CUDA_ARCH_LIST=8.6 for this GPU)")
