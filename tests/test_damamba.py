@@ -132,6 +132,8 @@ def test_training_on_one_by_one_maps():
     model(torch.randn(1, 3, 33, 32)).sum().backward()  # 2x1 final map
     with pytest.raises(ValueError, match="training with batch 1 .* 1x1 maps in the last stage.*BatchNorm"):
         model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="training with batch 1"):  # the timm features path checks it too
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), intermediates_only=True)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(torch.randn(1, 3, 32, 32))).all()
 

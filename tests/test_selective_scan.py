@@ -155,6 +155,23 @@ def test_half_inputs_compute_in_float32(backend, half):
         assert relative_error(grad, expected_grads[name]) < grad_tolerance, name
 
 
+
+@pytest.mark.parametrize("empty", ["batch", "channels"])
+@pytest.mark.parametrize("backend", ["auto", *available_backends("cpu")])
+def test_no_sequences_give_an_empty_output_and_zero_gradients(backend, empty):
+    batch, channels, length, state_size = (0, 4, 5, 2) if empty == "batch" else (2, 0, 5, 2)
+    inputs = {
+        "u": torch.randn(batch, channels, length), "delta": torch.randn(batch, channels, length),
+        "A": -torch.rand(channels, state_size), "B": torch.randn(batch, 1, state_size, length),
+        "C": torch.randn(batch, 1, state_size, length), "D": torch.randn(channels), "delta_bias": torch.randn(channels),
+    }
+    inputs = {name: t.requires_grad_() for name, t in inputs.items()}
+    y = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+    assert y.shape == (batch, channels, length)
+    grads = torch.autograd.grad(y.sum(), list(inputs.values()), allow_unused=True)
+    for (name, t), grad in zip(inputs.items(), grads):
+        assert grad is None or (grad.shape == t.shape and not grad.any()), name
+
 def test_long_sequence_strong_decay_is_stable():
     """L = 3000 with per-step decays from exp(-0.01) down to exp(-200): float32 torch agrees with float64 ref."""
     batch, channels, length, state_size = 1, 4, 3000, 4

@@ -158,13 +158,14 @@ class DynamicAdaptiveScanSSM(nn.Module):
         values = self.act(self.dw_conv(self.in_proj(x)))
         points = self.scan_points(x)
         u = rearrange(bilinear_sample(values.to(points.dtype), points), "b c h w -> b c (h w)")  # raster, one direction
+        u = u.to(self.x_proj.weight.dtype)  # sampled in float32 at least; a half model goes on in its own dtype
         dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
                                            [self.dt_rank, D_STATE, D_STATE], dim=1)
         delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
         y = self.scan_fn(  # B and C as (batch, groups = 1, d_state, length): shared by all channels
             u, delta, -torch.exp(self.A_log), ssm_b.unsqueeze(1), ssm_c.unsqueeze(1), D=self.D,
             delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
-        )
+        ).to(u.dtype)  # the scan returns float32 for half inputs
         y = rearrange(y, "b c (h w) -> b c h w", h=height, w=width)
         return self.out_proj(self.out_norm(y))
 
@@ -322,8 +323,8 @@ class DAMamba(Backbone):
         elif isinstance(module, DynamicAdaptiveScanSSM):
             module.reset_ssm_parameters()
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Image (batch, in_chans, height, width) -> last stage's normalised map (batch, num_features, h, w)."""
+    def check_input(self, x: Tensor) -> None:
+        """Training on one image whose last-stage map is 1x1 leaves BatchNorm nothing to normalise over."""
         if self.training and x.shape[0] == 1:
             height, width = final_map_size(x.shape[-2], x.shape[-1], len(self.stages))
             if height * width == 1:
@@ -332,7 +333,6 @@ class DAMamba(Backbone):
                     "BatchNorm has one value per channel and cannot compute batch statistics; use a batch of 2 or "
                     "more, a larger input, or eval mode"
                 )
-        return super().forward_features(x)
 
     def to_nchw(self, x: Tensor) -> Tensor:
         """Stage outputs are already (batch, channels, height, width)."""

@@ -247,8 +247,8 @@ class DeformableScan(nn.Module):
         Returns:
             (B, D, H, W).
         """
-        table = F.interpolate(self.offset_bias_table.unsqueeze(0), size=(height, width), mode="bilinear",
-                              align_corners=False)
+        table = F.interpolate(self.offset_bias_table.unsqueeze(0).to(points.dtype), size=(height, width),
+                              mode="bilinear", align_corners=False)
         # Key grid linspace(0, size, size) in pixels; the release's displacement (key - p) / 2 in normalised units is
         # (key - p) / 2 + (size - 1) / 2 in pixels of the resized table.
         key_y = torch.linspace(0, height, height, dtype=points.dtype, device=points.device)
@@ -480,14 +480,15 @@ class DSSM(nn.Module):
         """Input (B, H, W, dim) -> per branch its scan output back in raster order (B, inner, L), and z."""
         x, z = self.scan_features(x)
         sequences, orders = self._branch_sequences(x)
-        xs = torch.stack(sequences, dim=1)  # (B, K, inner, L)
+        # (B, K, inner, L); the deformable sequence is float32 at least, the rest follows the weights (a half model)
+        xs = torch.stack(sequences, dim=1).to(self.x_proj_weight.dtype)
         projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dt, B, C = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
         delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
         y = self.scan_fn(
             xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_log), B, C,
             D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
-        )
+        ).to(xs.dtype)  # the scan returns float32 for half inputs
         y = rearrange(y, "b (k d) l -> b k d l", k=len(self.scan_branches))
         return [self._to_raster(branch, y[:, k], orders[k]) for k, branch in enumerate(self.scan_branches)], z
 

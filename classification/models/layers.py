@@ -73,6 +73,10 @@ class Backbone(nn.Module):
     stages: nn.ModuleList
     head: nn.Module
 
+    def check_input(self, x: Tensor) -> None:
+        """Raises a ValueError that says what to change for an image batch this model cannot take (both forward paths
+        call it; the default accepts every input)."""
+
     def to_nchw(self, x: Tensor) -> Tensor:
         """A stage's output -> (batch, channels, height, width)."""
         raise NotImplementedError
@@ -121,6 +125,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Image (batch, in_chans, height, width) -> last stage's map (batch, num_features, h, w), before the head."""
+        self.check_input(x)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
@@ -159,6 +164,7 @@ class Backbone(nn.Module):
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early and intermediates_only else self.stages
         intermediates = []
+        self.check_input(x)
         x = self.stem(x)
         for index, stage in enumerate(stages):
             x = stage(x)

@@ -583,11 +583,13 @@ def eager_selective_scan(
     with no_autocast:
         if name == "ref":
             return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
-        if name == "torch":
-            inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
-            return _selective_scan_torch(*inputs, delta_softplus)
-        module = _kernel_module(name)
-        upcast_half = not getattr(module, "ACCEPTS_HALF_INPUTS", False)
+        module = None if name == "torch" else _kernel_module(name)
+        upcast_half = module is None or not getattr(module, "ACCEPTS_HALF_INPUTS", False)
         inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=upcast_half)
-        y = module.scan(*inputs, delta_softplus)
+        if inputs[0].numel() == 0:  # batch or channels 0: no sequence to scan; ref gives the empty y and gradients
+            y = selective_scan_ref(*inputs, delta_softplus)
+        elif module is None:
+            y = _selective_scan_torch(*inputs, delta_softplus)
+        else:
+            y = module.scan(*inputs, delta_softplus)
     return y.float() if y.dtype in HALF_DTYPES else y
