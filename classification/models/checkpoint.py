@@ -50,15 +50,27 @@ def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
     return None
 
 
-def _read_file(path: Path, weights_only: bool) -> object:
+def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
+    """``torch.load`` of a checkpoint file on the CPU, with errors that name the file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: it is corrupt or truncated.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(
             f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated ({err})"
         ) from err
+
+
+def has_ema_weights(checkpoint: Mapping[str, object]) -> bool:
+    """Whether a loaded checkpoint holds EMA weights (``extract_state_dict(checkpoint, use_ema=True)`` succeeds)."""
+    return any(checkpoint.get(entry) is not None for entry in EMA_STATE_DICT_ENTRIES)
 
 
 def _is_state_dict(candidate: object) -> bool:
@@ -81,11 +93,13 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
     entries = EMA_STATE_DICT_ENTRIES if use_ema else STATE_DICT_ENTRIES
-    state_dict = next((checkpoint[entry] for entry in entries if entry in checkpoint), None)
+    state_dict = next((checkpoint[entry] for entry in entries if checkpoint.get(entry) is not None), None)
     if state_dict is None:
         if use_ema:
             raise CheckpointError(
-                f"use_ema=True but the checkpoint has no {' / '.join(entries)} entry; entries: {sorted(checkpoint)}"
+                f"use_ema=True but the checkpoint holds no EMA weights (its {' / '.join(entries)} entry is missing or "
+                f"empty: trained without EMA); entries with content: "
+                f"{sorted(key for key, value in checkpoint.items() if value is not None)}"
             )
         state_dict = checkpoint
     if not _is_state_dict(state_dict):
@@ -131,9 +145,9 @@ def load_checkpoint(
             the message names the problem keys (the first few and their count).
     """
     if isinstance(path_or_state_dict, Mapping):
-        checkpoint = path_or_state_dict
+        checkpoint, source = path_or_state_dict, "checkpoint"
     else:
-        checkpoint = _read_file(Path(path_or_state_dict), weights_only)
+        checkpoint, source = read_checkpoint(path_or_state_dict, weights_only), f"checkpoint {path_or_state_dict}"
     state_dict = extract_state_dict(checkpoint, use_ema=use_ema)
     filter_fn = get_checkpoint_filter(model)
     if filter_fn is not None:
@@ -155,7 +169,7 @@ def load_checkpoint(
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
     if problems:
-        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
         _logger.warning(
             "non-strict load into %s: %d missing keys %s, %d unexpected keys %s",
