@@ -1,16 +1,17 @@
 """Configuration: yacs defaults (one comment per key), yaml overrides, command-line overrides.
 
 ``get_config(args)`` returns a frozen clone of the defaults merged with, in this order, the yaml file of ``--cfg``
-(and the files its ``BASE`` list names, relative to it), the command-line flags and ``--opts KEY VALUE ...``. An
-unknown key, a value of the wrong type or a missing yaml raises :class:`ConfigError` naming the key or the file,
-before any work starts. The learning rates in the frozen config are scaled linearly by
-``total batch / TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch x processes x accumulation steps).
+(and the files its ``BASE`` names, relative to it: one path or a list), the command-line flags and ``--opts KEY VALUE
+...``. An unknown key, a value of the wrong type, out of range or not among the allowed ones, a missing yaml or a
+``BASE`` cycle raises :class:`ConfigError` naming the key or the files, before any work starts. The learning rates in
+the frozen config are scaled linearly by ``total batch / TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch
+x processes x accumulation steps).
 """
 import argparse
 import ast
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -19,6 +20,13 @@ AMP_MODES = ("bf16", "fp16", "off")
 MODEL_TYPES = ("defmamba", "damamba")
 SCAN_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
 SCAN_BRANCHES = ("forward", "backward", "deformable", "continuous", "local")  # DefMamba's scan sequences (Table 4)
+# What timm's str_to_interp_mode maps; the train and eval transforms both use DATA.INTERPOLATION, so timm's
+# train-only "random" is not among them.
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("none" is stored as "")
+AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
+RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yields RGB images
+MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
 
 _C = CN()
 _C.BASE = [""]  # yaml files (relative to the yaml that names them) merged before it; only meaningful inside yaml
@@ -27,7 +35,7 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per process per step
 _C.DATA.DATA_PATH = ""  # dataset root holding train/ and val/ in ImageFolder layout
 _C.DATA.IMG_SIZE = 224  # side of the square training and evaluation crops
-_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation of the train and eval transforms
+_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation of the train and eval transforms (one of INTERPOLATIONS)
 _C.DATA.CROP_PCT = 0.875  # eval: resize the short side to IMG_SIZE / CROP_PCT, then centre-crop IMG_SIZE
 _C.DATA.NUM_WORKERS = 8  # data-loader worker processes per process (0 loads in the main process)
 _C.DATA.PIN_MEMORY = True  # pin host memory of batches (only used on CUDA)
@@ -38,7 +46,7 @@ _C.MODEL.NAME = "defmamba_tiny"  # registry name of the variant; also names the 
 _C.MODEL.PRETRAINED = ""  # weights (released or ours) loaded with load_checkpoint before training/eval
 _C.MODEL.RESUME = ""  # training checkpoint to resume from (empty: auto-resume if TRAIN.AUTO_RESUME)
 _C.MODEL.NUM_CLASSES = 1000  # classifier outputs
-_C.MODEL.IN_CHANS = 3  # input image channels
+_C.MODEL.IN_CHANS = 3  # input image channels (3 unless THROUGHPUT_MODE: the data pipeline yields RGB)
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (inside Mixup when Mixup/CutMix is on)
 _C.MODEL.SCAN_BACKEND = "auto"  # selective-scan backend: auto | cpu | cuda | triton | torch | ref
 
@@ -96,7 +104,7 @@ _C.TRAIN.MESA.START_EPOCH = 0  # first epoch with the MESA term
 
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4  # colour jitter strength (ignored when AUTO_AUGMENT is set)
-_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy ("" disables)
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm policy: rand-..., augmix-..., original, v0, ... ("", "none": off)
 _C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range
 _C.AUG.HFLIP = 0.5  # horizontal flip probability
 _C.AUG.REPROB = 0.25  # random erasing probability
@@ -152,6 +160,13 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     )
 
 
+def _section_not_key(section: CN, name: str) -> str:
+    """``NAME is a section, not a key; set one of its keys, e.g. ...`` (the first few keys of ``section``)."""
+    keys = [f"{name}.{key}" + (".*" if isinstance(value, CN) else "") for key, value in section.items()]
+    more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"{name} is a section, not a key; set one of its keys, e.g. {', '.join(keys[:MAX_LISTED_KEYS])}{more}"
+
+
 def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None:
     for key, value in overrides.items():
         full_key = f"{prefix}{key}"
@@ -159,17 +174,26 @@ def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None
             raise ConfigError(f"{source}: unknown config key {full_key}")
         if isinstance(cfg[key], CN):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {full_key} is a section, got {value!r}")
+                raise ConfigError(f"{source}: {_section_not_key(cfg[key], full_key)}, got {value!r}")
             _merge_dict(cfg[key], value, source, prefix=f"{full_key}.")
         else:
             cfg[key] = _coerce(full_key, cfg[key], value, source)
 
 
 def merge_yaml(cfg: CN, path: str | os.PathLike) -> None:
-    """Merges a yaml file (after the files of its ``BASE`` list) into ``cfg``."""
-    path = Path(path)
+    """Merges a yaml file (after the file or list of files its ``BASE`` names) into ``cfg``."""
+    _merge_yaml(cfg, Path(path), chain=())
+
+
+def _merge_yaml(cfg: CN, path: Path, chain: tuple[Path, ...]) -> None:
+    """:func:`merge_yaml` for ``path``, reached through the ``BASE`` entries of the files of ``chain``."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = [*chain[chain.index(resolved):], resolved]
+        raise ConfigError(f"config file {path}: BASE cycle: {' -> '.join(map(str, cycle))}; "
+                          f"remove one of these BASE entries")
     with open(path, encoding="utf-8") as f:
         try:
             overrides = yaml.safe_load(f) or {}
@@ -177,9 +201,14 @@ def merge_yaml(cfg: CN, path: str | os.PathLike) -> None:
             raise ConfigError(f"config file {path} is not valid yaml: {err}") from err
     if not isinstance(overrides, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(overrides).__name__}")
-    for base in overrides.pop("BASE", None) or []:
+    bases = overrides.pop("BASE", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: BASE must be a yaml path or a list of them, got {bases!r}")
+    for base in bases:
         if base:
-            merge_yaml(cfg, path.parent / base)
+            _merge_yaml(cfg, path.parent / base, chain=(*chain, resolved))
     _merge_dict(cfg, overrides, str(path))
 
 
@@ -202,8 +231,10 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None =
         if part not in node or not isinstance(node[part], CN):
             raise ConfigError(f"{source}: unknown config key {full_key}")
         node = node[part]
-    if leaf not in node or isinstance(node[leaf], CN):
+    if leaf not in node:
         raise ConfigError(f"{source}: unknown config key {full_key}")
+    if isinstance(node[leaf], CN):
+        raise ConfigError(f"{source}: {_section_not_key(node[leaf], full_key)}")
     if text is not None and isinstance(node[leaf], str) and not isinstance(value, str):
         value = text
     node[leaf] = _coerce(full_key, node[leaf], value, source)
@@ -237,19 +268,72 @@ def _validate_scan_ablation(defmamba: CN) -> None:
                           f"MODEL.DEFMAMBA.SCAN_BRANCHES {branches} lacks: add it or leave the switches True")
 
 
-def validate(cfg: CN) -> None:
-    """Checks values that a type check cannot (choices, ranges, consistency)."""
-    choices = {"AMP": (cfg.AMP, AMP_MODES), "MODEL.TYPE": (cfg.MODEL.TYPE, MODEL_TYPES),
-               "MODEL.SCAN_BACKEND": (cfg.MODEL.SCAN_BACKEND, SCAN_BACKENDS)}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+def _validate_auto_augment(policy: str) -> None:
+    """Checks AUG.AUTO_AUGMENT by building it with the timm function that ``create_transform`` would call."""
+    if policy in AUTO_AUGMENT_OFF:
+        return
+    # Imported here: timm (and torch) are only needed to check a policy.
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    allowed = (f"AUG.AUTO_AUGMENT must be {' or '.join(map(repr, AUTO_AUGMENT_OFF))} (off), 'rand-...' "
+               f"(RandAugment, e.g. 'rand-m9-mstd0.5-inc1'), 'augmix-...' (AugMix) or an AutoAugment policy "
+               f"{AUTO_AUGMENT_POLICIES} with optional '-mstd<std>', got {policy!r}")
+    kind = policy.split("-")[0]
+    builders: dict[str, Callable] = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform,
+                                     **{name: auto_augment_transform for name in AUTO_AUGMENT_POLICIES}}
+    if kind not in builders:
+        raise ConfigError(allowed)
+    try:
+        builders[kind](policy, None)
+    except (AssertionError, ValueError, KeyError, IndexError) as err:  # timm asserts on an unknown section
+        raise ConfigError(f"{allowed} (timm: {err})") from err
+
+
+def _validate_ranges(cfg: CN) -> None:
+    """Checks counts, rates and probabilities against their ranges."""
     positive = {"DATA.BATCH_SIZE": cfg.DATA.BATCH_SIZE, "TRAIN.ACCUMULATION_STEPS": cfg.TRAIN.ACCUMULATION_STEPS,
                 "TRAIN.EPOCHS": cfg.TRAIN.EPOCHS, "DATA.IMG_SIZE": cfg.DATA.IMG_SIZE, "PRINT_FREQ": cfg.PRINT_FREQ,
-                "SAVE_FREQ": cfg.SAVE_FREQ}
+                "SAVE_FREQ": cfg.SAVE_FREQ, "THROUGHPUT_ITERS": cfg.THROUGHPUT_ITERS, "AUG.RECOUNT": cfg.AUG.RECOUNT,
+                "MODEL.IN_CHANS": cfg.MODEL.IN_CHANS}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {"TRAIN.START_EPOCH": cfg.TRAIN.START_EPOCH, "TRAIN.WARMUP_EPOCHS": cfg.TRAIN.WARMUP_EPOCHS,
+                    "TRAIN.SAVE_STEPS": cfg.TRAIN.SAVE_STEPS, "TRAIN.MESA.START_EPOCH": cfg.TRAIN.MESA.START_EPOCH,
+                    "DATA.NUM_WORKERS": cfg.DATA.NUM_WORKERS}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    rates = {"MODEL.DEFMAMBA.DROP_RATE": cfg.MODEL.DEFMAMBA.DROP_RATE,
+             "MODEL.DEFMAMBA.DROP_PATH_RATE": cfg.MODEL.DEFMAMBA.DROP_PATH_RATE,
+             "MODEL.DAMAMBA.DROP_PATH_RATE": cfg.MODEL.DAMAMBA.DROP_PATH_RATE,
+             "MODEL.LABEL_SMOOTHING": cfg.MODEL.LABEL_SMOOTHING}
+    for key, value in rates.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    probabilities = {"AUG.HFLIP": cfg.AUG.HFLIP, "AUG.REPROB": cfg.AUG.REPROB, "AUG.MIXUP_PROB": cfg.AUG.MIXUP_PROB,
+                     "AUG.MIXUP_SWITCH_PROB": cfg.AUG.MIXUP_SWITCH_PROB}
+    for key, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {value}")
+    betas = tuple(cfg.TRAIN.OPTIMIZER.BETAS)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"TRAIN.OPTIMIZER.BETAS must be two floats in [0, 1), got {betas}")
+
+
+def validate(cfg: CN) -> None:
+    """Checks values that a type check cannot (choices, ranges, consistency)."""
+    choices = {"AMP": (cfg.AMP, AMP_MODES), "MODEL.TYPE": (cfg.MODEL.TYPE, MODEL_TYPES),
+               "MODEL.SCAN_BACKEND": (cfg.MODEL.SCAN_BACKEND, SCAN_BACKENDS),
+               "DATA.INTERPOLATION": (cfg.DATA.INTERPOLATION, INTERPOLATIONS)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    _validate_ranges(cfg)
+    _validate_auto_augment(cfg.AUG.AUTO_AUGMENT)
+    if cfg.MODEL.IN_CHANS != RGB_CHANNELS and not cfg.THROUGHPUT_MODE:
+        raise ConfigError(f"MODEL.IN_CHANS must be {RGB_CHANNELS} for training and evaluation (the data pipeline "
+                          f"yields RGB images), got {cfg.MODEL.IN_CHANS}; other values only with --throughput")
     _validate_scan_ablation(cfg.MODEL.DEFMAMBA)
     if cfg.TRAIN.MESA.WEIGHT > 0 and not cfg.TRAIN.EMA.ENABLE:
         raise ConfigError("TRAIN.MESA.WEIGHT > 0 needs the EMA teacher: set TRAIN.EMA.ENABLE True")
@@ -277,7 +361,7 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
         world_size: Number of processes; default: the ``WORLD_SIZE`` environment variable (torchrun), else 1.
 
     Returns:
-        The merged, validated, learning-rate-scaled and frozen config.
+        The merged, validated, learning-rate-scaled and frozen config (AUG.AUTO_AUGMENT "none" stored as "").
 
     Raises:
         ConfigError: On a missing yaml, an unknown key, a wrong type or an invalid value.
@@ -299,6 +383,8 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
         if value is not None:
             _set_key(cfg, key, value, f"--{attr.replace('_', '-')}")
     merge_opts(cfg, list(getattr(args, "opts", None) or []))
+    if cfg.AUG.AUTO_AUGMENT in AUTO_AUGMENT_OFF:
+        cfg.AUG.AUTO_AUGMENT = ""  # the data pipeline disables auto-augment on "" only
     validate(cfg)
     scale_learning_rates(cfg, world_size)
     cfg.freeze()

@@ -122,6 +122,7 @@ def test_build_model_maps_every_family_key(monkeypatch):
     for family, keys in expected.items():
         assert set(keys) == set(defaults.MODEL[family.upper()]), f"a MODEL.{family.upper()} key is not mapped"
         opts = ["MODEL.TYPE", family, "MODEL.NAME", f"{family}_tiny", "MODEL.NUM_CLASSES", "7", "MODEL.IN_CHANS", "1",
+                "THROUGHPUT_MODE", "True",  # IN_CHANS other than 3 is for throughput only (the data are RGB)
                 "MODEL.SCAN_BACKEND", "ref"]
         for key, (_, value) in keys.items():
             opts += [f"MODEL.{family.upper()}.{key}", repr(list(value) if isinstance(value, tuple) else value)]
@@ -145,3 +146,89 @@ def test_real_tiny_defmamba_is_built_from_config():
                                  "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]"]), world_size=1)
     model = build_model(cfg)
     assert model.num_features == 64 and model.num_classes == 3
+
+
+@pytest.mark.parametrize("opts, message", [
+    (["DATA.INTERPOLATION", "foo"], r"DATA\.INTERPOLATION must be one of \(.*'bicubic'.*\), got 'foo'"),
+    (["AUG.AUTO_AUGMENT", "bogus"], r"AUG\.AUTO_AUGMENT .*'rand-\.\.\.'.*'augmix-\.\.\.'.*, got 'bogus'"),
+    (["AUG.AUTO_AUGMENT", "rand-q9"], r"AUG\.AUTO_AUGMENT .*got 'rand-q9' \(timm: Unknown RandAugment config section"),
+    (["TRAIN.OPTIMIZER.BETAS", "(0.9,)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\), got \(0\.9,\)"),
+    (["TRAIN.OPTIMIZER.BETAS", "(0.9, 1.0)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\)"),
+    (["MODEL.DEFMAMBA.DROP_PATH_RATE", "2.0"], r"MODEL\.DEFMAMBA\.DROP_PATH_RATE must be in \[0, 1\), got 2\.0"),
+    (["MODEL.DAMAMBA.DROP_PATH_RATE", "-0.1"], r"MODEL\.DAMAMBA\.DROP_PATH_RATE must be in \[0, 1\), got -0\.1"),
+    (["MODEL.DEFMAMBA.DROP_RATE", "1.0"], r"MODEL\.DEFMAMBA\.DROP_RATE must be in \[0, 1\), got 1\.0"),
+    (["MODEL.LABEL_SMOOTHING", "1.0"], r"MODEL\.LABEL_SMOOTHING must be in \[0, 1\), got 1\.0"),
+    (["AUG.HFLIP", "1.5"], r"AUG\.HFLIP must be in \[0, 1\], got 1\.5"),
+    (["TRAIN.WARMUP_EPOCHS", "-1"], r"TRAIN\.WARMUP_EPOCHS must be >= 0, got -1"),
+    (["TRAIN.START_EPOCH", "-1"], r"TRAIN\.START_EPOCH must be >= 0, got -1"),
+    (["TRAIN.SAVE_STEPS", "-5"], r"TRAIN\.SAVE_STEPS must be >= 0, got -5"),
+    (["DATA.NUM_WORKERS", "-1"], r"DATA\.NUM_WORKERS must be >= 0, got -1"),
+    (["TRAIN.MESA.START_EPOCH", "-1"], r"TRAIN\.MESA\.START_EPOCH must be >= 0, got -1"),
+    (["THROUGHPUT_ITERS", "0"], r"THROUGHPUT_ITERS must be positive, got 0"),
+    (["AUG.RECOUNT", "0"], r"AUG\.RECOUNT must be positive, got 0"),
+    (["MODEL.IN_CHANS", "1"], r"MODEL\.IN_CHANS must be 3 .*RGB.*got 1"),
+    (["MODEL.IN_CHANS", "1", "EVAL_MODE", "True"], r"MODEL\.IN_CHANS must be 3"),
+])
+def test_invalid_value_names_key_value_and_allowed(opts, message):
+    with pytest.raises(ConfigError, match=message):
+        get_config(_args(opts=opts), world_size=1)
+
+
+def test_accepted_augmentation_values_build_the_data_transforms():
+    from classification.data.build import build_transform
+
+    for interpolation in config_module.INTERPOLATIONS:
+        cfg = get_config(_args(opts=["DATA.INTERPOLATION", interpolation, "DATA.IMG_SIZE", "32"]), world_size=1)
+        build_transform(cfg, is_train=True)
+        build_transform(cfg, is_train=False)
+    for policy in ["", "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0r-mstd0.5", "3a"]:
+        cfg = get_config(_args(opts=["AUG.AUTO_AUGMENT", policy, "DATA.IMG_SIZE", "32"]), world_size=1)
+        assert cfg.AUG.AUTO_AUGMENT == policy
+        build_transform(cfg, is_train=True)
+    off = get_config(_args(opts=["AUG.AUTO_AUGMENT", "none"]), world_size=1)
+    assert off.AUG.AUTO_AUGMENT == ""  # Swin-style "none" means off, as "" does
+    cfg = get_config(_args(opts=["TRAIN.OPTIMIZER.BETAS", "[0.0, 0.5]", "TRAIN.WARMUP_EPOCHS", "0"]), world_size=1)
+    assert cfg.TRAIN.OPTIMIZER.BETAS == (0.0, 0.5) and cfg.TRAIN.WARMUP_EPOCHS == 0
+    # --throughput times random tensors, not RGB images: any channel count.
+    assert get_config(_args(opts=["MODEL.IN_CHANS", "1"], throughput=True), world_size=1).MODEL.IN_CHANS == 1
+
+
+def test_base_given_as_a_string(tmp_path):
+    (tmp_path / "base.yaml").write_text("TRAIN:\n  EPOCHS: 7\n")
+    (tmp_path / "child.yaml").write_text("BASE: base.yaml\nDATA:\n  IMG_SIZE: 32\n")
+    cfg = get_config(_args(cfg=str(tmp_path / "child.yaml")), world_size=1)
+    assert cfg.TRAIN.EPOCHS == 7 and cfg.DATA.IMG_SIZE == 32
+    (tmp_path / "bad.yaml").write_text("BASE: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: BASE must be a yaml path or a list of them, got 3"):
+        get_config(_args(cfg=str(tmp_path / "bad.yaml")))
+
+
+def test_base_cycle_names_the_files(tmp_path):
+    (tmp_path / "self.yaml").write_text("BASE: ['self.yaml']\n")
+    with pytest.raises(ConfigError, match=r"BASE cycle: .*self\.yaml -> .*self\.yaml"):
+        get_config(_args(cfg=str(tmp_path / "self.yaml")))
+    (tmp_path / "a.yaml").write_text("BASE: ['b.yaml']\n")
+    (tmp_path / "b.yaml").write_text("BASE: ['sub/c.yaml']\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("BASE: ['../a.yaml']\n")
+    with pytest.raises(ConfigError, match=r"BASE cycle: .*a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml"):
+        get_config(_args(cfg=str(tmp_path / "a.yaml")))
+    # Two bases sharing a base (a diamond) is not a cycle.
+    (tmp_path / "root.yaml").write_text("TRAIN:\n  EPOCHS: 5\n")
+    (tmp_path / "left.yaml").write_text("BASE: root.yaml\n")
+    (tmp_path / "right.yaml").write_text("BASE: root.yaml\nDATA:\n  IMG_SIZE: 48\n")
+    (tmp_path / "top.yaml").write_text("BASE: [left.yaml, right.yaml]\n")
+    cfg = get_config(_args(cfg=str(tmp_path / "top.yaml")), world_size=1)
+    assert cfg.TRAIN.EPOCHS == 5 and cfg.DATA.IMG_SIZE == 48
+
+
+def test_opts_section_is_not_a_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"--opts: TRAIN is a section, not a key; set one of its keys, e\.g\. "
+                                          r"TRAIN\.START_EPOCH, TRAIN\.EPOCHS"):
+        get_config(_args(opts=["TRAIN", "3"]))
+    with pytest.raises(ConfigError, match=r"TRAIN\.OPTIMIZER is a section, not a key.*TRAIN\.OPTIMIZER\.EPS"):
+        get_config(_args(opts=["TRAIN.OPTIMIZER", "3"]))
+    path = tmp_path / "bad.yaml"
+    path.write_text("TRAIN: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: TRAIN is a section, not a key.*TRAIN\.EPOCHS"):
+        get_config(_args(cfg=str(path)))

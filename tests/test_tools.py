@@ -231,3 +231,60 @@ def test_points_figure_thins_large_maps(tmp_path):
     assert arrows.N == arrows_per_side ** 2
     assert arrows.U.tolist() == pytest.approx([4 * 0.25] * arrows.N)  # 0.25 token = 1 image pixel at stride 4
     assert _png_size(tmp_path / "p.png") == (PANEL_PIXELS, PANEL_PIXELS)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device 'foo': not a device; use cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta': the throughput is timed on cpu or cuda (cuda:N), not meta"),
+])
+def test_model_table_rejects_bad_devices(device, message, capsys):
+    with pytest.raises(SystemExit):
+        model_table.main(["defmamba_tiny", "--no-throughput", "--device", device])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_model_table_yaml_with_other_channel_count(tmp_path):
+    cfg = _config_file(tmp_path, "grey", TINY_DEFMAMBA.replace("NUM_CLASSES: 5,", "NUM_CLASSES: 5, IN_CHANS: 1,"))
+    rows = model_table.main([cfg, "--img-size", str(IMG_SIZE), "--batch-size", "1", "--warmup", "0", "--iters", "1"])
+    assert rows[0].images_per_sec > 0  # timed on random 1-channel images: no RGB data involved
+
+
+def test_visualize_use_ema_needs_ema_weights(tmp_path):
+    cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)
+    checkpoint, model = _trained_like_checkpoint(tmp_path, cfg)  # saved with "model_ema": None, as main.py does
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", cfg, "--checkpoint", checkpoint, "--use-ema", "--output-dir", str(tmp_path / "f")])
+    message = str(raised.value)
+    assert f"--use-ema: checkpoint {checkpoint} holds no EMA weights" in message and "drop --use-ema" in message
+    assert "'model_ema'" not in message and not (tmp_path / "f").exists()
+
+    ema = {key: value + 1 for key, value in model.state_dict().items()}
+    with_ema = tmp_path / "with_ema.pth"
+    torch.save({"model": model.state_dict(), "model_ema": ema}, with_ema)
+    loaded, _ = visualize.build(visualize.parse_args(["--cfg", cfg, "--checkpoint", str(with_ema), "--use-ema"]))
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ema[key])
+
+
+def test_visualize_non_image_file_is_one_line(tmp_path):
+    cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", cfg, "--image", str(text), "--output-dir", str(tmp_path / "f")])
+    message = str(raised.value)
+    assert message.startswith(f"visualize: --image {text}: not a readable image") and "\n" not in message
+    assert not (tmp_path / "f").exists()
+
+
+def test_visualize_position_out_of_range_writes_nothing(tmp_path):
+    cfg = _config_file(tmp_path, "def", TINY_DEFMAMBA)
+    out = tmp_path / "figs"
+    with pytest.raises(SystemExit) as raised:  # stage 0 of a 32 px image: an 8 x 8 map
+        visualize.main(["--cfg", cfg, "--position", "100", "8", "--output-dir", str(out), "--dpi", str(DPI)])
+    assert "--position 100 8: stage 0 block 0 has a 8x8 token map" in str(raised.value)
+    assert not out.exists() or not list(out.iterdir())
+    with pytest.raises(SystemExit, match="--position 7 -1"):
+        visualize.main(["--cfg", cfg, "--position", "7", "-1", "--output-dir", str(out), "--dpi", str(DPI)])
+    assert not out.exists() or not list(out.iterdir())

@@ -40,6 +40,7 @@ logger = logging.getLogger("model_table")
 DEFAULT_MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 YAML_SUFFIXES = (".yaml", ".yml")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+DEVICE_TYPES = ("cpu", "cuda")  # what engine.throughput synchronises and engine.describe_device names
 CSV_COLUMNS = ("model", "params", "gflops", "images_per_sec", "img_size", "batch_size", "amp", "device")
 GIGA = 1e9
 
@@ -71,13 +72,34 @@ def build(spec: str) -> tuple[nn.Module, int]:
     if path.suffix in YAML_SUFFIXES:
         if not path.is_file():
             raise ValueError(f"config file {spec} does not exist")
-        config = get_config(argparse.Namespace(cfg=spec), world_size=1)
+        # As main.py --throughput: random input, so MODEL.IN_CHANS need not be the data pipeline's 3 (RGB).
+        config = get_config(argparse.Namespace(cfg=spec, throughput=True), world_size=1)
         return build_model(config), config.MODEL.IN_CHANS
     if is_model(spec):
         model = create_model(spec)
         return model, next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     raise ValueError(f"{spec!r} is neither a registered model ({', '.join(list_models())}) nor a yaml config "
                      f"path ({' / '.join(YAML_SUFFIXES)})")
+
+
+def parse_device(text: str) -> torch.device:
+    """``--device`` as a device this machine has.
+
+    Raises:
+        ValueError: ``text`` is not a device string, not a cpu or cuda device, or names a CUDA device that is not here.
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"--device {text!r}: not a device; use cpu, cuda or cuda:N") from err
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {text!r}: the throughput is timed on cpu or cuda (cuda:N), not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def measure(spec: str, img_size: int, device: torch.device, batch_size: int, warmup: int, iters: int,
@@ -143,6 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    try:
+        args.device = parse_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     for spec in args.models:
         if Path(spec).suffix in YAML_SUFFIXES and not Path(spec).is_file():
             parser.error(f"config file {spec} does not exist")
@@ -154,9 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[Row]:
     """Measures every model given, prints the table and returns its rows."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = args.device
     with_throughput = not args.no_throughput
     try:
         rows = [measure(spec, args.img_size, device, args.batch_size, args.warmup, args.iters, AMP_DTYPES[args.amp],

@@ -38,7 +38,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from classification.config import ConfigError, get_config
@@ -48,9 +48,11 @@ from classification.models import (
     DefMamba,
     build_model,
     create_model,
+    has_ema_weights,
     is_model,
     list_models,
     load_checkpoint,
+    read_checkpoint,
 )
 from classification.models.defmamba import ScanGeometry
 
@@ -70,6 +72,8 @@ ERF_LOG_FLOOR = 1e-4  # the ERF maps are drawn on a log colour scale from this f
 BRANCH_TITLES = {"forward": "raster", "backward": "reversed raster", "deformable": "deformable",
                  "continuous": "continuous (snake)", "local": "local windows"}
 RASTER, DEFORMABLE = "forward", "deformable"
+# What opening or decoding a file that is not a (whole) image raises (FileNotFoundError is reported as such).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class PointSet(NamedTuple):
@@ -85,9 +89,22 @@ class PointSet(NamedTuple):
 
 
 def load_image(path: str | None, size: int) -> np.ndarray:
-    """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3)."""
-    image = Image.fromarray(skimage.data.chelsea()) if path is None else Image.open(path)
-    return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+    """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a readable image (the message names it).
+    """
+    if path is None:
+        image = Image.fromarray(skimage.data.chelsea())
+        return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+    try:
+        with Image.open(path) as image:
+            return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+    except FileNotFoundError:
+        raise
+    except IMAGE_ERRORS as err:
+        raise ValueError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
 
 
 def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
@@ -125,6 +142,14 @@ def block_input(model: nn.Module, image: Tensor, stage: int, block: int) -> Tens
     for earlier in current.blocks[:block]:
         x = earlier(x)
     return x
+
+
+def check_position(position: tuple[int, int], map_size: tuple[int, int], stage: int, block: int) -> None:
+    """Raises a ValueError naming the map size when the (row, col) ``position`` is outside the block's token map."""
+    (row, col), (height, width) = position, map_size
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f"--position {row} {col}: stage {stage} block {block} has a {height}x{width} token map "
+                         f"for this image size")
 
 
 def _scan_geometry(model: DefMamba, image: Tensor, stage: int, block: int) -> ScanGeometry:
@@ -196,11 +221,8 @@ def effective_receptive_fields(model: nn.Module, image: Tensor, stage: int, bloc
     x = block_input(model, image, stage, block)
     target = model.stages[stage].blocks[block]
     ys, _ = target.mixer.branch_outputs(target.norm1(x))  # (1, K, h, w, inner)
-    height, width = ys.shape[2:4]
+    check_position(position, tuple(ys.shape[2:4]), stage, block)
     row, col = position
-    if not (0 <= row < height and 0 <= col < width):
-        raise ValueError(f"--position {row} {col}: stage {stage} block {block} has a {height}x{width} token map "
-                         f"for this image size")
     maps = {}
     for index, branch in enumerate(target.mixer.scan_branches):
         (grad,) = torch.autograd.grad(ys[0, index, row, col].sum(), image, retain_graph=True)
@@ -300,7 +322,11 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
     else:
         model, img_size = create_model(args.model), DEFAULT_IMG_SIZE
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, weights_only=False)
+        checkpoint = read_checkpoint(args.checkpoint, weights_only=False)
+        if args.use_ema and not (isinstance(checkpoint, dict) and has_ema_weights(checkpoint)):
+            raise CheckpointError(f"--use-ema: checkpoint {args.checkpoint} holds no EMA weights (trained without "
+                                  f"TRAIN.EMA.ENABLE, or a bare weights file); drop --use-ema")
+        load_checkpoint(model, checkpoint, use_ema=args.use_ema)
     else:
         logger.warning("no --checkpoint: random weights (seed %d)", args.seed)
     return model.eval(), args.img_size or img_size
@@ -348,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     try:
         model, img_size = build(args)
         image = load_image(args.image, img_size)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"visualize: {err}") from err
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
@@ -358,34 +384,38 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     if unsupported:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
                          f"{' '.join(supported)}")
+    # Every figure's data is computed (and every input checked) before the first PNG is written.
     try:
         batch = to_model_input(image, model)
         map_size = block_map_size(model, batch, args.stage, args.block)
+        position = tuple(args.position) if args.position else (map_size[0] // 2, map_size[1] // 2)
+        check_position(position, map_size, args.stage, args.block)
+        data = {}
+        for name in figures:
+            if name == POINTS:
+                data[name] = sampling_points(model, batch, args.stage, args.block, args.group)
+            elif name == ORDER:
+                data[name] = scan_orders(model, batch, args.stage, args.block)
+            else:
+                data[name] = effective_receptive_fields(model, batch, args.stage, args.block, position)
     except ValueError as err:
         raise SystemExit(f"visualize: {err}") from err
-    position = tuple(args.position) if args.position else (map_size[0] // 2, map_size[1] // 2)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     where = f"stage {args.stage} block {args.block}"
     written = {}
-    try:
-        for name in figures:
-            path = output_dir / f"{args.prefix}{name}.png"
-            if name == POINTS:
-                data = sampling_points(model, batch, args.stage, args.block, args.group)
-                group = f", group {args.group}" if isinstance(model, DAMamba) else ""
-                plot_points(data, image, f"{type(model).__name__} {where}{group}", path, args.dpi,
-                            args.arrows_per_side)
-            elif name == ORDER:
-                data = scan_orders(model, batch, args.stage, args.block)
-                plot_scan_orders(data, map_size, image, where, path, args.dpi)
-            else:
-                data = effective_receptive_fields(model, batch, args.stage, args.block, position)
-                plot_erf(data, position, map_size, f"{where}, token {position}", path, args.dpi)
-            logger.info("wrote %s", path)
-            written[name] = (path, data)
-    except ValueError as err:
-        raise SystemExit(f"visualize: {err}") from err
+    for name in figures:
+        path = output_dir / f"{args.prefix}{name}.png"
+        if name == POINTS:
+            group = f", group {args.group}" if isinstance(model, DAMamba) else ""
+            plot_points(data[name], image, f"{type(model).__name__} {where}{group}", path, args.dpi,
+                        args.arrows_per_side)
+        elif name == ORDER:
+            plot_scan_orders(data[name], map_size, image, where, path, args.dpi)
+        else:
+            plot_erf(data[name], position, map_size, f"{where}, token {position}", path, args.dpi)
+        logger.info("wrote %s", path)
+        written[name] = (path, data[name])
     return written
 
 
