@@ -7,6 +7,7 @@ TensorBoard scalars under ``tensorboard/``. A run restarted with the same output
 checkpoint, in the middle of an epoch when TRAIN.SAVE_STEPS is set.
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -25,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from classification.config import AMP_MODES, SCAN_BACKENDS, ConfigError, get_config
-from classification.data.build import build_eval_loader, build_loader
+from classification.data.build import DatasetError, build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
-from classification.models import build_model, load_checkpoint
+from classification.models import CheckpointError, build_model, has_ema_weights, load_checkpoint, read_checkpoint
 from classification.ops import resolve_backend
 from classification.ops.report import backend_report
 from classification.optim import build_optimizer
@@ -44,6 +45,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 JSON_LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+# Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,25 +115,28 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
 
 
 def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
-                             optimizer: torch.optim.Optimizer, lr_scheduler, scaler: torch.amp.GradScaler,
-                             epoch: int, step: int, num_updates: int, max_accuracy: float, max_accuracy_ema: float,
-                             config: CfgNode, is_main: bool) -> None:
-    """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
+                             num_updates: int, max_accuracy: float, max_accuracy_ema: float, config: CfgNode,
+                             is_main: bool) -> None:
+    """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically.
+
+    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``.
+    """
     rng_states = all_gather_objects(ckpt.capture_rng_state())
     if not is_main:
         return
     ckpt.atomic_save({
         "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
-        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "num_updates": num_updates,
-        "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema, "rng_states": rng_states,
-        "config": config.dump(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+        "num_updates": num_updates, "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema,
+        "rng_states": rng_states, "config": config.dump(),
     }, path)
     logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
 
 
-def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
-    """``--eval``: top-1/top-5 on val, params and GFLOPs."""
+def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
+             ema_model: nn.Module | None) -> None:
+    """``--eval``: top-1/top-5 on val (also of the EMA weights when given), params and GFLOPs."""
     loader = build_eval_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     metrics = evaluate(model, loader, ctx.device, amp_dtype)
     released = model_flops(model, config.DATA.IMG_SIZE)
@@ -139,6 +145,56 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
                 "counter convention), %.4g (scan and sampling included) at %dx%d", metrics["count"], metrics["acc1"],
                 metrics["acc5"], metrics["loss"], count_parameters(model), released / 1e9, complete / 1e9,
                 config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
+    if metrics["skipped_images"]:
+        logger.warning("%d unreadable validation images were left out", metrics["skipped_images"])
+    if ema_model is not None:
+        ema_metrics = evaluate(ema_model, loader, ctx.device, amp_dtype)
+        logger.info("eval of the EMA weights: top-1 %.2f%% top-5 %.2f%% loss %.4f", ema_metrics["acc1"],
+                    ema_metrics["acc5"], ema_metrics["loss"])
+
+
+def load_weights(model: nn.Module, checkpoint: dict, path: str, use_ema: bool = False) -> None:
+    """``load_checkpoint`` of an already read checkpoint, with errors that name its file."""
+    try:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
+def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> str:
+    """Rank 0's pick of the newest valid checkpoint in ``output_dir`` ('' when none), the same on every rank."""
+    found = ckpt.find_resume_checkpoint(output_dir) if ctx.is_main else None
+    return broadcast_object(str(found[0]) if found else "")
+
+
+def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> nn.Module | None:
+    """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED (already loaded), else
+    the run's newest checkpoint; an error when there is none.
+
+    Returns:
+        A copy of ``model`` holding the checkpoint's EMA weights when TRAIN.EMA.ENABLE is set and it has them, else
+        None.
+    """
+    path = config.MODEL.RESUME
+    if not path and not config.MODEL.PRETRAINED:
+        path = newest_checkpoint(output_dir, ctx)
+        if not path:
+            raise ConfigError(f"--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS (the run's "
+                              f"output {output_dir} holds no checkpoint)")
+        logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
+    if not path:
+        return None
+    checkpoint = read_checkpoint(path)
+    load_weights(model, checkpoint, path)
+    logger.info("loaded weights from %s", path)
+    if not config.TRAIN.EMA.ENABLE:
+        return None
+    if not has_ema_weights(checkpoint):
+        logger.info("%s holds no EMA weights: only its model weights are evaluated", path)
+        return None
+    ema_model = copy.deepcopy(model)
+    load_weights(ema_model, checkpoint, path, use_ema=True)
+    return ema_model
 
 
 def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
@@ -147,6 +203,63 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
                         amp_dtype, iters=config.THROUGHPUT_ITERS)
     logger.info("throughput: %.1f images/s (batch %d, %dx%d, amp %s) on %s", result["images_per_sec"],
                 result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"])
+
+
+def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> str:
+    """The checkpoint training resumes from ('' for a fresh start).
+
+    Without MODEL.RESUME: the run's newest valid checkpoint (TRAIN.AUTO_RESUME). With a MODEL.RESUME outside the
+    run's output directory, the run's own newest checkpoint wins when it is at least as far along: re-running the same
+    command after a crash continues the run instead of going back. A MODEL.RESUME inside the run's directory is taken
+    as given (going back on purpose).
+    """
+    own = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else ""
+    given = config.MODEL.RESUME
+    if not given or not own or Path(given).resolve().parent == output_dir.resolve():
+        return given or own
+    own_position, given_position = (ckpt.checkpoint_position(path) for path in (own, given))
+    if own_position < given_position:
+        return given
+    logger.warning("MODEL.RESUME %s (epoch %d step %d) is outside this run's output directory, which holds the run's "
+                   "own progress: resuming from %s (epoch %d step %d); use another --tag to start again from %s",
+                   given, *given_position, own, *own_position, given)
+    return own
+
+
+def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
+                    model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler,
+                    scaler: torch.amp.GradScaler) -> tuple[int, int, float, float]:
+    """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from.
+
+    The run continues with the current config: a changed schedule (epochs, learning rates, warm-up) applies from the
+    checkpoint's update count on, and every key that differs from the checkpoint's run is logged.
+    """
+    checkpoint = ckpt.load_training_checkpoint(path)
+    ckpt.check_mid_epoch_position(checkpoint, path, config, ctx.world_size)
+    differences = ckpt.config_differences(checkpoint["config"], config)
+    if differences:
+        logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
+                       "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
+                       checkpoint["num_updates"])
+    load_weights(model, checkpoint, path)
+    if model_ema is not None:
+        if has_ema_weights(checkpoint):
+            load_weights(model_ema.module, checkpoint, path, use_ema=True)
+        else:
+            model_ema.module.load_state_dict(model.state_dict())
+            logger.warning("%s holds no EMA weights: the EMA starts from its model weights", path)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.step_update(num_updates=checkpoint["num_updates"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    rng_states = checkpoint.get("rng_states") or []
+    if len(rng_states) == ctx.world_size:
+        ckpt.restore_rng_state(rng_states[ctx.rank])
+    else:
+        logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
+                       len(rng_states), ctx.world_size)
+    logger.info("resumed from %s at epoch %d step %d", path, checkpoint["epoch"], checkpoint["step"])
+    return (checkpoint["epoch"], checkpoint["step"], checkpoint.get("max_accuracy", 0.0),
+            checkpoint.get("max_accuracy_ema", 0.0))
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -165,33 +278,16 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)
 
     start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
-    resume_path = config.MODEL.RESUME
-    if not resume_path and config.TRAIN.AUTO_RESUME and ctx.is_main:
-        found = ckpt.find_resume_checkpoint(output_dir)
-        resume_path = str(found[0]) if found else ""
-    resume_path = broadcast_object(resume_path)
+    resume_path = choose_resume_checkpoint(config, ctx, output_dir)
     if resume_path:
-        checkpoint = ckpt.load_training_checkpoint(resume_path)
-        model_without_ddp.load_state_dict(checkpoint["model"])
-        if model_ema is not None and checkpoint.get("model_ema") is not None:
-            model_ema.module.load_state_dict(checkpoint["model_ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        max_accuracy = checkpoint.get("max_accuracy", 0.0)
-        max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
-        rng_states = checkpoint.get("rng_states") or []
-        if len(rng_states) == ctx.world_size:
-            ckpt.restore_rng_state(rng_states[ctx.rank])
-        else:
-            logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
-                           len(rng_states), ctx.world_size)
-        logger.info("resumed from %s at epoch %d step %d", resume_path, start_epoch, start_step)
-        del checkpoint
+        start_epoch, start_step, max_accuracy, max_accuracy_ema = resume_training(
+            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler)
+    if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.dump())
 
-    save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                       scaler=scaler, config=config, is_main=ctx.is_main)
+    save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
+                       is_main=ctx.is_main)
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 
@@ -272,16 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(output_dir, ctx.rank)
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config.dump())
     logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
     for line in backend_report():
         logger.info("%s", line)
+    try:
+        return run(config, ctx, output_dir)
+    except USER_ERRORS as err:  # the message says what to change; a traceback would bury it
+        logger.error("%s", err)
+        return 2
+    finally:
+        cleanup()
+
+
+def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
+    """Builds the model and runs the mode the config asks for. Returns the exit status."""
     try:  # a forced backend that cannot run here fails now, before any work, with the reason and the build command
         scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
     except RuntimeError as err:
-        logger.error("--scan-backend %s: %s", config.MODEL.SCAN_BACKEND, err)
-        cleanup()
-        return 2
+        raise ConfigError(f"--scan-backend {config.MODEL.SCAN_BACKEND}: {err}") from err
     logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
                 ctx.device)
     set_determinism(config, ctx.rank)
@@ -293,19 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         load_checkpoint(model, config.MODEL.PRETRAINED)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
     model.to(ctx.device)
-    try:
-        if config.THROUGHPUT_MODE:
-            run_throughput(config, ctx, model, amp_dtype)
-            return 0
-        if config.EVAL_MODE:
-            if config.MODEL.RESUME:
-                load_checkpoint(model, config.MODEL.RESUME)
-                logger.info("loaded weights from %s", config.MODEL.RESUME)
-            run_eval(config, ctx, model, amp_dtype)
-            return 0
-        return train(config, ctx, model, amp_dtype, output_dir)
-    finally:
-        cleanup()
+    if config.THROUGHPUT_MODE:
+        run_throughput(config, ctx, model, amp_dtype)
+        return 0
+    if config.EVAL_MODE:
+        run_eval(config, ctx, model, amp_dtype, load_eval_weights(config, ctx, model, output_dir))
+        return 0
+    return train(config, ctx, model, amp_dtype, output_dir)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device:
 
     Args:
         model: The model (not wrapped in DistributedDataParallel: processes may see different batch counts).
-        data_loader: Batches ``(images, targets, skipped)``; each process holds its own shard.
+        data_loader: Batches ``(images, targets, skipped)`` (images None when all were unreadable); each process
+            holds its own shard.
         device: Device of the model.
         amp_dtype: Autocast dtype, or None for full precision.
     """
@@ -213,9 +214,11 @@ def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device:
     totals = torch.zeros(2 + len(top_k), dtype=torch.float64, device=device)  # loss sum, count, correct@k
     skipped_images = 0
     for images, targets, skipped in data_loader:
+        skipped_images += skipped
+        if images is None:  # every image of the batch was unreadable
+            continue
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        skipped_images += skipped
         with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from classification.config import get_defaults
 from classification.utils import checkpoint as ckpt
 
 
-def _training_checkpoint(epoch: int, step: int) -> dict:
-    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "lr_scheduler": {}, "epoch": epoch,
-            "step": step}
+def _training_checkpoint(epoch: int, step: int, config_yaml: str = "") -> dict:
+    return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "epoch": epoch, "step": step,
+            "num_updates": 2 * epoch + step, "config": config_yaml or get_defaults().dump(), "rng_states": [{}]}
 
 
 class Unpicklable:
@@ -72,3 +73,30 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         ckpt.load_training_checkpoint(tmp_path / "checkpoint_weights.pth")
     assert ckpt.find_resume_checkpoint(tmp_path) is None
+
+
+def test_config_differences_name_changed_keys_but_not_where_the_run_is():
+    saved = get_defaults()
+    current = get_defaults()
+    current.TRAIN.EPOCHS = saved.TRAIN.EPOCHS + 100
+    current.TRAIN.BASE_LR = saved.TRAIN.BASE_LR * 2
+    current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
+    assert ckpt.config_differences(saved.dump(), current) == [
+        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
+        f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
+    ]
+    assert ckpt.config_differences(saved.dump(), saved) == []
+
+
+def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
+    saved = get_defaults()
+    config = get_defaults()
+    ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", config, world_size=1)
+    config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
+                       r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
+        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", config, world_size=1)
+    with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
+        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", get_defaults(), world_size=2)
+    # At an epoch boundary the position is the epoch alone: any layout resumes it.
+    ckpt.check_mid_epoch_position(_training_checkpoint(3, 0, saved.dump()), "c.pth", config, world_size=2)

@@ -68,6 +68,21 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert "1.png" in caplog.text and "2.png" in caplog.text
 
 
+def test_unreadable_validation_images_are_left_out_not_replaced(tmp_path, caplog):
+    """Replacing them (as in training) would score a neighbour twice; an all-unreadable batch yields no images."""
+    root = make_image_folder(tmp_path, classes=2, train_per_class=4, val_per_class=4)
+    for name in ("0.png", "1.png", "2.png", "3.png"):  # every image of class0 in val: the whole first batch of 4
+        (root / "val" / "class0" / name).write_bytes(b"not a png")
+    (root / "val" / "class1" / "2.png").write_bytes(b"not a png")
+    data = build_loader(tiny_config(root), rank=0, world_size=1, pin_memory=False)
+    with caplog.at_level(logging.WARNING):
+        batches = list(data.val_loader)
+    assert [(None if images is None else images.shape[0], skipped) for images, _, skipped in batches] == [
+        (None, 4), (3, 1)]
+    assert batches[1][1].tolist() == [1, 1, 1]
+    assert "leaving out unreadable image" in caplog.text
+
+
 def test_rank_batches_union_to_single_process_batches():
     size, batch, world = 24, 4, 2
     single = ResumableDistributedSampler(size, 1, 0, seed=5)

@@ -141,13 +141,14 @@ def test_evaluate_top1_top5_match_hand_count():
         def forward(self, index):
             return logits[index.long()]
 
-    loader = [(torch.arange(0, 6), targets[:6], 0), (torch.arange(6, 10), targets[6:], 1)]
+    # The last batch's images were all unreadable (left out, counted as skipped).
+    loader = [(torch.arange(0, 6), targets[:6], 0), (torch.arange(6, 10), targets[6:], 1), (None, None, 2)]
     metrics = evaluate(Lookup(), loader, torch.device("cpu"))
     ranks = (logits > logits.gather(1, targets[:, None])).sum(1)  # how many classes beat the target
     assert metrics["acc1"] == pytest.approx(100.0 * (ranks < 1).float().mean().item())
     assert metrics["acc5"] == pytest.approx(100.0 * (ranks < 5).float().mean().item())
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
-    assert metrics["count"] == 10 and metrics["skipped_images"] == 1
+    assert metrics["count"] == 10 and metrics["skipped_images"] == 3
 
 
 def test_throughput_reports_rate_and_device():

@@ -1,6 +1,7 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -44,10 +45,19 @@ def test_config_error_fails_before_any_work(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_eval_and_throughput_report_metrics(data, tmp_path, isolated_logging):
+def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(data, tmp_path, isolated_logging):
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    assert _run(data, tmp_path, "--eval") == 2  # no --resume, no --pretrained, no checkpoint: never random weights
+    assert "--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS" in _log(run_dir)
+    assert not (run_dir / "config.yaml").exists()  # only a training run writes its config
+    assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 0
+    trained = (run_dir / "config.yaml").read_text()
     assert _run(data, tmp_path, "--eval") == 0
-    log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert f"evaluating the run's newest checkpoint, {run_dir}{os.sep}checkpoint_" in log
     assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d", log)
+    assert re.search(r"eval of the EMA weights: top-1 \d+\.\d+%", log)
+    assert (run_dir / "config.yaml").read_text() == trained  # the eval run left the training config alone
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
@@ -89,7 +99,7 @@ def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
 
 
 def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(data, tmp_path, isolated_logging):
-    assert _run(data, tmp_path, "--eval") == 0
+    assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "1")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert f"cpu: backend='auto' uses {resolve_backend('auto', 'cpu')!r}" in log
     assert "selective scan: MODEL.SCAN_BACKEND=torch runs as 'torch' on cpu" in log
@@ -99,3 +109,58 @@ def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(
     log = (forced / "defmamba_tiny" / "default" / "train.log").read_text()
     assert "--scan-backend cuda: backend 'cuda' runs on cuda tensors, not cpu" in log
     assert not list((forced / "defmamba_tiny" / "default").glob("*.pth"))
+
+
+def _log(run_dir: Path) -> str:
+    return (run_dir / "train.log").read_text()
+
+
+def test_resume_follows_a_changed_schedule_and_names_the_changes(data, tmp_path, isolated_logging):
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    assert _run(data, tmp_path, "--model-ema", opts=("TRAIN.EPOCHS", "2", "TRAIN.BASE_LR", "0.01")) == 0
+    log = _log(run_dir)
+    assert re.search(r"resuming from \S+ with a config that differs from its run's: .*TRAIN.BASE_LR \S+ -> \S+; "
+                     r"TRAIN.EMA.ENABLE False -> True; TRAIN.EPOCHS 1 -> 2", log)
+    assert "holds no EMA weights: the EMA starts from its model weights" in log
+    # The second epoch's learning rate is the new schedule's at its last update (2 updates per epoch).
+    config = main.CfgNode.load_cfg((run_dir / "config.yaml").read_text())
+    scheduler = main.build_scheduler(config, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 2)
+    scheduler.step_update(num_updates=4)
+    record = json.loads((run_dir / "log.txt").read_text().splitlines()[-1])
+    assert record["epoch"] == 1 and record["train_lr"] == pytest.approx(scheduler.optimizer.param_groups[0]["lr"])
+    # The EMA started from the resumed weights: two updates at decay 0.9999 leave it next to them.
+    resumed, final = (ckpt.load_training_checkpoint(run_dir / name) for name in ("checkpoint_epoch0000.pth",
+                                                                                   ckpt.LATEST_NAME))
+    assert all(torch.allclose(final["model_ema"][key], value, atol=1e-3) for key, value in resumed["model"].items()
+               if value.is_floating_point())
+
+
+def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail_in_one_line(
+        data, tmp_path, isolated_logging):
+    first = tmp_path / "defmamba_tiny" / "first"
+    assert _run(data, tmp_path, "--tag", "first", "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    outside = str(first / ckpt.LATEST_NAME)
+    second = tmp_path / "defmamba_tiny" / "second"
+    assert _run(data, tmp_path, "--tag", "second", "--resume", outside, "--no-model-ema",
+                opts=("TRAIN.EPOCHS", "2")) == 0
+    # The same command again (say, a requeued job) with one more epoch: it continues from its own epoch-2 checkpoint.
+    assert _run(data, tmp_path, "--tag", "second", "--resume", outside, "--no-model-ema",
+                opts=("TRAIN.EPOCHS", "3")) == 0
+    assert re.search(rf"is outside this run's output directory, which holds the run's own progress: resuming from "
+                     rf"{re.escape(str(second))}/checkpoint_\w+\.pth \(epoch 2 step 0\)", _log(second))
+    assert [json.loads(line)["epoch"] for line in (second / "log.txt").read_text().splitlines()] == [1, 2]
+
+    # A checkpoint of another width: one line naming the file and the mismatched keys, exit status 2.
+    assert _run(data, tmp_path, "--tag", "wide", "--resume", outside, "--no-model-ema",
+                opts=("MODEL.DEFMAMBA.EMBED_DIM", "12")) == 2
+    assert re.search(rf"ERROR: {re.escape(outside)}: checkpoint does not fit DefMamba: \d+ shape mismatches",
+                     _log(tmp_path / "defmamba_tiny" / "wide"))
+    # A mid-epoch checkpoint resumed with another batch size: refused, with what to do.
+    mid_epoch = ckpt.load_training_checkpoint(outside)
+    mid_epoch["step"] = 1
+    ckpt.atomic_save(mid_epoch, tmp_path / "mid.pth")
+    assert _run(data, tmp_path, "--tag", "mid", "--resume", str(tmp_path / "mid.pth"), "--no-model-ema",
+                opts=("DATA.BATCH_SIZE", "2")) == 2
+    assert "this run has 2, 1 and 1, so its position in the epoch would be wrong" in _log(
+        tmp_path / "defmamba_tiny" / "mid")

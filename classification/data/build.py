@@ -38,16 +38,34 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class SafeImageFolder(ImageFolder):
-    """ImageFolder whose items are ``(image, target, skipped)``.
+class DatasetError(ValueError):
+    """A dataset that does not fit the run (classes, batch size); the message says what to change."""
 
-    An unreadable image is logged and skipped: the next readable image (in index order, wrapping around) takes its
-    place, and ``skipped`` counts the files skipped for this item, so batches keep their size (which Mixup and
-    DDP need). Items may be fetched with a plain index or a :data:`SampleKey` (then the transform is seeded).
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder whose items are ``(image, target, skipped)``; an unreadable image is logged and skipped.
+
+    With ``replace_unreadable`` (training) the next readable image (in index order, wrapping around) takes its place,
+    and ``skipped`` counts the files skipped for this item, so batches keep their size (which Mixup and DDP need).
+    Without it (evaluation, where a duplicate would be scored twice) the item is ``(None, target, 1)`` and
+    :func:`collate_with_skips` leaves it out. Items may be fetched with a plain index or a :data:`SampleKey` (then
+    the transform is seeded).
     """
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int, int]:
+    def __init__(self, root: str, transform: Callable[[Image.Image], torch.Tensor], replace_unreadable: bool):
+        super().__init__(root, transform=transform)
+        self.replace_unreadable = replace_unreadable
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor | None, int, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if not self.replace_unreadable:
+            path, target = self.samples[index]
+            try:
+                image = self.loader(path)
+            except IMAGE_ERRORS as err:
+                logger.warning("leaving out unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                return None, target, 1
+            return self._transform(image, seed), target, 0
         for skipped in range(len(self.samples)):
             path, target = self.samples[(index + skipped) % len(self.samples)]
             try:
@@ -78,9 +96,13 @@ class SafeImageFolder(ImageFolder):
                 torch.set_rng_state(saved[2])
 
 
-def collate_with_skips(batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stacks ``(image, target, skipped)`` items into images, targets and the number of skipped files."""
-    images, targets = default_collate([(image, target) for image, target, _ in batch])
+def collate_with_skips(
+    batch: list[tuple[torch.Tensor | None, int, int]],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """Stacks ``(image, target, skipped)`` items into images, targets and the number of skipped files; items without
+    an image are left out (images and targets are None when no item has one)."""
+    readable = [(image, target) for image, target, _ in batch if image is not None]
+    images, targets = default_collate(readable) if readable else (None, None)
     return images, targets, sum(skipped for _, _, skipped in batch)
 
 
@@ -178,14 +200,15 @@ def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
     root = Path(config.DATA.DATA_PATH)
     for split in (TRAIN_SPLIT, VAL_SPLIT):
         check_image_folder(root / split)
-    train_set = SafeImageFolder(str(root / TRAIN_SPLIT), transform=build_transform(config, is_train=True))
-    val_set = SafeImageFolder(str(root / VAL_SPLIT), transform=build_transform(config, is_train=False))
+    train_set = SafeImageFolder(str(root / TRAIN_SPLIT), build_transform(config, is_train=True),
+                                replace_unreadable=True)
+    val_set = SafeImageFolder(str(root / VAL_SPLIT), build_transform(config, is_train=False), replace_unreadable=False)
     if train_set.classes != val_set.classes:
         only_train = sorted(set(train_set.classes) - set(val_set.classes))
         only_val = sorted(set(val_set.classes) - set(train_set.classes))
-        raise ValueError(f"train/val class mismatch under {root}: only in train {only_train}, only in val {only_val}")
+        raise DatasetError(f"train/val class mismatch under {root}: only in train {only_train}, only in val {only_val}")
     if len(train_set.classes) > config.MODEL.NUM_CLASSES:
-        raise ValueError(f"{root} has {len(train_set.classes)} classes but MODEL.NUM_CLASSES is "
+        raise DatasetError(f"{root} has {len(train_set.classes)} classes but MODEL.NUM_CLASSES is "
                          f"{config.MODEL.NUM_CLASSES}")
     return train_set, val_set
 
@@ -231,7 +254,7 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
     train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=config.DATA.BATCH_SIZE, drop_last=True,
                               **_loader_options(config, pin_memory))
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
+        raise DatasetError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
                          f"per process over {world_size} process(es)")
     return Data(train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
@@ -241,5 +264,5 @@ def build_eval_loader(config: CfgNode, rank: int, world_size: int, pin_memory: b
     """The validation loader alone (``--eval`` needs no train/ folder)."""
     root = Path(config.DATA.DATA_PATH) / VAL_SPLIT
     check_image_folder(root)
-    val_set = SafeImageFolder(str(root), transform=build_transform(config, is_train=False))
+    val_set = SafeImageFolder(str(root), build_transform(config, is_train=False), replace_unreadable=False)
     return _val_loader(config, val_set, rank, world_size, pin_memory)

@@ -1,8 +1,9 @@
 """Training checkpoints: atomic writes, RNG state capture, and finding the newest valid checkpoint to resume from.
 
 A training checkpoint is a ``torch.save`` dict with the keys of :data:`REQUIRED_KEYS` plus ``model_ema``,
-``scaler``, ``max_accuracy``, ``rng_states`` (one entry per rank) and ``config`` (yaml text). ``epoch`` and
-``step`` say where training continues: epoch ``epoch`` after its first ``step`` batches.
+``scaler``, ``max_accuracy``, ``max_accuracy_ema`` and ``rng_states`` (one entry per rank). ``epoch`` and ``step``
+say where training continues: epoch ``epoch`` after its first ``step`` batches; ``num_updates`` counts the optimizer
+updates so far (the learning-rate schedule is a function of it and the config); ``config`` is the run's yaml text.
 """
 import logging
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from yacs.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +23,10 @@ BEST_NAME = "checkpoint_best.pth"
 EMA_NAME = "model_ema.pth"
 EPOCH_NAME = "checkpoint_epoch{epoch:04d}.pth"
 CHECKPOINT_GLOB = "checkpoint_*.pth"
-REQUIRED_KEYS = ("model", "optimizer", "lr_scheduler", "epoch", "step")
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "num_updates", "config")
+# Keys that say where and how a run is executed, not what it trains: differences in them are not reported on resume.
+RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESUME", "EVAL_MODE", "THROUGHPUT_MODE",
+                               "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
 TMP_SUFFIX = ".tmp"
 # What a truncated or garbled file raises from torch.load.
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
@@ -67,23 +72,77 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingCheckpointError(ValueError):
+    """A training checkpoint that cannot be read or resumed from here; the message names the file."""
+
+
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """Loads a training checkpoint on the CPU and checks that it holds :data:`REQUIRED_KEYS`.
+    """Loads a training checkpoint on the CPU (memory-mapped: tensors are read when used) and checks that it holds
+    :data:`REQUIRED_KEYS`.
 
     Raises:
-        ValueError: When the file cannot be read or lacks a required key (the message names the file).
+        TrainingCheckpointError: When the file cannot be read or lacks a required key.
     """
     try:
         # Our own training checkpoints hold numpy RNG state and the config text: full unpickling is needed.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except LOAD_ERRORS as err:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+        raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} is not a dict")
+        raise TrainingCheckpointError(f"checkpoint {path} is not a dict")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}")
+        raise TrainingCheckpointError(f"checkpoint {path} lacks {missing}")
     return checkpoint
+
+
+def checkpoint_position(path: str | os.PathLike) -> tuple[int, int]:
+    """(epoch, step) where training from the checkpoint at ``path`` continues."""
+    checkpoint = load_training_checkpoint(path)
+    return checkpoint["epoch"], checkpoint["step"]
+
+
+def _flat_items(node: CfgNode, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value, sequences as tuples (yaml text turns tuples into lists)."""
+    items = {}
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            items.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return items
+
+
+def config_differences(saved_yaml: str, config: CfgNode) -> list[str]:
+    """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config (yaml text),
+    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``."""
+    saved, current = _flat_items(CfgNode.load_cfg(saved_yaml)), _flat_items(config)
+    absent = "(absent)"
+    keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
+    return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}" for key in keys
+            if saved.get(key, absent) != current.get(key, absent)]
+
+
+def check_mid_epoch_position(checkpoint: dict, path: str | os.PathLike, config: CfgNode, world_size: int) -> None:
+    """A checkpoint saved in the middle of an epoch records its position as a step count: resuming it is only exact
+    with the batch size, gradient accumulation and process count it was saved with.
+
+    Raises:
+        TrainingCheckpointError: The position cannot be carried over; the message says what to change.
+    """
+    if checkpoint["step"] == 0:
+        return
+    saved = CfgNode.load_cfg(checkpoint["config"])
+    saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []))
+    layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size)
+    if layout != saved_layout:
+        raise TrainingCheckpointError(
+            f"checkpoint {path} was saved in the middle of epoch {checkpoint['epoch']} (after {checkpoint['step']} "
+            f"steps) with DATA.BATCH_SIZE {saved_layout[0]}, TRAIN.ACCUMULATION_STEPS {saved_layout[1]} and "
+            f"{saved_layout[2]} process(es); this run has {layout[0]}, {layout[1]} and {layout[2]}, so its position in "
+            "the epoch would be wrong: resume with the saved values, or from an end-of-epoch checkpoint "
+            f"({CHECKPOINT_GLOB.replace('*', 'epochNNNN')})"
+        )
 
 
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] | None:
@@ -97,7 +156,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] |
     for path in candidates:
         try:
             checkpoint = load_training_checkpoint(path)
-        except ValueError as err:
+        except TrainingCheckpointError as err:
             logger.warning("skipping corrupt checkpoint: %s", err)
             continue
         # Strictly later positions win; at equal positions the newer file (seen first) stays.
