@@ -232,3 +232,12 @@ def test_opts_section_is_not_a_key(tmp_path):
     path.write_text("TRAIN: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: TRAIN is a section, not a key.*TRAIN\.EPOCHS"):
         get_config(_args(cfg=str(path)))
+
+
+def test_build_model_turns_constructor_errors_into_config_errors():
+    cfg = get_config(_args(opts=["MODEL.DEFMAMBA.DEPTHS", "[1, 1]"]), world_size=1)
+    with pytest.raises(ConfigError, match=r"MODEL.NAME 'defmamba_tiny' with the MODEL.DEFMAMBA.\* keys: depths"):
+        build_module.build_model(cfg)
+    cfg = get_config(_args(opts=["MODEL.NAME", "defmamba_huge"]), world_size=1)
+    with pytest.raises(ConfigError, match="unknown model 'defmamba_huge'; available: "):
+        build_module.build_model(cfg)

@@ -209,7 +209,7 @@ def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
         raise DatasetError(f"train/val class mismatch under {root}: only in train {only_train}, only in val {only_val}")
     if len(train_set.classes) > config.MODEL.NUM_CLASSES:
         raise DatasetError(f"{root} has {len(train_set.classes)} classes but MODEL.NUM_CLASSES is "
-                         f"{config.MODEL.NUM_CLASSES}")
+                           f"{config.MODEL.NUM_CLASSES}")
     return train_set, val_set
 
 
@@ -255,7 +255,7 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
                               **_loader_options(config, pin_memory))
     if len(train_loader) == 0:
         raise DatasetError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
-                         f"per process over {world_size} process(es)")
+                           f"per process over {world_size} process(es)")
     return Data(train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
 

@@ -2,6 +2,8 @@
 from torch import nn
 from yacs.config import CfgNode
 
+from classification.config import ConfigError
+
 from .registry import create_model
 
 
@@ -22,7 +24,7 @@ def model_kwargs(config: CfgNode) -> dict:
         return dict(common, dims=tuple(family.DIMS), depths=tuple(family.DEPTHS),
                     mlp_ratios=tuple(family.MLP_RATIOS), layerscale=tuple(family.LAYERSCALE),
                     drop_path_rate=family.DROP_PATH_RATE)
-    raise ValueError(f"MODEL.TYPE must be 'defmamba' or 'damamba', got {model.TYPE!r}")
+    raise ConfigError(f"MODEL.TYPE must be 'defmamba' or 'damamba', got {model.TYPE!r}")
 
 
 def build_model(config: CfgNode) -> nn.Module:
@@ -31,7 +33,14 @@ def build_model(config: CfgNode) -> nn.Module:
     Args:
         config: Run configuration; reads MODEL.TYPE, MODEL.NAME, MODEL.NUM_CLASSES, MODEL.IN_CHANS,
             MODEL.SCAN_BACKEND and MODEL.DEFMAMBA.* or MODEL.DAMAMBA.*.
+
+    Raises:
+        ConfigError: The keys name no model or values it cannot take (the constructor's reason included).
     """
     if not config.MODEL.NAME.startswith(config.MODEL.TYPE):
-        raise ValueError(f"MODEL.NAME {config.MODEL.NAME!r} is not a {config.MODEL.TYPE!r} variant (MODEL.TYPE)")
-    return create_model(config.MODEL.NAME, **model_kwargs(config))
+        raise ConfigError(f"MODEL.NAME {config.MODEL.NAME!r} is not a {config.MODEL.TYPE!r} variant (MODEL.TYPE)")
+    try:
+        return create_model(config.MODEL.NAME, **model_kwargs(config))
+    except ValueError as err:  # an unknown name, or architecture values the constructor rejects
+        raise ConfigError(f"MODEL.NAME {config.MODEL.NAME!r} with the MODEL.{config.MODEL.TYPE.upper()}.* keys: "
+                          f"{err}") from err
