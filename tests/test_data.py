@@ -10,7 +10,7 @@ from PIL import Image
 
 from classification.config import get_config
 from classification.data.build import (
-    ResumableDistributedSampler, ShardSampler, build_datasets, build_loader, build_transform,
+    DatasetError, ResumableDistributedSampler, ShardSampler, build_datasets, build_loader, build_transform,
 )
 from classification.data.digits import build_digits
 
@@ -154,3 +154,12 @@ def test_release_randaugment_survives_its_strongest_posterize(tmp_path):
     torch.manual_seed(0)
     for _ in range(150):
         assert transform(image).shape == (3, TINY_SIZE, TINY_SIZE)
+
+
+def test_a_training_folder_without_any_readable_image_is_a_dataset_error(tmp_path):
+    root = make_image_folder(tmp_path, classes=2, train_per_class=2, val_per_class=1)
+    for path in (root / "train").rglob("*.png"):
+        path.write_bytes(b"not a png")
+    train_set, _ = build_datasets(tiny_config(root))
+    with pytest.raises(DatasetError, match="no readable image in .*train: every file failed"):
+        train_set[0]

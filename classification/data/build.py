@@ -74,7 +74,7 @@ class SafeImageFolder(ImageFolder):
                 logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
                 continue
             return self._transform(image, seed), target, skipped
-        raise RuntimeError(f"no readable image in {self.root}")
+        raise DatasetError(f"no readable image in {self.root}: every file failed to open or decode")
 
     def _transform(self, image: Image.Image, seed: int | None) -> torch.Tensor:
         if self.transform is None:
