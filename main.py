@@ -46,7 +46,8 @@ JSON_LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, FileNotFoundError)
+WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,22 +169,20 @@ def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> str:
 
 
 def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> nn.Module | None:
-    """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED (already loaded), else
-    the run's newest checkpoint; an error when there is none.
+    """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED, else the run's newest
+    checkpoint; an error when there is none.
 
     Returns:
         A copy of ``model`` holding the checkpoint's EMA weights when TRAIN.EMA.ENABLE is set and it has them, else
         None.
     """
-    path = config.MODEL.RESUME
-    if not path and not config.MODEL.PRETRAINED:
+    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    if not path:
         path = newest_checkpoint(output_dir, ctx)
         if not path:
             raise ConfigError(f"--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS (the run's "
                               f"output {output_dir} holds no checkpoint)")
         logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
-    if not path:
-        return None
     checkpoint = read_checkpoint(path)
     load_weights(model, checkpoint, path)
     logger.info("loaded weights from %s", path)
@@ -217,7 +216,12 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     given = config.MODEL.RESUME
     if not given or not own or Path(given).resolve().parent == output_dir.resolve():
         return given or own
-    own_position, given_position = (ckpt.checkpoint_position(path) for path in (own, given))
+    own_position = ckpt.checkpoint_position(own)
+    try:
+        given_position = ckpt.checkpoint_position(given)
+    except ckpt.TrainingCheckpointError as err:  # e.g. deleted since the run started from it
+        logger.warning("MODEL.RESUME: %s; resuming from this run's own %s", err, own)
+        return own
     if own_position < given_position:
         return given
     logger.warning("MODEL.RESUME %s (epoch %d step %d) is outside this run's output directory, which holds the run's "
@@ -228,19 +232,23 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
 
 def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
                     model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler,
-                    scaler: torch.amp.GradScaler) -> tuple[int, int, float, float]:
+                    scaler: torch.amp.GradScaler, updates_per_epoch: int) -> tuple[int, int, float, float]:
     """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from.
 
-    The run continues with the current config: a changed schedule (epochs, learning rates, warm-up) applies from the
-    checkpoint's update count on, and every key that differs from the checkpoint's run is logged.
+    The run continues with the current config, and every key that differs from the checkpoint's run is logged: the
+    optimizer keeps its moment estimates but takes the config's hyperparameters (weight decay, betas, eps), and the
+    learning-rate schedule is the config's at the update count of the resumed position (epoch x updates per epoch
+    + updates done in the epoch, as the training loop counts).
     """
     checkpoint = ckpt.load_training_checkpoint(path)
     ckpt.check_mid_epoch_position(checkpoint, path, config, ctx.world_size)
+    epoch, step = checkpoint["epoch"], checkpoint["step"]
+    num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
     differences = ckpt.config_differences(checkpoint["config"], config)
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
                        "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
-                       checkpoint["num_updates"])
+                       num_updates)
     load_weights(model, checkpoint, path)
     if model_ema is not None:
         if has_ema_weights(checkpoint):
@@ -248,8 +256,18 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
         else:
             model_ema.module.load_state_dict(model.state_dict())
             logger.warning("%s holds no EMA weights: the EMA starts from its model weights", path)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    lr_scheduler.step_update(num_updates=checkpoint["num_updates"])
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                       for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as err:  # torch: the saved parameter groups do not match this run's
+        raise ckpt.TrainingCheckpointError(
+            f"{path}: its optimizer state does not fit this run's parameter groups ({err}); keep the settings that "
+            "form the groups (TRAIN.NO_DECAY_SSM, the model) as saved, or start a new run from its weights with "
+            "--pretrained") from err
+    for group, values in zip(optimizer.param_groups, hyperparameters):
+        group.update(values)  # the saved state brings back the saved settings: the config's win
+    lr_scheduler.step_update(num_updates=num_updates)
     scaler.load_state_dict(checkpoint["scaler"])
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == ctx.world_size:
@@ -257,9 +275,8 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
     else:
         logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
                        len(rng_states), ctx.world_size)
-    logger.info("resumed from %s at epoch %d step %d", path, checkpoint["epoch"], checkpoint["step"])
-    return (checkpoint["epoch"], checkpoint["step"], checkpoint.get("max_accuracy", 0.0),
-            checkpoint.get("max_accuracy_ema", 0.0))
+    logger.info("resumed from %s at epoch %d step %d", path, epoch, step)
+    return epoch, step, checkpoint.get("max_accuracy", 0.0), checkpoint.get("max_accuracy_ema", 0.0)
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -281,7 +298,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     resume_path = choose_resume_checkpoint(config, ctx, output_dir)
     if resume_path:
         start_epoch, start_step, max_accuracy, max_accuracy_ema = resume_training(
-            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler)
+            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch)
     if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.dump())
@@ -374,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(config, ctx, output_dir)
     except USER_ERRORS as err:  # the message says what to change; a traceback would bury it
-        logger.error("%s", err)
+        # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
+        logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
     finally:
         cleanup()
@@ -393,7 +411,7 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
     model = build_model(config)
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
-    if config.MODEL.PRETRAINED:
+    if config.MODEL.PRETRAINED and not config.EVAL_MODE:  # --eval picks its weights itself (load_eval_weights)
         load_checkpoint(model, config.MODEL.PRETRAINED)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
     model.to(ctx.device)

@@ -100,3 +100,19 @@ def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_pat
         ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", get_defaults(), world_size=2)
     # At an epoch boundary the position is the epoch alone: any layout resumes it.
     ckpt.check_mid_epoch_position(_training_checkpoint(3, 0, saved.dump()), "c.pth", config, world_size=2)
+
+
+def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkeypatch):
+    """Falling back to an older checkpoint would overwrite the newer progress of a file that is only unreadable now."""
+    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    ckpt.atomic_save(_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(ckpt.LATEST_NAME):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(ckpt.CheckpointAccessError, match=f"cannot read checkpoint .*{ckpt.LATEST_NAME}"):
+        ckpt.find_resume_checkpoint(tmp_path)

@@ -1,8 +1,10 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
+import argparse
 import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,9 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d", log)
     assert re.search(r"eval of the EMA weights: top-1 \d+\.\d+%", log)
     assert (run_dir / "config.yaml").read_text() == trained  # the eval run left the training config alone
+    assert _run(data, tmp_path, "--eval", "--tag", "pretrained", "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 0
+    log = _log(tmp_path / "defmamba_tiny" / "pretrained")
+    assert f"loaded weights from {run_dir / ckpt.LATEST_NAME}" in log and "eval of the EMA weights" in log
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
@@ -164,3 +169,53 @@ def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail
                 opts=("DATA.BATCH_SIZE", "2")) == 2
     assert "this run has 2, 1 and 1, so its position in the epoch would be wrong" in _log(
         tmp_path / "defmamba_tiny" / "mid")
+    # The requeued command once more after the outside checkpoint was deleted: the run's own progress still counts.
+    for path in first.glob("checkpoint_*.pth"):
+        path.unlink()
+    assert _run(data, tmp_path, "--tag", "second", "--resume", outside, "--no-model-ema",
+                opts=("TRAIN.EPOCHS", "3")) == 0
+    assert re.search(rf"MODEL.RESUME: checkpoint {re.escape(outside)} is unreadable .*; resuming from this run's own "
+                     rf"{re.escape(str(second))}", _log(second))
+
+
+def test_a_dataset_error_in_a_loader_worker_is_one_line(data, tmp_path, isolated_logging):
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(data, unreadable)
+    for path in (unreadable / "train").rglob("*.png"):
+        path.write_bytes(b"not a png")
+    assert _run(unreadable, tmp_path, "--no-model-ema", opts=("DATA.NUM_WORKERS", "1")) == 2
+    errors = [line for line in _log(tmp_path / "defmamba_tiny" / "default").splitlines() if " ERROR: " in line]
+    assert len(errors) == 1 and errors[0].endswith("every file failed to open or decode"), errors
+
+
+def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_path, isolated_logging):
+    """Resumed with another batch size, weight decay and length: the first resumed update already runs at the new
+    schedule's learning rate for the position (epoch x the new updates per epoch), with the new weight decay."""
+    def setup(opts: list[str], updates_per_epoch: int):
+        config = main.get_config(argparse.Namespace(opts=["TRAIN.WARMUP_EPOCHS", "0", *opts]), world_size=1)
+        model = nn.Linear(4, 2)
+        optimizer = main.build_optimizer(config, model)
+        return config, model, optimizer, main.build_scheduler(config, optimizer, updates_per_epoch)
+
+    saved_config, model, optimizer, _ = setup(["TRAIN.EPOCHS", "2", "DATA.BATCH_SIZE", "4"], 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    main.save_training_checkpoint(tmp_path / "c.pth", model=model, model_ema=None, optimizer=optimizer, scaler=scaler,
+                                  epoch=1, step=0, num_updates=2, max_accuracy=0.0, max_accuracy_ema=0.0,
+                                  config=saved_config, is_main=True)
+    new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
+    config, model, optimizer, scheduler = setup(new_opts, 4)
+    position = main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None, optimizer,
+                                    scheduler, scaler, updates_per_epoch=4)
+    assert position == (1, 0, 0.0, 0.0)
+    *_, expected = setup(new_opts, 4)
+    expected.step_update(num_updates=4)  # epoch 1 starts after 4 updates of batch 2
+    assert [group["lr"] for group in optimizer.param_groups] == [
+        group["lr"] for group in expected.optimizer.param_groups]
+    assert sorted(group["weight_decay"] for group in optimizer.param_groups) == [0.0, 0.2]
+
+    # Settings that regroup the parameters cannot take the saved optimizer state: one clear error.
+    config, model, optimizer, scheduler = setup([*new_opts, "TRAIN.NO_DECAY_SSM", "True"], 4)
+    model.weight._no_weight_decay = True  # an SSM-like tag: NO_DECAY_SSM moves it out of the decay group
+    with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
+        main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
+                             main.build_optimizer(config, model), scheduler, scaler, updates_per_epoch=4)

@@ -42,6 +42,10 @@ class DatasetError(ValueError):
     """A dataset that does not fit the run (classes, batch size); the message says what to change."""
 
 
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset folder that is missing or holds no class folder or image."""
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder whose items are ``(image, target, skipped)``; an unreadable image is logged and skipped.
 
@@ -53,7 +57,10 @@ class SafeImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, transform: Callable[[Image.Image], torch.Tensor], replace_unreadable: bool):
-        super().__init__(root, transform=transform)
+        try:
+            super().__init__(root, transform=transform)
+        except FileNotFoundError as err:  # torchvision: a class folder without a file of an image extension
+            raise DatasetNotFoundError(f"dataset folder {root}: {err}") from err
         self.replace_unreadable = replace_unreadable
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor | None, int, int]:
@@ -172,14 +179,14 @@ class Data:
 
 
 def check_image_folder(root: Path) -> None:
-    """Raises FileNotFoundError with a clear message when ``root`` is missing, has no class folder or no image."""
+    """Raises DatasetNotFoundError with a clear message when ``root`` is missing, has no class folder or no image."""
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+        raise DatasetNotFoundError(f"dataset folder {root} does not exist")
     classes = [d for d in root.iterdir() if d.is_dir()]
     if not classes:
-        raise FileNotFoundError(f"dataset folder {root} is empty: it needs one sub-folder of images per class")
+        raise DatasetNotFoundError(f"dataset folder {root} is empty: it needs one sub-folder of images per class")
     if not any(f.is_file() for d in classes for f in d.iterdir()):
-        raise FileNotFoundError(f"dataset folder {root} holds class folders but no image files")
+        raise DatasetNotFoundError(f"dataset folder {root} holds class folders but no image files")
 
 
 def build_transform(config: CfgNode, is_train: bool) -> Callable:

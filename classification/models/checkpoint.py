@@ -37,6 +37,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint path that names no file."""
+
+
 def register_checkpoint_filter(model_cls: type, filter_fn: CheckpointFilter) -> None:
     """Declares ``filter_fn`` as the released-to-ours key converter of ``model_cls`` (and its subclasses)."""
     _FILTERS[model_cls] = filter_fn
@@ -54,12 +58,12 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
     """``torch.load`` of a checkpoint file on the CPU, with errors that name the file.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
         CheckpointError: it is corrupt or truncated.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
@@ -140,7 +144,7 @@ def load_checkpoint(
         The missing and unexpected keys (both empty when ``strict``).
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
         CheckpointError: the file is unreadable (corrupt, truncated), holds no state dict, or does not fit the model;
             the message names the problem keys (the first few and their count).
     """

@@ -5,6 +5,7 @@ A training checkpoint is a ``torch.save`` dict with the keys of :data:`REQUIRED_
 say where training continues: epoch ``epoch`` after its first ``step`` batches; ``num_updates`` counts the optimizer
 updates so far (the learning-rate schedule is a function of it and the config); ``config`` is the run's yaml text.
 """
+import errno
 import logging
 import os
 import pickle
@@ -76,6 +77,11 @@ class TrainingCheckpointError(ValueError):
     """A training checkpoint that cannot be read or resumed from here; the message names the file."""
 
 
+class CheckpointAccessError(TrainingCheckpointError):
+    """A checkpoint the file system would not let us read (permissions, I/O error): nothing says it is corrupt, so
+    auto-resume stops instead of falling back to an older checkpoint and overwriting the newer progress."""
+
+
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
     """Loads a training checkpoint on the CPU (memory-mapped: tensors are read when used) and checks that it holds
     :data:`REQUIRED_KEYS`.
@@ -86,6 +92,11 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     try:
         # Our own training checkpoints hold numpy RNG state and the config text: full unpickling is needed.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except OSError as err:
+        if isinstance(err, PermissionError) or err.errno == errno.EIO:
+            raise CheckpointAccessError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); fix the access "
+                                        "and restart (not resuming from an older checkpoint)") from err
+        raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict):
@@ -149,13 +160,18 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] |
     """The newest valid training checkpoint in ``output_dir`` and its contents, or None.
 
     Candidates are the ``checkpoint_*.pth`` files, newest first by their (epoch, step) position, then by
-    modification time; unreadable ones are reported and skipped.
+    modification time; corrupt ones are reported and skipped.
+
+    Raises:
+        CheckpointAccessError: A candidate cannot be read for a reason other than its content.
     """
     candidates = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime, reverse=True)
     best = None
     for path in candidates:
         try:
             checkpoint = load_training_checkpoint(path)
+        except CheckpointAccessError:
+            raise
         except TrainingCheckpointError as err:
             logger.warning("skipping corrupt checkpoint: %s", err)
             continue
