@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -231,7 +232,7 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
 
 
 def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
-                    model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler,
+                    model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler: Scheduler,
                     scaler: torch.amp.GradScaler, updates_per_epoch: int) -> tuple[int, int, float, float]:
     """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from.
 
