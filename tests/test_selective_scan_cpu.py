@@ -4,6 +4,7 @@
 DEFMAMBA_ALLOW_NO_CPU_KERNEL=1 to skip them on a machine that cannot build it.
 """
 import functools
+import math
 import os
 
 import pytest
@@ -102,6 +103,25 @@ def test_softplus_threshold_underflow_and_strong_decay(state_size: int, isa: str
     for dtype in DTYPES:
         _compare_with_ref(inputs, True, dtype)
 
+
+
+@pytest.mark.parametrize("state_size", [16, 1, 5])
+@pytest.mark.parametrize("poisoned", ["delta", "delta_bias", "A", "u"])
+def test_nan_propagates_like_the_reference(poisoned: str, state_size: int, isa: str) -> None:
+    """A NaN input gives NaN exactly where ref's does, in y and in every gradient (float32: the kernel's own exp and
+    softplus must not turn it into a finite value, which would hide a diverging run from the loss check)."""
+    case = ScanCase(batch=1, channels=2, length=70, state_size=state_size, groups=1)
+    inputs = cast_inputs(make_inputs(case), torch.float32)
+    with torch.no_grad():
+        target = inputs[poisoned]
+        target.view(-1)[target.numel() // 2] = math.nan  # a middle step (delta, u), channel (bias) or state (A)
+    grad_y = torch.randn(case.batch, case.channels, case.length)
+    got = run_scan(functools.partial(selective_scan_fn, backend="cpu"), inputs, True, grad_y)
+    expected = run_scan(selective_scan_ref, inputs, True, grad_y)
+    assert got[0].isnan().any()
+    assert torch.equal(got[0].isnan(), expected[0].isnan())
+    for name, grad in got[1].items():
+        assert torch.equal(grad.isnan(), expected[1][name].isnan()), name
 
 @pytest.mark.parametrize(
     "case, fast_mode",

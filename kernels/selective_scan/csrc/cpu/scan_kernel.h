@@ -67,24 +67,37 @@ inline float hsum(vfloat x) {
   return quads[0] + quads[1];
 }
 
-// where(x > threshold, if_true, if_false), lane by lane.
+// where(mask, if_true, if_false), lane by lane; mask lanes are all ones where true.
+inline vfloat select(vint mask, vfloat if_true, vfloat if_false) {
+  vint true_bits, false_bits;
+  std::memcpy(&true_bits, &if_true, sizeof(if_true));
+  std::memcpy(&false_bits, &if_false, sizeof(if_false));
+  const vint bits = (true_bits & mask) | (false_bits & ~mask);
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// where(x > threshold, if_true, if_false) and where(x < threshold, ...), lane by lane (false for NaN).
 inline float select_gt(float x, float threshold, float if_true, float if_false) {
   return x > threshold ? if_true : if_false;
 }
 inline vfloat select_gt(vfloat x, float threshold, vfloat if_true, vfloat if_false) {
-  const vint mask = x > (vfloat{} + threshold);  // all ones where true
-  vint true_bits, false_bits;
-  std::memcpy(&true_bits, &if_true, sizeof(x));
-  std::memcpy(&false_bits, &if_false, sizeof(x));
-  const vint bits = (true_bits & mask) | (false_bits & ~mask);
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
+  return select(x > (vfloat{} + threshold), if_true, if_false);
+}
+inline float select_lt(float x, float threshold, float if_true, float if_false) {
+  return x < threshold ? if_true : if_false;
+}
+inline vfloat select_lt(vfloat x, float threshold, vfloat if_true, vfloat if_false) {
+  return select(x < (vfloat{} + threshold), if_true, if_false);
 }
 
+// min(max(x, low), high) lane by lane; NaN stays NaN (both comparisons are false for it), so a NaN input still
+// reaches the output instead of turning into a finite value.
 template <typename Pack>
 inline Pack clamp(Pack x, float low, float high) {
   x = select_gt(x, high, Pack{} + high, x);
-  return select_gt(x, low, x, Pack{} + low);
+  return select_lt(x, low, Pack{} + low, x);
 }
 
 // 2^n for integer-valued n in [-126, 127], built in the exponent bits.
@@ -108,7 +121,7 @@ inline vfloat pow2(vfloat n) {
 // exp for float32 without a library call, so that it vectorises: Cody-Waite range reduction x = n ln2 + r,
 // |r| <= ln2 / 2, a degree-6 minimax polynomial for e^r (Cephes expf) and 2^n from pow2; within 1 ulp of e^x on
 // [kExpfLow, kExpfHigh]. Inputs are clamped to that range: below it, e^x < 1.7e-38 comes out as about 1.6e-38 (the
-// decay of a state that is then negligible); above it, e^88 instead of a float32 overflow.
+// decay of a state that is then negligible); above it, e^88 instead of a float32 overflow; NaN gives NaN.
 constexpr float kExpfLow = -87.0f;
 constexpr float kExpfHigh = 88.0f;
 constexpr float kLog2e = 1.44269504088896341f;
