@@ -42,6 +42,14 @@ def test_integer_points_copy_pixels_and_outside_points_give_zero():
         assert torch.equal(op(features, far), torch.zeros_like(features))
 
 
+def test_a_nan_point_samples_nan_in_both_twins():
+    features = torch.arange(2 * 4 * 5, dtype=torch.float64).reshape(1, 2, 4, 5)
+    points = torch.tensor([[[[[1.0, 2.0], [float("nan"), 1.0], [0.5, float("nan")]]]]], dtype=torch.float64)
+    for sample in (bilinear_sample, bilinear_sample_ref):
+        out = sample(features, points)
+        assert torch.equal(out.isnan(), torch.tensor([False, True, True]).expand(1, 2, 1, 3)), sample.__name__
+        assert torch.equal(out[..., 0], features[:, :, 2, 1][..., None])
+
 def test_half_pixel_point_is_the_mean_of_its_neighbours():
     features, _ = _random_case(groups=1, height=3, width=3)
     point = torch.tensor([0.5, 1.5], dtype=torch.float64).view(1, 1, 1, 1, 2).expand(2, 1, 1, 1, 2)

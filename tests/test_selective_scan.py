@@ -172,6 +172,22 @@ def test_no_sequences_give_an_empty_output_and_zero_gradients(backend, empty):
     for (name, t), grad in zip(inputs.items(), grads):
         assert grad is None or (grad.shape == t.shape and not grad.any()), name
 
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_double_backward_is_refused_except_on_ref(backend):
+    """Kernel backward passes are not differentiable: create_graph=True must fail loudly, never give a silent zero."""
+    case = CASES[0]
+    inputs = make_inputs(case)
+    y = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+    leaves = [t for t in inputs.values() if t is not None]
+    if backend == "ref":
+        (grad_u,) = torch.autograd.grad(y.square().sum(), inputs["u"], create_graph=True)
+        (second,) = torch.autograd.grad(grad_u.sum(), inputs["delta"])
+        assert second.abs().max() > 0
+        return
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' has first-order gradients only"):
+        torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+
 def test_long_sequence_strong_decay_is_stable():
     """L = 3000 with per-step decays from exp(-0.01) down to exp(-200): float32 torch agrees with float64 ref."""
     batch, channels, length, state_size = 1, 4, 3000, 4

@@ -74,7 +74,8 @@ def bilinear_sample_ref(features: Tensor, points: Tensor) -> Tensor:
     for corner_x, weight_x in ((x0, x0 + 1 - x), (x0 + 1, x - x0)):
         for corner_y, weight_y in ((y0, y0 + 1 - y), (y0 + 1, y - y0)):
             inside = (corner_x >= 0) & (corner_x <= width - 1) & (corner_y >= 0) & (corner_y <= height - 1)
-            index = (corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)).long()
+            # A NaN point gathers pixel 0 (a valid index) and keeps its NaN through the weight, as grid_sample does.
+            index = (corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)).nan_to_num(0.0).long()
             index = rearrange(index, "b g h w -> b g 1 (h w)").expand(-1, -1, group_channels, -1)
             weight = rearrange(weight_x * weight_y * inside, "b g h w -> b g 1 (h w)")
             out = out + weight * torch.gather(flat, 3, index)

@@ -318,6 +318,15 @@ def _contract_state(left: Tensor, right: Tensor, out: Tensor) -> None:
         torch.bmm(left, right.transpose(1, 2), out=out)
 
 
+def refuse_double_backward(backend: str) -> None:
+    """Called first in a backend's backward. Only ``ref`` is differentiable twice: the other backends' backward passes
+    are not differentiable, so with ``create_graph=True`` (grad mode on inside backward) their gradients would carry
+    no graph, and second derivatives would silently be zero or missing. Raises instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"selective scan backend {backend!r} has first-order gradients only (create_graph=True "
+                           "asked for more); use backend='ref' for higher-order gradients")
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The scan given dt (bias and softplus already applied): (u, dt, A, B, C, D or None) -> y.
 
@@ -369,6 +378,7 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        refuse_double_backward("torch")
         u_tm, dt_tm, dtu_tm, A, B_tm, C_tm, D, starts = ctx.saved_tensors
         chunk, block_len, groups = ctx.plan
         length, batch, channels = u_tm.shape

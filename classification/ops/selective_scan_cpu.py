@@ -18,7 +18,9 @@ ulp); float64 uses the library's (the exact path, for tests).
 """
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
+
+from .selective_scan import refuse_double_backward
 
 try:
     import defmamba_scan_cpu as _extension
@@ -71,8 +73,8 @@ class _SelectiveScanCpu(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("cpu")
         u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
         grads = _extension.backward(grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, checkpoints)
         return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:7])) + (None,)

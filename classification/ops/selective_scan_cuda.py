@@ -19,6 +19,8 @@ import logging
 
 import torch
 
+from .selective_scan import refuse_double_backward
+
 _log = logging.getLogger(__name__)
 
 EXTENSION = "defmamba_scan_cuda"
@@ -76,6 +78,7 @@ class _CudaScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("cuda")
         u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
         deterministic = torch.are_deterministic_algorithms_enabled()
         grads = _extension().bwd(

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .selective_scan import refuse_double_backward
+
 try:
     import triton
     import triton.language as tl
@@ -259,6 +261,7 @@ class _TritonScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("triton")
         u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
         batch, channels, seqlen = u.shape
         groups, dstate = B.shape[1], B.shape[2]
