@@ -68,7 +68,7 @@ inline float hsum(vfloat x) {
 }
 
 // where(mask, if_true, if_false), lane by lane; mask lanes are all ones where true.
-inline vfloat select(vint mask, vfloat if_true, vfloat if_false) {
+inline vfloat select_by_mask(vint mask, vfloat if_true, vfloat if_false) {
   vint true_bits, false_bits;
   std::memcpy(&true_bits, &if_true, sizeof(if_true));
   std::memcpy(&false_bits, &if_false, sizeof(if_false));
@@ -83,13 +83,13 @@ inline float select_gt(float x, float threshold, float if_true, float if_false) 
   return x > threshold ? if_true : if_false;
 }
 inline vfloat select_gt(vfloat x, float threshold, vfloat if_true, vfloat if_false) {
-  return select(x > (vfloat{} + threshold), if_true, if_false);
+  return select_by_mask(x > (vfloat{} + threshold), if_true, if_false);
 }
 inline float select_lt(float x, float threshold, float if_true, float if_false) {
   return x < threshold ? if_true : if_false;
 }
 inline vfloat select_lt(vfloat x, float threshold, vfloat if_true, vfloat if_false) {
-  return select(x < (vfloat{} + threshold), if_true, if_false);
+  return select_by_mask(x < (vfloat{} + threshold), if_true, if_false);
 }
 
 // min(max(x, low), high) lane by lane; NaN stays NaN (both comparisons are false for it), so a NaN input still
