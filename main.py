@@ -242,10 +242,11 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
     + updates done in the epoch, as the training loop counts).
     """
     checkpoint = ckpt.load_training_checkpoint(path)
-    ckpt.check_mid_epoch_position(checkpoint, path, config, ctx.world_size)
+    saved = ckpt.saved_config(checkpoint)
+    ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
-    differences = ckpt.config_differences(checkpoint["config"], config)
+    differences = ckpt.config_differences(saved, config)
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
                        "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),

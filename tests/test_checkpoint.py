@@ -81,25 +81,27 @@ def test_config_differences_name_changed_keys_but_not_where_the_run_is():
     current.TRAIN.EPOCHS = saved.TRAIN.EPOCHS + 100
     current.TRAIN.BASE_LR = saved.TRAIN.BASE_LR * 2
     current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
-    assert ckpt.config_differences(saved.dump(), current) == [
+    # The saved side comes back from the checkpoint's yaml text, where tuples are lists.
+    assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), current) == [
         f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
         f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
     ]
-    assert ckpt.config_differences(saved.dump(), saved) == []
+    assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), saved) == []
 
 
 def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
     saved = get_defaults()
     config = get_defaults()
-    ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", config, world_size=1)
+    ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
     config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
                        r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
-        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", config, world_size=1)
+        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
     with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
-        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), "c.pth", get_defaults(), world_size=2)
+        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", get_defaults(),
+                                      world_size=2)
     # At an epoch boundary the position is the epoch alone: any layout resumes it.
-    ckpt.check_mid_epoch_position(_training_checkpoint(3, 0, saved.dump()), "c.pth", config, world_size=2)
+    ckpt.check_mid_epoch_position(_training_checkpoint(3, 0, saved.dump()), saved, "c.pth", config, world_size=2)
 
 
 def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkeypatch):

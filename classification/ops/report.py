@@ -21,18 +21,15 @@ def _triton_version() -> str:
 def _cuda_extension_arch_status(device: torch.device) -> str:
     """Whether the CUDA extension runs on ``device``: a one-element scan, which fails without a kernel image for it."""
     major, minor = torch.cuda.get_device_capability(device)
+    build = f"{selective_scan_cuda.BUILD_COMMAND} (TORCH_CUDA_ARCH_LIST={major}.{minor} for this GPU)"
     if _kernel_module("cuda") is None or not _kernel_module("cuda").is_available():
-        return (f"not built; build it with: {selective_scan_cuda.BUILD_COMMAND} "
-                f"(TORCH_CUDA_ARCH_LIST={major}.{minor} for this GPU)")
+        return f"not built; build it with: {build}"
     probe = torch.ones(1, 1, 1, device=device)
     try:
         _kernel_module("cuda").scan(probe, probe, -probe[0], probe[:, None], probe[:, None], None, None, False)
         torch.cuda.synchronize(device)
     except RuntimeError as error:
-        return (
-            f"built, but NOT for this GPU (sm_{major}{minor}): {error}; rebuild with "
-            f"{selective_scan_cuda.BUILD_COMMAND} (TORCH_CUDA_ARCH_LIST={major}.{minor} for this GPU)"
-        )
+        return f"built, but NOT for this GPU (sm_{major}{minor}): {error}; rebuild with {build}"
     return f"built, runs on this GPU (sm_{major}{minor})"
 
 

@@ -124,26 +124,31 @@ def _flat_items(node: CfgNode, prefix: str = "") -> dict[str, object]:
     return items
 
 
-def config_differences(saved_yaml: str, config: CfgNode) -> list[str]:
-    """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config (yaml text),
+def saved_config(checkpoint: dict) -> CfgNode:
+    """The config of the run that wrote a training checkpoint (stored as yaml text)."""
+    return CfgNode.load_cfg(checkpoint["config"])
+
+
+def config_differences(saved: CfgNode, config: CfgNode) -> list[str]:
+    """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config ``saved``,
     leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``."""
-    saved, current = _flat_items(CfgNode.load_cfg(saved_yaml)), _flat_items(config)
+    saved, current = _flat_items(saved), _flat_items(config)
     absent = "(absent)"
     keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
     return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}" for key in keys
             if saved.get(key, absent) != current.get(key, absent)]
 
 
-def check_mid_epoch_position(checkpoint: dict, path: str | os.PathLike, config: CfgNode, world_size: int) -> None:
+def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.PathLike, config: CfgNode,
+                             world_size: int) -> None:
     """A checkpoint saved in the middle of an epoch records its position as a step count: resuming it is only exact
-    with the batch size, gradient accumulation and process count it was saved with.
+    with the batch size, gradient accumulation and process count it was saved with (``saved`` is its run's config).
 
     Raises:
         TrainingCheckpointError: The position cannot be carried over; the message says what to change.
     """
     if checkpoint["step"] == 0:
         return
-    saved = CfgNode.load_cfg(checkpoint["config"])
     saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []))
     layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size)
     if layout != saved_layout:
