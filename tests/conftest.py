@@ -1,7 +1,10 @@
 """Shared pytest fixtures."""
 import logging
 import os
+import struct
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -12,6 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ZIP_LOCAL_HEADER_BYTES = 30  # fixed part of a zip local file header; the name and extra-field lengths end it
+ZIP_NAME_LENGTHS_AT = 26
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +37,18 @@ def isolated_logging():
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture
+def flip_record_bit() -> Callable[[Path, str], None]:
+    """A function that flips the lowest bit of the first data byte of the record whose name ends with ``suffix`` in
+    the ``torch.save`` zip archive at ``path``, leaving the archive's structure intact (a bit flip on disk)."""
+    def flip(path: Path, suffix: str) -> None:
+        with zipfile.ZipFile(path) as archive:
+            record = next(record for record in archive.infolist() if record.filename.endswith(suffix))
+        data = bytearray(path.read_bytes())
+        name_bytes, extra_bytes = struct.unpack_from("<HH", data, record.header_offset + ZIP_NAME_LENGTHS_AT)
+        data[record.header_offset + ZIP_LOCAL_HEADER_BYTES + name_bytes + extra_bytes] ^= 1
+        path.write_bytes(data)
+
+    return flip

@@ -68,6 +68,24 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
     assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
 
 
+def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_checkpoint(tmp_path, caplog,
+                                                                                          flip_record_bit):
+    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    latest = tmp_path / ckpt.LATEST_NAME
+    ckpt.atomic_save(_training_checkpoint(2, 0), latest)
+    flip_record_bit(latest, "data/0")  # the first byte of model.w: 2.0 becomes 2.0 + 2**-22
+    # torch.load itself does not notice: the flipped value loads silently.
+    assert torch.load(latest, weights_only=False)["model"]["w"][0].item() == 2.0 + 2.0 ** -22
+    assert ckpt.checkpoint_position(latest) == (2, 0)  # the position alone is read without the check
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"latest.pth is corrupt: its record \S+/data/0 fails the "
+                       "CRC-32"):
+        ckpt.load_training_checkpoint(latest)
+    with caplog.at_level(logging.WARNING):
+        path, checkpoint = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint_epoch0000.pth" and checkpoint["epoch"] == 1
+    assert f"{ckpt.LATEST_NAME} is corrupt" in caplog.text
+
+
 def test_checkpoint_without_training_state_is_rejected(tmp_path):
     torch.save({"model": {}}, tmp_path / "checkpoint_weights.pth")
     with pytest.raises(ValueError, match="lacks"):

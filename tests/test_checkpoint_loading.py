@@ -74,6 +74,23 @@ def test_missing_corrupt_and_truncated_files(tmp_path, released):
         load_checkpoint(model, garbage)
 
 
+def test_a_bit_flip_is_caught_unless_the_file_was_saved_without_crcs(tmp_path, released, flip_record_bit, monkeypatch):
+    from torch.utils.serialization import config
+
+    path = tmp_path / "flipped.pth"
+    torch.save({"model": released}, path)
+    flip_record_bit(path, "data/0")
+    with pytest.raises(CheckpointError, match=r"flipped.pth is corrupt: its record \S+/data/0 fails the CRC-32"):
+        load_checkpoint(small_model(), path)
+    # A file written with compute_crc32 off stores 0 for every record: nothing to check, so it loads.
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    unchecked = tmp_path / "unchecked.pth"
+    torch.save({"model": released}, unchecked)
+    model = small_model()
+    load_checkpoint(model, unchecked)
+    assert_weights_equal(model, released)
+
+
 def test_other_variant_fails_listing_the_shape_mismatches(released):
     with pytest.raises(CheckpointError, match=r"shape mismatches \[stem.conv1.weight"):
         load_checkpoint(small_model(embed_dim=32), released)

@@ -29,6 +29,7 @@ MAX_LISTED_KEYS = 10  # how many problem keys an error message names before givi
 STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
 EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
 DATA_PARALLEL_PREFIX = "module."
+CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 
 _FILTERS: dict[type, CheckpointFilter] = {}
 
@@ -59,17 +60,55 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
-        CheckpointError: it is corrupt or truncated.
+        CheckpointError: it is corrupt (a record fails its CRC-32 check, see :func:`first_crc_mismatch`) or truncated.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        damaged = first_crc_mismatch(path)
+        checkpoint = None if damaged else torch.load(path, map_location="cpu", weights_only=weights_only)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(
             f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated ({err})"
         ) from err
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
+    return checkpoint
+
+
+def first_crc_mismatch(path: str | PathLike) -> str | None:
+    """The name of the first record of a ``torch.save`` file whose data does not match its stored CRC-32 (or whose
+    local header is damaged), or None.
+
+    ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
+    flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
+    files and records stored without a CRC (``torch.utils.serialization.config.save.compute_crc32`` off: 0) are not
+    checked.
+
+    Raises:
+        OSError: The file cannot be read.
+        zipfile.BadZipFile: The archive's directory is damaged.
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.CRC == 0:
+                continue
+            try:
+                with archive.open(record) as stream:  # BadZipFile: a bad header, or a CRC mismatch at the end
+                    while stream.read(CRC_READ_BYTES):
+                        pass
+            except zipfile.BadZipFile:
+                return record.filename
+    return None
+
+
+def crc_mismatch_message(record: str) -> str:
+    """What a failed CRC-32 check of ``record`` means and what to do, for error messages."""
+    return (f"its record {record} fails the CRC-32 (or header) check of the zip archive torch.save wrote, which "
+            "torch.load skips: a bit flip on disk or in a copy; use another copy")
 
 
 def has_ema_weights(checkpoint: Mapping[str, object]) -> bool:

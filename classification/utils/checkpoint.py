@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from classification.models.checkpoint import crc_mismatch_message, first_crc_mismatch
+
 logger = logging.getLogger(__name__)
 
 LATEST_NAME = "checkpoint_latest.pth"
@@ -82,16 +84,23 @@ class CheckpointAccessError(TrainingCheckpointError):
     auto-resume stops instead of falling back to an older checkpoint and overwriting the newer progress."""
 
 
-def load_training_checkpoint(path: str | os.PathLike) -> dict:
+def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) -> dict:
     """Loads a training checkpoint on the CPU (memory-mapped: tensors are read when used) and checks that it holds
     :data:`REQUIRED_KEYS`.
 
+    Args:
+        path: The checkpoint file.
+        check_crc: Also check every record against the CRC-32 torch.save stored (:func:`first_crc_mismatch`), which
+            reads the whole file; without it only the records the caller uses are read.
+
     Raises:
-        TrainingCheckpointError: When the file cannot be read or lacks a required key.
+        CheckpointAccessError: The file system refuses to read it.
+        TrainingCheckpointError: The file is corrupt or lacks a required key.
     """
     try:
+        damaged = first_crc_mismatch(path) if check_crc else None
         # Our own training checkpoints hold numpy RNG state and the config text: full unpickling is needed.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = None if damaged else torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except OSError as err:
         if isinstance(err, PermissionError) or err.errno == errno.EIO:
             raise CheckpointAccessError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); fix the access "
@@ -99,6 +108,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
+    if damaged:
+        raise TrainingCheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
     if not isinstance(checkpoint, dict):
         raise TrainingCheckpointError(f"checkpoint {path} is not a dict")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
@@ -108,8 +119,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def checkpoint_position(path: str | os.PathLike) -> tuple[int, int]:
-    """(epoch, step) where training from the checkpoint at ``path`` continues."""
-    checkpoint = load_training_checkpoint(path)
+    """(epoch, step) where training from the checkpoint at ``path`` continues (read without the CRC check)."""
+    checkpoint = load_training_checkpoint(path, check_crc=False)
     return checkpoint["epoch"], checkpoint["step"]
 
 
@@ -161,26 +172,36 @@ def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.Pa
         )
 
 
+def _load_candidate(path: Path, check_crc: bool) -> dict | None:
+    """:func:`load_training_checkpoint`, None (with a warning) for a corrupt file."""
+    try:
+        return load_training_checkpoint(path, check_crc)
+    except CheckpointAccessError:
+        raise
+    except TrainingCheckpointError as err:
+        logger.warning("skipping corrupt checkpoint: %s", err)
+        return None
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] | None:
     """The newest valid training checkpoint in ``output_dir`` and its contents, or None.
 
     Candidates are the ``checkpoint_*.pth`` files, newest first by their (epoch, step) position, then by
-    modification time; corrupt ones are reported and skipped.
+    modification time; corrupt ones are reported and skipped. Only the positions of the candidates are read, then the
+    whole of the newest ones until one passes the CRC check.
 
     Raises:
         CheckpointAccessError: A candidate cannot be read for a reason other than its content.
     """
-    candidates = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime, reverse=True)
-    best = None
-    for path in candidates:
-        try:
-            checkpoint = load_training_checkpoint(path)
-        except CheckpointAccessError:
-            raise
-        except TrainingCheckpointError as err:
-            logger.warning("skipping corrupt checkpoint: %s", err)
-            continue
-        # Strictly later positions win; at equal positions the newer file (seen first) stays.
-        if best is None or (checkpoint["epoch"], checkpoint["step"]) > (best[1]["epoch"], best[1]["step"]):
-            best = (path, checkpoint)
-    return best
+    by_mtime = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime, reverse=True)
+    positions = []
+    for path in by_mtime:
+        checkpoint = _load_candidate(path, check_crc=False)
+        if checkpoint is not None:
+            positions.append(((checkpoint["epoch"], checkpoint["step"]), path))
+    # A stable sort: at equal positions the newer file stays first.
+    for _, path in sorted(positions, key=lambda item: item[0], reverse=True):
+        checkpoint = _load_candidate(path, check_crc=True)
+        if checkpoint is not None:
+            return path, checkpoint
+    return None
