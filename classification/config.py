@@ -27,6 +27,12 @@ AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("non
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
 RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yields RGB images
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
+# The keys whose default None means "the MODEL.NAME variant's value", with an example of the type they take.
+VARIANT_KEY_TYPES = {
+    "MODEL.DEFMAMBA.EMBED_DIM": 0, "MODEL.DEFMAMBA.DEPTHS": [0], "MODEL.DEFMAMBA.DROP_PATH_RATE": 0.0,
+    "MODEL.DAMAMBA.DIMS": [0], "MODEL.DAMAMBA.DEPTHS": [0], "MODEL.DAMAMBA.MLP_RATIOS": [0.0],
+    "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0,
+}
 
 _C = CN()
 _C.BASE = [""]  # yaml files (relative to the yaml that names them) merged before it; only meaningful inside yaml
@@ -50,14 +56,16 @@ _C.MODEL.IN_CHANS = 3  # input image channels (3 unless THROUGHPUT_MODE: the dat
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (inside Mixup when Mixup/CutMix is on)
 _C.MODEL.SCAN_BACKEND = "auto"  # selective-scan backend: auto | cpu | cuda | triton | torch | ref
 
+# The architecture keys that default to None (see VARIANT_KEY_TYPES) take the value of the MODEL.NAME variant's
+# entrypoint; set, they override it (a custom width or depth keeps the variant's name).
 _C.MODEL.DEFMAMBA = CN()
-_C.MODEL.DEFMAMBA.EMBED_DIM = 48  # stage-1 width C (stages are C, 2C, 4C, 8C)
-_C.MODEL.DEFMAMBA.DEPTHS = [2, 2, 5, 2]  # blocks per stage
+_C.MODEL.DEFMAMBA.EMBED_DIM = None  # stage-1 width C (stages are C, 2C, 4C, 8C); variant: T 48, S and B 96
+_C.MODEL.DEFMAMBA.DEPTHS = None  # blocks per stage; variant: T [2, 2, 5, 2], S [2, 2, 6, 2], B [2, 3, 16, 2]
 _C.MODEL.DEFMAMBA.D_STATE = 16  # SSM state size N
 _C.MODEL.DEFMAMBA.SSM_RATIO = 1.0  # SSM inner width / block width
 _C.MODEL.DEFMAMBA.MLP_RATIO = 4.0  # MLP hidden width / block width
 _C.MODEL.DEFMAMBA.DROP_RATE = 0.0  # dropout inside the MLP
-_C.MODEL.DEFMAMBA.DROP_PATH_RATE = 0.2  # stochastic depth, rising linearly to this over all blocks
+_C.MODEL.DEFMAMBA.DROP_PATH_RATE = None  # stochastic depth, rising linearly to this over all blocks; T, S 0.2, B 0.4
 # Ablation switches (paper Tables 4 and 5); the defaults are the released model.
 _C.MODEL.DEFMAMBA.SCAN_BRANCHES = ["forward", "backward", "deformable"]  # scan sequences, distinct, from SCAN_BRANCHES
 _C.MODEL.DEFMAMBA.LOCAL_WINDOW = 7  # window side of the "local" branch (raster inside non-overlapping windows)
@@ -67,11 +75,11 @@ _C.MODEL.DEFMAMBA.OFFSET_BIAS = True  # OB: add the learned offset-bias table to
 _C.MODEL.DEFMAMBA.OFFSET_CHANNEL_ATTENTION = True  # CA: channel attention inside the offset network
 
 _C.MODEL.DAMAMBA = CN()
-_C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]  # stage widths
-_C.MODEL.DAMAMBA.DEPTHS = [3, 4, 12, 5]  # blocks per stage
-_C.MODEL.DAMAMBA.MLP_RATIOS = [4.0, 4.0, 3.0, 3.0]  # ConvFFN hidden width / block width, per stage
-_C.MODEL.DAMAMBA.LAYERSCALE = []  # 0-based indices of the stages with layer scale (empty: none)
-_C.MODEL.DAMAMBA.DROP_PATH_RATE = 0.15  # stochastic depth, rising linearly to this over all blocks
+_C.MODEL.DAMAMBA.DIMS = None  # stage widths; variant: T [80, 160, 320, 512], S [96, 192, 384, 512], B [112, ..., 640]
+_C.MODEL.DAMAMBA.DEPTHS = None  # blocks per stage; variant: T [3, 4, 12, 5], S [4, 8, 20, 6], B [4, 8, 25, 8]
+_C.MODEL.DAMAMBA.MLP_RATIOS = None  # ConvFFN hidden width / block width, per stage; variant: T, S [4, 4, 3, 3], B [.., 4]
+_C.MODEL.DAMAMBA.LAYERSCALE = None  # 0-based indices of the stages with layer scale ([]: none); variant: T [], S, B [2, 3]
+_C.MODEL.DAMAMBA.DROP_PATH_RATE = None  # stochastic depth, rising linearly to this over all blocks; T 0.15, S 0.4, B 0.5
 
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0  # first epoch (overwritten when resuming)
@@ -137,7 +145,12 @@ def get_defaults() -> CN:
 
 
 def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
-    """Checks ``value`` against the type of ``default`` (int -> float and list <-> tuple are allowed)."""
+    """Checks ``value`` against the type of ``default`` (int -> float and list <-> tuple are allowed); a key of
+    :data:`VARIANT_KEY_TYPES` also takes None (the variant's value) and is checked against its example type."""
+    if full_key in VARIANT_KEY_TYPES:
+        if value is None:
+            return None
+        default = VARIANT_KEY_TYPES[full_key]
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
@@ -309,7 +322,7 @@ def _validate_ranges(cfg: CN) -> None:
              "MODEL.DAMAMBA.DROP_PATH_RATE": cfg.MODEL.DAMAMBA.DROP_PATH_RATE,
              "MODEL.LABEL_SMOOTHING": cfg.MODEL.LABEL_SMOOTHING}
     for key, value in rates.items():
-        if not 0.0 <= value < 1.0:
+        if value is not None and not 0.0 <= value < 1.0:  # None: the variant's
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     probabilities = {"AUG.HFLIP": cfg.AUG.HFLIP, "AUG.REPROB": cfg.AUG.REPROB, "AUG.MIXUP_PROB": cfg.AUG.MIXUP_PROB,
                      "AUG.MIXUP_SWITCH_PROB": cfg.AUG.MIXUP_SWITCH_PROB}

@@ -4,6 +4,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from classification import config as config_module
 from classification.config import ConfigError, get_config, get_defaults
@@ -24,11 +26,34 @@ def test_every_default_key_has_a_comment():
     assert not uncommented, uncommented
 
 
+def _yaml_leaves(node: dict, prefix: str = "") -> dict:
+    leaves = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            leaves.update(_yaml_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 def test_repo_yamls_load_and_hold_only_overrides():
+    # Each family yaml names its variant, even where MODEL.TYPE / MODEL.NAME are the defaults' (DefMamba-T).
+    identity_keys = {"MODEL.TYPE", "MODEL.NAME"}
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         cfg = get_config(_args(cfg=str(path)), world_size=1)
         assert cfg.is_frozen()
         assert cfg.MODEL.NAME.startswith(cfg.MODEL.TYPE), path
+        leaves = _yaml_leaves(yaml.safe_load(path.read_text()))
+        below = get_defaults()  # what the file's keys would be without it: the defaults and its BASE chain
+        for base in leaves.pop("BASE", []):
+            config_module.merge_yaml(below, path.parent / base)
+        for key, value in leaves.items():
+            if key in identity_keys:
+                continue
+            old = below
+            for part in key.split("."):
+                old = old[part]
+            assert config_module._coerce(key, old, value, str(path)) != old, f"{path}: {key} repeats {old!r}"
 
 
 def test_release_recipe_lr_scaling():
@@ -43,11 +68,35 @@ def test_release_recipe_lr_scaling():
     assert unscaled.TRAIN.BASE_LR == pytest.approx(5e-4)
 
 
-def test_damamba_recipes_match_the_spec():
+def test_recipes_build_the_released_variants():
+    """A family yaml builds its variant: the parameter counts of the released models (spec tables)."""
+    from classification.models import build_model
+
+    released_params = {"defmamba/tiny.yaml": 7_547_878, "defmamba/base.yaml": 48_595_576,
+                       "damamba/small.yaml": 44_991_880}
+    for name, params in released_params.items():
+        cfg = get_config(_args(cfg=str(REPO / "configs" / name)), world_size=1)
+        with torch.device("meta"):  # shapes only
+            model = build_model(cfg)
+        assert sum(p.numel() for p in model.parameters()) == params, name
     small = get_config(_args(cfg=str(REPO / "configs/damamba/small.yaml")), world_size=1)
-    assert list(small.MODEL.DAMAMBA.DEPTHS) == [4, 8, 20, 6]
-    assert list(small.MODEL.DAMAMBA.LAYERSCALE) == [2, 3]
     assert small.TRAIN.MESA.WEIGHT == 1.5 and small.TRAIN.MESA.START_EPOCH == 75
+
+
+def test_model_name_alone_selects_the_variant_and_set_keys_override_it():
+    from classification.models import build_model
+
+    base = get_config(_args(opts=["MODEL.NAME", "defmamba_base"]), world_size=1)
+    with torch.device("meta"):
+        model = build_model(base)
+    assert sum(p.numel() for p in model.parameters()) == 48_595_576  # DefMamba-B, not the default DefMamba-T
+    narrow = get_config(_args(opts=["MODEL.NAME", "defmamba_base", "MODEL.DEFMAMBA.EMBED_DIM", "32"]), world_size=1)
+    with torch.device("meta"):
+        model = build_model(narrow)
+    assert model.num_features == 8 * 32 and len(model.stages[2].blocks) == 16  # B's depths, the set width
+    reset = get_config(_args(cfg=str(REPO / "configs/demo/digits.yaml"), opts=["MODEL.DEFMAMBA.EMBED_DIM", "None"]),
+                       world_size=1)
+    assert reset.MODEL.DEFMAMBA.EMBED_DIM is None  # None gives a key back to the variant
 
 
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
