@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from bench_model import step_functions  # benchmarks/ is on sys.path when run as a script
+from _common import write_between_markers  # benchmarks/ is on sys.path when run as a script
+from bench_model import step_functions
 from classification.models import create_model
 from classification.ops import selective_scan_fn
 from classification.ops.selective_scan import available_backends
@@ -142,16 +143,6 @@ def bench_model(backends: list[str], repeats: int) -> list[str]:
     return rows
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replaces the text between the GPU-results markers of `path` with `section`."""
-    text = path.read_text()
-    if DOCS_START not in text or DOCS_END not in text:
-        raise ValueError(f"{path} lacks the markers {DOCS_START} / {DOCS_END}")
-    head, rest = text.split(DOCS_START, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    path.write_text(f"{head}{DOCS_START}\n{section}\n{DOCS_END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
@@ -179,7 +170,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if args.docs is not None:
-        write_docs(args.docs, section)
+        write_between_markers(args.docs, DOCS_START, DOCS_END, section)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ import argparse
 import datetime
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from _common import parse_args, seconds, write_between_markers
 from classification.models import create_model
 from classification.ops import available_backends
 
@@ -26,6 +26,7 @@ IMAGE_SIZE = 224
 NUM_CLASSES = 1000
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 DOCS_START, DOCS_END = "<!-- model-cpu-results:start -->", "<!-- model-cpu-results:end -->"
+SECTION_HEADING = "## Whole model on the CPU"
 
 
 def step_functions(
@@ -51,21 +52,13 @@ def step_functions(
     return train_step, infer
 
 
-def _seconds(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["cpu", "torch"], help="scan backends to compare")
     parser.add_argument("--batch", type=int, default=8, help="images per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md as it is")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     missing = [name for name in args.backends if name not in available_backends("cpu")]
     if missing:
         raise SystemExit(f"backends not available on this CPU: {missing} (python -m classification.ops says why)")
@@ -83,15 +76,16 @@ def main() -> None:
     infer_s = {name: [] for name in args.backends}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits every backend alike
         for backend, (train_step, infer) in steps.items():
-            train_s[backend].append(_seconds(train_step))
-            infer_s[backend].append(_seconds(infer))
+            train_s[backend].append(seconds(train_step))
+            infer_s[backend].append(seconds(infer))
 
     baseline = args.backends[-1]
+    threads = torch.get_num_threads()
     lines = [
         f"Measured {datetime.date.today().isoformat()} on {platform.processor() or platform.machine()} "
-        f"({torch.get_num_threads()} threads, torch {torch.__version__}) with "
+        f"({threads} threads, torch {torch.__version__}) with "
         f"`.venv/bin/python benchmarks/bench_model.py --backends {' '.join(args.backends)} --batch {args.batch} "
-        f"--repeats {args.repeats} --threads {args.threads}`: DefMamba-T, {IMAGE_SIZE}x{IMAGE_SIZE}, float32, "
+        f"--repeats {args.repeats} --threads {threads}`: DefMamba-T, {IMAGE_SIZE}x{IMAGE_SIZE}, float32, "
         f"median of {args.repeats} interleaved repeats; speed-up against `{baseline}`.",
         "",
         "| backend | train step (s) | train images/s | speed-up | inference (s) | inference images/s | speed-up |",
@@ -108,13 +102,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        text = DOCS.read_text()
-        if DOCS_START in text and DOCS_END in text:
-            head, rest = text.split(DOCS_START, 1)
-            text = f"{head}{DOCS_START}\n{section}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}"
-        else:
-            text = f"{text.rstrip()}\n\n## Whole model on the CPU (issue: CPU kernel)\n\n{DOCS_START}\n{section}\n{DOCS_END}\n"
-        DOCS.write_text(text)
+        write_between_markers(DOCS, DOCS_START, DOCS_END, section, new_section=SECTION_HEADING)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Results go to stdout and, unless --no-write, into docs/benchmarks.md between its
 """
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from _common import describe_device, parse_args, seconds, write_between_markers
 from classification.ops.selective_scan import available_backends, selective_scan_fn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION_MARKER = "<!-- section: selective-scan-benchmark -->"
 RESULTS_START = "<!-- selective-scan-results:start -->"
 RESULTS_END = "<!-- selective-scan-results:end -->"
+SECTION_HEADING = "## Selective scan on the CPU"
 BATCH = 8
 
 
@@ -75,11 +76,6 @@ def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> dict[str, 
     return {k: v.to(device) for k, v in tensors.items()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_forward(backend: str, inputs: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
@@ -91,20 +87,12 @@ def run_forward_backward(backend: str, inputs: dict[str, torch.Tensor]) -> None:
     torch.autograd.grad(y, list(leaves.values()), torch.ones_like(y))
 
 
-def time_call(fn, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def exp_floor(shape: Shape, device: torch.device, repeats: int) -> float:
     """Median seconds of one torch.exp over batch·G·D·L·N float32 elements (into a preallocated output)."""
     x = -torch.rand(BATCH * shape.channels * shape.length * shape.state_size, device=device)
     out = torch.empty_like(x)
     torch.exp(x, out=out)
-    return statistics.median(time_call(lambda: torch.exp(x, out=out), device) for _ in range(repeats))
+    return statistics.median(seconds(lambda: torch.exp(x, out=out), device) for _ in range(repeats))
 
 
 def peak_memory_mb(backend: str, shape: Shape, device: torch.device) -> float:
@@ -149,9 +137,9 @@ def benchmark(shape: Shape, backends: list[str], device: torch.device, repeats: 
         run_forward_backward(backend, inputs)
     for _ in range(repeats):
         for backend in backends:
-            forward[backend].append(time_call(lambda: run_forward(backend, inputs), device))
+            forward[backend].append(seconds(lambda: run_forward(backend, inputs), device))
         for backend in backends:
-            both[backend].append(time_call(lambda: run_forward_backward(backend, inputs), device))
+            both[backend].append(seconds(lambda: run_forward_backward(backend, inputs), device))
     floor = exp_floor(shape, device, repeats)
     rows = []
     for backend in backends:
@@ -189,45 +177,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
-
-
-def write_doc(table: str, header: str) -> None:
-    """Replaces the text between the selective-scan result markers of docs/benchmarks.md (adds the section once)."""
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{RESULTS_START}\n{header}\n\n{table}\n{RESULTS_END}"
-    if RESULTS_START in text and RESULTS_END in text:
-        before, rest = text.split(RESULTS_START, 1)
-        after = rest.split(RESULTS_END, 1)[1]
-        text = before + block + after
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_MARKER}\n## Selective scan on the CPU (issue 9)\n\n{block}\n"
-    DOC.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per backend (median reported)")
     parser.add_argument("--backends", default=None, help="comma-separated; default: every available one")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--measure-memory", nargs=2, metavar=("BACKEND", "SHAPE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     if args.measure_memory:
         _measure_memory_here(args.measure_memory[0], SHAPES[args.measure_memory[1]])
         return
@@ -250,7 +208,9 @@ def main() -> None:
         print(format_table([r for r in rows if r["shape"] == shape]), flush=True)
     table = format_table(rows)
     if not args.no_write:
-        write_doc(table, header)
+        write_between_markers(
+            DOC, RESULTS_START, RESULTS_END, f"{header}\n\n{table}", new_section=f"{SECTION_MARKER}\n{SECTION_HEADING}"
+        )
         print(f"written to {DOC.relative_to(ROOT)}")
 
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from _common import parse_args
 from classification.models import create_model
 
 logger = logging.getLogger("check_inductor")
@@ -55,11 +56,8 @@ def check(name: str, dtype: torch.dtype) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    args = parser.parse_args()
+    parse_args(parser)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logger.info("torch %s, %d threads", torch.__version__, torch.get_num_threads())
     for name in TINY:
         for dtype in (torch.float32, torch.float64):
