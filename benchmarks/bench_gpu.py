@@ -89,6 +89,33 @@ def floor_bytes(channels: int, length: int, backward: bool) -> int:
     return forward + (5 * sequence + 4 * projections if backward else 0)
 
 
+def bench_scan_shape(model: str, stage: int, channels: int, length: int, backends: list[str], bandwidth: float,
+                     repeats: int) -> list[str]:
+    """Table rows of one stage shape, one per backend (the shape's tensors are freed on return)."""
+    inputs = scan_inputs(channels, length)
+    grad_y = torch.randn(BATCH, channels, length, device="cuda")
+    floor_fwd = floor_bytes(channels, length, backward=False) / bandwidth * 1e3
+    floor_both = floor_bytes(channels, length, backward=True) / bandwidth * 1e3
+    rows = []
+    for backend in backends:
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+
+        def forward_backward() -> None:
+            y = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
+            torch.autograd.grad(y, list(inputs.values()), grad_y)
+
+        fwd_ms = cuda_time_ms(forward, repeats)
+        both_ms = cuda_time_ms(forward_backward, repeats)
+        rows.append(
+            f"| {model} | {stage + 1} | ({channels}, {length}) | {backend} | {fwd_ms:.3f} | {floor_fwd:.3f} "
+            f"| {fwd_ms / floor_fwd:.1f}x | {both_ms:.3f} | {floor_both:.3f} | {both_ms / floor_both:.1f}x |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_scans(backends: list[str], bandwidth: float, repeats: int) -> list[str]:
     rows = [
         "| model | stage | (G·D, L) | backend | fwd ms | fwd floor ms | fwd / floor | fwd+bwd ms | fwd+bwd floor ms "
@@ -97,28 +124,7 @@ def bench_scans(backends: list[str], bandwidth: float, repeats: int) -> list[str
     ]
     for model, width in STAGE1_WIDTH.items():
         for stage, length in enumerate(STAGE_LENGTHS):
-            channels = GROUPS * width * 2**stage
-            inputs = scan_inputs(channels, length)
-            grad_y = torch.randn(BATCH, channels, length, device="cuda")
-            floor_fwd = floor_bytes(channels, length, backward=False) / bandwidth * 1e3
-            floor_both = floor_bytes(channels, length, backward=True) / bandwidth * 1e3
-            for backend in backends:
-                def forward() -> torch.Tensor:
-                    with torch.no_grad():
-                        return selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
-
-                def forward_backward() -> None:
-                    y = selective_scan_fn(**inputs, delta_softplus=True, backend=backend)
-                    torch.autograd.grad(y, list(inputs.values()), grad_y)
-
-                fwd_ms = cuda_time_ms(forward, repeats)
-                both_ms = cuda_time_ms(forward_backward, repeats)
-                rows.append(
-                    f"| {model} | {stage + 1} | ({channels}, {length}) | {backend} | {fwd_ms:.3f} | {floor_fwd:.3f} "
-                    f"| {fwd_ms / floor_fwd:.1f}x | {both_ms:.3f} | {floor_both:.3f} | {both_ms / floor_both:.1f}x |"
-                )
-                print(rows[-1], flush=True)
-            del inputs, grad_y
+            rows += bench_scan_shape(model, stage, GROUPS * width * 2**stage, length, backends, bandwidth, repeats)
             torch.cuda.empty_cache()
     return rows
 

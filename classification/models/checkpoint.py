@@ -21,6 +21,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from classification.utils.checkpoint import crc_mismatch_message, first_crc_mismatch
+
 _logger = logging.getLogger(__name__)
 
 CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
@@ -29,7 +31,6 @@ MAX_LISTED_KEYS = 10  # how many problem keys an error message names before givi
 STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
 EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
 DATA_PARALLEL_PREFIX = "module."
-CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 
 _FILTERS: dict[type, CheckpointFilter] = {}
 
@@ -75,40 +76,6 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
     if damaged:
         raise CheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
     return checkpoint
-
-
-def first_crc_mismatch(path: str | PathLike) -> str | None:
-    """The name of the first record of a ``torch.save`` file whose data does not match its stored CRC-32 (or whose
-    local header is damaged), or None.
-
-    ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
-    flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
-    files and records stored without a CRC (``torch.utils.serialization.config.save.compute_crc32`` off: 0) are not
-    checked.
-
-    Raises:
-        OSError: The file cannot be read.
-        zipfile.BadZipFile: The archive's directory is damaged.
-    """
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive:
-        for record in archive.infolist():
-            if record.CRC == 0:
-                continue
-            try:
-                with archive.open(record) as stream:  # BadZipFile: a bad header, or a CRC mismatch at the end
-                    while stream.read(CRC_READ_BYTES):
-                        pass
-            except zipfile.BadZipFile:
-                return record.filename
-    return None
-
-
-def crc_mismatch_message(record: str) -> str:
-    """What a failed CRC-32 check of ``record`` means and what to do, for error messages."""
-    return (f"its record {record} fails the CRC-32 (or header) check of the zip archive torch.save wrote, which "
-            "torch.load skips: a bit flip on disk or in a copy; use another copy")
 
 
 def has_ema_weights(checkpoint: Mapping[str, object]) -> bool:

@@ -1,1 +1,1 @@
-"""Utilities: checkpoints, distributed helpers, logging, FLOP counting. Imports torch only."""
+"""Utilities: checkpoints, distributed helpers, logging, FLOP counting. They never import the models."""

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
-from classification.models.checkpoint import crc_mismatch_message, first_crc_mismatch
-
 logger = logging.getLogger(__name__)
 
 LATEST_NAME = "checkpoint_latest.pth"
@@ -32,7 +30,42 @@ RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESU
                                "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
 TMP_SUFFIX = ".tmp"
 # What a truncated or garbled file raises from torch.load.
+CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def first_crc_mismatch(path: str | os.PathLike) -> str | None:
+    """The name of the first record of a ``torch.save`` file whose data does not match its stored CRC-32 (or whose
+    local header is damaged), or None.
+
+    ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
+    flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
+    files and records stored without a CRC (``torch.utils.serialization.config.save.compute_crc32`` off: 0) are not
+    checked.
+
+    Raises:
+        OSError: The file cannot be read.
+        zipfile.BadZipFile: The archive's directory is damaged.
+    """
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        for record in archive.infolist():
+            if record.CRC == 0:
+                continue
+            try:
+                with archive.open(record) as stream:  # BadZipFile: a bad header, or a CRC mismatch at the end
+                    while stream.read(CRC_READ_BYTES):
+                        pass
+            except zipfile.BadZipFile:
+                return record.filename
+    return None
+
+
+def crc_mismatch_message(record: str) -> str:
+    """What a failed CRC-32 check of ``record`` means and what to do, for error messages."""
+    return (f"its record {record} fails the CRC-32 (or header) check of the zip archive torch.save wrote, which "
+            "torch.load skips: a bit flip on disk or in a copy; use another copy")
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
