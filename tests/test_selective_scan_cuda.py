@@ -108,7 +108,11 @@ def test_cuda_input_checks_name_the_tensor() -> None:
 def test_cuda_not_built_raises_with_build_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selective_scan_cuda, "_extension", lambda: None)
     assert not selective_scan_cuda.is_available()
-    assert selective_scan_cuda.BUILD_COMMAND in selective_scan_cuda.unavailable_reason()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "make kernels" in selective_scan_cuda.unavailable_reason()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "TORCH_CUDA_ARCH_LIST='8.0' " in selective_scan_cuda.unavailable_reason()
     inputs = make_inputs(CASES[1])
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation ./kernels/selective_scan"):
         selective_scan_cuda.scan(*inputs.values(), True)

@@ -21,7 +21,7 @@ def _triton_version() -> str:
 def _cuda_extension_arch_status(device: torch.device) -> str:
     """Whether the CUDA extension runs on ``device``: a one-element scan, which fails without a kernel image for it."""
     major, minor = torch.cuda.get_device_capability(device)
-    build = f"{selective_scan_cuda.BUILD_COMMAND} (TORCH_CUDA_ARCH_LIST={major}.{minor} for this GPU)"
+    build = selective_scan_cuda.build_command(f"{major}.{minor}")
     if _kernel_module("cuda") is None or not _kernel_module("cuda").is_available():
         return f"not built; build it with: {build}"
     probe = torch.ones(1, 1, 1, device=device)

@@ -25,10 +25,7 @@ _log = logging.getLogger(__name__)
 
 EXTENSION = "defmamba_scan_cuda"
 ACCEPTS_HALF_INPUTS = True
-BUILD_COMMAND = (
-    "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 SELECTIVE_SCAN_CUDA=1 "
-    ".venv/bin/pip install --no-build-isolation ./kernels/selective_scan"
-)
+MAKE_TARGET = "make kernels"  # builds for TORCH_CUDA_ARCH_LIST, else kernels/selective_scan/setup.py's default
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -47,12 +44,20 @@ def is_available() -> bool:
     return _extension() is not None
 
 
+def build_command(arch_list: str) -> str:
+    """The command that builds the extension for the compute capabilities ``arch_list`` (``"9.0"``, ``"8.0;9.0"``)."""
+    return (f"CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST='{arch_list}' SELECTIVE_SCAN_CUDA=1 "
+            ".venv/bin/pip install --no-build-isolation ./kernels/selective_scan")
+
+
 def unavailable_reason() -> str:
-    """One line saying why the backend is unavailable and how to build it."""
-    return (
-        f"the CUDA extension {EXTENSION} is not built; build it with `{BUILD_COMMAND}` "
-        "(set TORCH_CUDA_ARCH_LIST to your GPU's compute capability, e.g. 8.0 for A100, 9.0 for H100)"
-    )
+    """One line saying why the backend is unavailable and how to build it (for this GPU when one is visible)."""
+    if torch.cuda.is_available():
+        how = f"`{build_command('%d.%d' % torch.cuda.get_device_capability())}` (this GPU's architecture)"
+    else:
+        how = (f"`{MAKE_TARGET}`, or `{build_command('X.Y')}` with X.Y your GPU's compute capability (8.0 for A100, "
+               "9.0 for H100)")
+    return f"the CUDA extension {EXTENSION} is not built; build it with {how}"
 
 
 def _input_dtype(u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.dtype:
