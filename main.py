@@ -322,53 +322,55 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
-        mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
-        try:
-            train_stats = train_one_epoch(
-                model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
-                config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
-                clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
-                mixup_fn=data.mixup_fn, mesa_weight=mesa_weight, print_freq=config.PRINT_FREQ,
-                step_hook=save_mid_epoch if config.TRAIN.SAVE_STEPS > 0 else None,
-            )
-        except NonFiniteLossError as err:
-            logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
-            return 1
-        start_step = 0
-        val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
-        ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
-        is_best = val_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, val_stats["acc1"])
-        max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
-        num_updates = (epoch + 1) * updates_per_epoch
-        position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy,
-                        max_accuracy_ema=max_accuracy_ema)
-        save_training_checkpoint(latest_path, **position, **save_kwargs)
-        if is_best:
-            save_training_checkpoint(output_dir / ckpt.BEST_NAME, **position, **save_kwargs)
-        if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
-            save_training_checkpoint(output_dir / ckpt.EPOCH_NAME.format(epoch=epoch), **position, **save_kwargs)
-        if model_ema is not None and ctx.is_main:
-            ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
-                             output_dir / ckpt.EMA_NAME)
-        logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
-                    val_stats["acc5"], max_accuracy,
-                    f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
-        if ctx.is_main:
-            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"val_{k}": v for k, v in val_stats.items()},
-                      **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
-                      "n_parameters": count_parameters(model_without_ddp)}
-            with open(output_dir / JSON_LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    writer.add_scalar(key, value, epoch)
-            writer.flush()
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+            data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
+            mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
+            try:
+                train_stats = train_one_epoch(
+                    model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
+                    config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
+                    clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
+                    mixup_fn=data.mixup_fn, mesa_weight=mesa_weight, print_freq=config.PRINT_FREQ,
+                    step_hook=save_mid_epoch if config.TRAIN.SAVE_STEPS > 0 else None,
+                )
+            except NonFiniteLossError as err:
+                logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
+                return 1
+            start_step = 0
+            val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
+            ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
+            is_best = val_stats["acc1"] > max_accuracy
+            max_accuracy = max(max_accuracy, val_stats["acc1"])
+            max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
+            num_updates = (epoch + 1) * updates_per_epoch
+            position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy,
+                            max_accuracy_ema=max_accuracy_ema)
+            save_training_checkpoint(latest_path, **position, **save_kwargs)
+            if is_best:
+                save_training_checkpoint(output_dir / ckpt.BEST_NAME, **position, **save_kwargs)
+            if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
+                save_training_checkpoint(output_dir / ckpt.EPOCH_NAME.format(epoch=epoch), **position, **save_kwargs)
+            if model_ema is not None and ctx.is_main:
+                ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
+                                 output_dir / ckpt.EMA_NAME)
+            logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
+                        val_stats["acc5"], max_accuracy,
+                        f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
+            if ctx.is_main:
+                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                          **{f"val_{k}": v for k, v in val_stats.items()},
+                          **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
+                          "n_parameters": count_parameters(model_without_ddp)}
+                with open(output_dir / JSON_LOG_NAME, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+                writer.flush()
+    finally:
+        if writer is not None:
+            writer.close()
     logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
                 f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
     return 0
@@ -405,7 +407,7 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
     try:  # a forced backend that cannot run here fails now, before any work, with the reason and the build command
         scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
     except RuntimeError as err:
-        raise ConfigError(f"--scan-backend {config.MODEL.SCAN_BACKEND}: {err}") from err
+        raise ConfigError(f"MODEL.SCAN_BACKEND {config.MODEL.SCAN_BACKEND} (--scan-backend): {err}") from err
     logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
                 ctx.device)
     set_determinism(config, ctx.rank)

@@ -27,6 +27,7 @@ AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("non
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
 RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yields RGB images
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
+YAML_BASE_KEY = "BASE"  # a yaml's list of yaml files (relative to it) merged before it; not a config key
 # The keys whose default None means "the MODEL.NAME variant's value", with an example of the type they take.
 VARIANT_KEY_TYPES = {
     "MODEL.DEFMAMBA.EMBED_DIM": 0, "MODEL.DEFMAMBA.DEPTHS": [0], "MODEL.DEFMAMBA.DROP_PATH_RATE": 0.0,
@@ -35,7 +36,6 @@ VARIANT_KEY_TYPES = {
 }
 
 _C = CN()
-_C.BASE = [""]  # yaml files (relative to the yaml that names them) merged before it; only meaningful inside yaml
 
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per process per step
@@ -77,9 +77,9 @@ _C.MODEL.DEFMAMBA.OFFSET_CHANNEL_ATTENTION = True  # CA: channel attention insid
 _C.MODEL.DAMAMBA = CN()
 _C.MODEL.DAMAMBA.DIMS = None  # stage widths; variant: T [80, 160, 320, 512], S [96, 192, 384, 512], B [112, ..., 640]
 _C.MODEL.DAMAMBA.DEPTHS = None  # blocks per stage; variant: T [3, 4, 12, 5], S [4, 8, 20, 6], B [4, 8, 25, 8]
-_C.MODEL.DAMAMBA.MLP_RATIOS = None  # ConvFFN hidden width / block width, per stage; variant: T, S [4, 4, 3, 3], B [.., 4]
-_C.MODEL.DAMAMBA.LAYERSCALE = None  # 0-based indices of the stages with layer scale ([]: none); variant: T [], S, B [2, 3]
-_C.MODEL.DAMAMBA.DROP_PATH_RATE = None  # stochastic depth, rising linearly to this over all blocks; T 0.15, S 0.4, B 0.5
+_C.MODEL.DAMAMBA.MLP_RATIOS = None  # ConvFFN hidden / block width per stage; variant: T, S [4, 4, 3, 3], B [4, 4, 3, 4]
+_C.MODEL.DAMAMBA.LAYERSCALE = None  # 0-based indices of the layer-scaled stages ([]: none); variant: T [], S, B [2, 3]
+_C.MODEL.DAMAMBA.DROP_PATH_RATE = None  # stochastic depth, linear over the blocks up to this; T 0.15, S 0.4, B 0.5
 
 _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0  # first epoch (overwritten when resuming)
@@ -214,7 +214,7 @@ def _merge_yaml(cfg: CN, path: Path, chain: tuple[Path, ...]) -> None:
             raise ConfigError(f"config file {path} is not valid yaml: {err}") from err
     if not isinstance(overrides, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(overrides).__name__}")
-    bases = overrides.pop("BASE", None) or []
+    bases = overrides.pop(YAML_BASE_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
@@ -238,6 +238,9 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None =
 
     ``text``, when given, is the unparsed command-line value, used as is for a string key it does not parse to.
     """
+    if full_key == YAML_BASE_KEY:
+        raise ConfigError(f"{source}: {YAML_BASE_KEY} is only read inside a yaml file (the yaml files merged before "
+                          "it); give the file with --cfg")
     node = cfg
     *parents, leaf = full_key.split(".")
     for part in parents:

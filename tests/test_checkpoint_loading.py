@@ -1,4 +1,5 @@
 """load_checkpoint: released and own formats, wrappers, clear errors; the converter is a pure renaming."""
+import numpy as np
 import pytest
 import torch
 
@@ -74,20 +75,32 @@ def test_missing_corrupt_and_truncated_files(tmp_path, released):
         load_checkpoint(model, garbage)
 
 
-def test_a_bit_flip_is_caught_unless_the_file_was_saved_without_crcs(tmp_path, released, flip_record_bit, monkeypatch):
-    from torch.utils.serialization import config
-
+def test_a_bit_flip_is_caught_unless_the_file_was_saved_without_crcs(tmp_path, released, flip_record_bit):
     path = tmp_path / "flipped.pth"
     torch.save({"model": released}, path)
     flip_record_bit(path, "data/0")
     with pytest.raises(CheckpointError, match=r"flipped.pth is corrupt: its record \S+/data/0 fails the CRC-32"):
         load_checkpoint(small_model(), path)
-    # A file written with compute_crc32 off stores 0 for every record: nothing to check, so it loads.
-    monkeypatch.setattr(config.save, "compute_crc32", False)
+    # A file written without CRCs stores 0 for every record: nothing to check, so it loads.
     unchecked = tmp_path / "unchecked.pth"
-    torch.save({"model": released}, unchecked)
+    saved_option = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"model": released}, unchecked)
+    finally:
+        torch.serialization.set_crc32_options(saved_option)
     model = small_model()
     load_checkpoint(model, unchecked)
+    assert_weights_equal(model, released)
+
+
+def test_weights_only_names_what_it_refuses(tmp_path, released):
+    path = tmp_path / "training.pth"
+    torch.save({"model": released, "rng": np.random.get_state()}, path)  # numpy state, as our training checkpoints
+    with pytest.raises(CheckpointError, match="training.pth holds objects other than tensors .* weights_only=False"):
+        load_checkpoint(small_model(), path, weights_only=True)
+    model = small_model()
+    load_checkpoint(model, path, weights_only=False)
     assert_weights_equal(model, released)
 
 

@@ -250,6 +250,10 @@ def test_base_given_as_a_string(tmp_path):
     (tmp_path / "bad.yaml").write_text("BASE: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: BASE must be a yaml path or a list of them, got 3"):
         get_config(_args(cfg=str(tmp_path / "bad.yaml")))
+    # BASE belongs to yaml files: not a key of the config, so --opts cannot set it (it would do nothing).
+    with pytest.raises(ConfigError, match=r"--opts: BASE is only read inside a yaml file .* give the file with --cfg"):
+        get_config(_args(opts=["BASE", "['base.yaml']"]))
+    assert "BASE" not in cfg
 
 
 def test_base_cycle_names_the_files(tmp_path):

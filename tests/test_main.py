@@ -112,7 +112,7 @@ def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(
     assert main.main(["--data-path", str(data), "--output", str(forced), "--scan-backend", "cuda", "--eval",
                       "--opts", *TINY_DEFMAMBA, *TINY_DATA]) == 2
     log = (forced / "defmamba_tiny" / "default" / "train.log").read_text()
-    assert "--scan-backend cuda: backend 'cuda' runs on cuda tensors, not cpu" in log
+    assert "MODEL.SCAN_BACKEND cuda (--scan-backend): backend 'cuda' runs on cuda tensors, not cpu" in log
     assert not list((forced / "defmamba_tiny" / "default").glob("*.pth"))
 
 

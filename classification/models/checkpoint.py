@@ -56,12 +56,18 @@ def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
     return None
 
 
+def _unreadable(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated "
+                           f"({err})")
+
+
 def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
     """``torch.load`` of a checkpoint file on the CPU, with errors that name the file.
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
-        CheckpointError: it is corrupt (a record fails its CRC-32 check, see :func:`first_crc_mismatch`) or truncated.
+        CheckpointError: it is corrupt (a record fails its CRC-32 check, see :func:`first_crc_mismatch`) or truncated,
+            or, with ``weights_only``, holds objects the restricted unpickler refuses.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,10 +75,15 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
     try:
         damaged = first_crc_mismatch(path)
         checkpoint = None if damaged else torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated ({err})"
-        ) from err
+    except pickle.UnpicklingError as err:
+        if weights_only:  # its records pass their CRC-32: what failed is the restricted unpickler, not the file
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain containers (e.g. a training config), "
+                f"which weights_only=True refuses; load it with weights_only=False if you trust its source ({err})"
+            ) from err
+        raise _unreadable(path, err) from err
+    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
+        raise _unreadable(path, err) from err
     if damaged:
         raise CheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
     return checkpoint

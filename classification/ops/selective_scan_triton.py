@@ -52,7 +52,7 @@ def is_available() -> bool:
 def unavailable_reason() -> str:
     """One line saying why the backend is unavailable and what to do about it."""
     if triton is None:
-        return "triton is not installed: `.venv/bin/pip install -r requirements.txt` (it pins triton)"
+        return "triton is not installed: `.venv/bin/pip install -r requirements.txt` (it pins triton on Linux)"
     return "triton needs a CUDA device, or TRITON_INTERPRET=1 set before import to run it (slowly) on the CPU"
 
 

@@ -40,7 +40,7 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
 
     ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
     flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
-    files and records stored without a CRC (``torch.utils.serialization.config.save.compute_crc32`` off: 0) are not
+    files and records stored without a CRC (0, after ``torch.serialization.set_crc32_options(False)``) are not
     checked.
 
     Raises:

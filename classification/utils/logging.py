@@ -21,6 +21,7 @@ def setup_logging(output_dir: str | Path | None, rank: int) -> logging.Logger:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()  # a FileHandler of an earlier call (main() run again in-process) would keep its file open
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     formatter = logging.Formatter(LOG_FORMAT if rank == 0 else f"[rank {rank}] {LOG_FORMAT}", DATE_FORMAT)
     console = logging.StreamHandler(sys.stdout)
