@@ -1,10 +1,12 @@
 """Shared pytest fixtures."""
 import logging
 import os
+import signal
 import struct
+import subprocess
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+LOG_TAIL_CHARS = 3000  # of a child run's output, in an assertion message
 ZIP_LOCAL_HEADER_BYTES = 30  # fixed part of a zip local file header; the name and extra-field lengths end it
 ZIP_NAME_LENGTHS_AT = 26
 
@@ -52,3 +56,30 @@ def flip_record_bit() -> Callable[[Path, str], None]:
         path.write_bytes(data)
 
     return flip
+
+
+def log_tail(log: Path) -> str:
+    """The end of a child run's output file, for assertion messages."""
+    return log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+
+@pytest.fixture
+def start_run(tmp_path) -> Iterator[Callable[[str, list[str], dict], tuple[subprocess.Popen, Path]]]:
+    """A function that starts ``command`` with ``env`` from the repository root in its own process group (torchrun's
+    workers included), its output in ``tmp_path/<name>.log``, and returns the process and the log; at teardown every
+    group whose leader still runs is killed, so a failed test leaves no process behind."""
+    runs = []
+
+    def start(name: str, command: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            run = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        runs.append(run)
+        return run, log
+
+    yield start
+    for run in runs:
+        if run.poll() is None:  # not reaped yet, so its process group cannot have been reused
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait()

@@ -1,17 +1,24 @@
 """Selective-scan test cases shared by the backend test files: shapes, random inputs, and the comparison helpers.
 
 A backend test builds inputs with :func:`make_inputs`, runs the backend and ``selective_scan_ref`` through
-:func:`run_scan`, and compares every output with :func:`relative_error` (max |a - b| / max |b|).
+:func:`run_scan`, and compares every output with :func:`relative_error` (max |a - b| / max |b|). A model test that
+runs ``backend="auto"`` on the CPU calls :func:`require_auto_cpu_kernel` so that it covers the C++ kernel.
 """
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 from torch import Tensor
+
+from classification.ops.selective_scan import resolve_backend
 
 INPUT_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 # Tolerances of the issue: float64 against ref in float64, float32 against ref in float64 (relative errors).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+# Set to 1 on a machine that cannot build the C++ CPU kernel (`make test` builds it) to accept its absence.
+ALLOW_NO_CPU_KERNEL_ENV = "DEFMAMBA_ALLOW_NO_CPU_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -144,3 +151,12 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
     scale = expected.abs().max().item()
     return (actual - expected).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def require_auto_cpu_kernel() -> None:
+    """Fails the calling test unless ``auto`` on CPU tensors picks the C++ ``cpu`` kernel, as it does after
+    ``make test`` (which builds it); with DEFMAMBA_ALLOW_NO_CPU_KERNEL=1 it lets ``auto`` run its fallback."""
+    chosen = resolve_backend("auto", "cpu")
+    if chosen != "cpu" and os.environ.get(ALLOW_NO_CPU_KERNEL_ENV) != "1":
+        pytest.fail(f"backend 'auto' on the CPU runs {chosen!r}, not the C++ kernel 'cpu' (`make test` builds it; set "
+                    f"{ALLOW_NO_CPU_KERNEL_ENV}=1 to accept the fallback)", pytrace=False)

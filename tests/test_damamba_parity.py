@@ -13,6 +13,7 @@ import torch
 from classification.models import CheckpointError, load_checkpoint
 from classification.models import damamba
 from classification.models.damamba import DAMamba, checkpoint_filter_fn
+from scan_cases import relative_error, require_auto_cpu_kernel
 
 LOGITS_RTOL = 1e-9
 FEATURES_RTOL = 1e-9
@@ -30,6 +31,8 @@ def release(fixtures_dir):
 
 
 def _model(release, scan_backend: str = "torch") -> DAMamba:
+    if scan_backend == "auto":
+        require_auto_cpu_kernel()
     config = release["config"]
     model = DAMamba(
         num_classes=config["num_classes"], dims=config["dims"], depths=config["depths"],
@@ -40,16 +43,12 @@ def _model(release, scan_backend: str = "torch") -> DAMamba:
     return model
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.mark.parametrize("scan_backend", ["ref", "torch", "auto"])
 def test_eval_logits(release, scan_backend):
     model = _model(release, scan_backend).eval()
     with torch.no_grad():
         logits = model(release["input"])
-    assert _relative_error(logits, release["logits_fp64"]) < LOGITS_RTOL
+    assert relative_error(logits, release["logits_fp64"]) < LOGITS_RTOL
 
 
 @pytest.mark.parametrize("scan_backend", ["torch", "auto"])
@@ -57,8 +56,8 @@ def test_float32_logits_are_as_close_as_the_releases(release, scan_backend):
     model = _model(release, scan_backend).float().eval()
     with torch.no_grad():
         logits = model(release["input"].float())
-    release_fp32_error = _relative_error(release["logits_fp32"].double(), release["logits_fp64"])  # 7e-7
-    assert _relative_error(logits.double(), release["logits_fp64"]) < 10 * release_fp32_error
+    release_fp32_error = relative_error(release["logits_fp32"].double(), release["logits_fp64"])  # 7e-7
+    assert relative_error(logits.double(), release["logits_fp64"]) < 10 * release_fp32_error
 
 
 def test_stem_stage_outputs_offsets_and_samples(release, monkeypatch):
@@ -79,13 +78,13 @@ def test_stem_stage_outputs_offsets_and_samples(release, monkeypatch):
     with torch.no_grad():
         stages = model.forward_intermediates(release["input"], intermediates_only=True)
     expected = release["stage_outputs_fp64"]
-    assert _relative_error(captured["stem"], expected["stem"]) < FEATURES_RTOL
+    assert relative_error(captured["stem"], expected["stem"]) < FEATURES_RTOL
     assert len(stages) == 4
     for index, output in enumerate(stages):
-        assert _relative_error(output, expected[f"stage{index + 1}"]) < FEATURES_RTOL, f"stage {index + 1}"
+        assert relative_error(output, expected[f"stage{index + 1}"]) < FEATURES_RTOL, f"stage {index + 1}"
     debug = release["debug_fp64"]
-    assert _relative_error(captured["offset"], debug[f"{FIRST_BLOCK}.offset"]) < FEATURES_RTOL
-    assert _relative_error(captured["sampled"], debug[f"{FIRST_BLOCK}.sampled"]) < FEATURES_RTOL
+    assert relative_error(captured["offset"], debug[f"{FIRST_BLOCK}.offset"]) < FEATURES_RTOL
+    assert relative_error(captured["sampled"], debug[f"{FIRST_BLOCK}.sampled"]) < FEATURES_RTOL
 
 
 def test_train_loss_and_gradients(release):
@@ -96,7 +95,7 @@ def test_train_loss_and_gradients(release):
     torch.testing.assert_close(loss, release["loss_train_fp64"], rtol=1e-12, atol=0)
 
     released_grads = dict(release["grads_fp64"])
-    assert _relative_error(image.grad, released_grads.pop("input")) < GRADS_RTOL
+    assert relative_error(image.grad, released_grads.pop("input")) < GRADS_RTOL
     expected = checkpoint_filter_fn(released_grads, model)  # released names -> ours, like the weights
     params = dict(model.named_parameters())
     assert set(expected) == set(params), "every parameter has a released gradient and vice versa"
@@ -107,7 +106,7 @@ def test_train_loss_and_gradients(release):
             assert param.grad.abs().max().item() < 1e-12 * largest, name
             assert expected[name].abs().max().item() < 1e-12 * largest, name
         else:
-            assert _relative_error(param.grad, expected[name]) < GRADS_RTOL, name
+            assert relative_error(param.grad, expected[name]) < GRADS_RTOL, name
 
 
 @pytest.mark.parametrize("wrapper", ["bare", "model", "model_ema"])
@@ -132,7 +131,7 @@ def test_timm_pretrained_file_goes_through_the_filter(release, tmp_path):
         dims=(32, 48, 96, 144), depths=(1, 1, 2, 1), layerscale=(2, 3),
     ).double().eval()
     with torch.no_grad():
-        assert _relative_error(model(release["input"]), release["logits_fp64"]) < LOGITS_RTOL
+        assert relative_error(model(release["input"]), release["logits_fp64"]) < LOGITS_RTOL
 
 
 def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, fixtures_dir):

@@ -1,13 +1,15 @@
 """Parity with the released DefMamba: the fixture was produced by running the released code in float64.
 
 The released-format state dict goes through ``load_checkpoint`` (the converter) into our float64 model; eval logits,
-stem and per-stage outputs, the train-mode loss and the gradients of the input and of every parameter must match.
+stem and per-stage outputs, the train-mode loss and the gradients of the input and of every parameter must match,
+with the ``ref`` and ``torch`` scans and with ``auto``, the default, which runs the C++ ``cpu`` kernel.
 """
 import pytest
 import torch
 
 from classification.models import DefMamba, load_checkpoint
 from classification.models.defmamba import checkpoint_filter_fn
+from scan_cases import relative_error, require_auto_cpu_kernel
 
 LOGITS_RTOL = 1e-9
 OUTPUTS_RTOL = 1e-9
@@ -15,18 +17,15 @@ GRADS_RTOL = 1e-7
 INPUT_KEY = "input"  # the input's gradient in grads_fp64
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max abs difference over max abs expected value."""
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.fixture(scope="module")
 def fixture(fixtures_dir):
     return torch.load(fixtures_dir / "official_defmamba_dev.pt", weights_only=False)
 
 
-@pytest.fixture(scope="module", params=["ref", "torch"])
+@pytest.fixture(scope="module", params=["ref", "torch", "auto"])
 def model(request, fixture):
+    if request.param == "auto":
+        require_auto_cpu_kernel()
     config = fixture["config"]
     assert config["dt_rank"] == "auto"
     net = DefMamba(

@@ -3,11 +3,12 @@
 Run as a script, this file is the driver: it trains through ``main.train`` and saves this rank's weights.
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from conftest import log_tail
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_SECONDS = 240
@@ -45,23 +46,20 @@ def _driver() -> None:
     sys.exit(status)
 
 
-def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path):
+def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):
     from test_data import make_image_folder
 
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=3)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     script = str(Path(__file__).resolve())
-    two = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}", script,
-         str(tmp_path), *_main_args(data, tmp_path / "two", GLOBAL_BATCH // WORLD_SIZE)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    one = subprocess.run([sys.executable, script, str(tmp_path), *_main_args(data, tmp_path / "one", GLOBAL_BATCH)],
-                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         timeout=RUN_TIMEOUT_SECONDS)
-    assert one.returncode == 0, one.stdout.decode()[-3000:]
-    two_output = two.communicate(timeout=RUN_TIMEOUT_SECONDS)[0].decode()
-    assert two.returncode == 0, two_output[-3000:]
+    two, two_log = start_run(
+        "two", [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+                script, str(tmp_path), *_main_args(data, tmp_path / "two", GLOBAL_BATCH // WORLD_SIZE)], env)
+    one, one_log = start_run(
+        "one", [sys.executable, script, str(tmp_path), *_main_args(data, tmp_path / "one", GLOBAL_BATCH)], env)
+    assert one.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(one_log)
+    assert two.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(two_log)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in range(WORLD_SIZE))
     single = torch.load(tmp_path / "rank0_of1.pt")
     initial = torch.load(tmp_path / "initial_rank0_of1.pt")

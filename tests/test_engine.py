@@ -15,6 +15,12 @@ from classification.models import build_model
 from classification.optim import build_optimizer, split_weight_decay
 
 
+NUM_STAGES = 4
+# The per-block SSM parameters with two or more dimensions (A_log, the dt bias, the offset-bias table): decayed like
+# the release unless TRAIN.NO_DECAY_SSM.
+SSM_MATRICES = ("A_log", "dt_bias", "deformable.offset_bias_table")
+
+
 def _config(*opts: str):
     return get_config(argparse.Namespace(opts=list(opts)), world_size=1)
 
@@ -48,9 +54,15 @@ def test_weight_decay_groups_of_defmamba():
     decay_ssm, no_decay_ssm = split_weight_decay(model, no_decay_ssm=True)
     assert set(no_decay_ssm) == set(no_decay) | tagged
     assert any("A_log" in n for n in tagged_matrices) and any("offset" in n for n in tagged_matrices)
+    # NO_DECAY_SSM exempts exactly the SSM matrices that decay by default, one set per block; the rest keeps decaying.
+    ssm_matrices = {f"stages.{stage}.blocks.0.mixer.{leaf}" for stage in range(NUM_STAGES) for leaf in SSM_MATRICES}
+    assert set(decay) - set(decay_ssm) == ssm_matrices
+    assert decay_ssm == [n for n in decay if n not in ssm_matrices]
     optimizer = build_optimizer(_config("TRAIN.NO_DECAY_SSM", "True"), model)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+    decay_group = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert decay_group == {id(params[n]) for n in decay if n not in ssm_matrices}
 
 
 def test_weight_decay_name_fallback_and_tag():

@@ -2,13 +2,13 @@
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from conftest import log_tail
 from test_data import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,26 +31,23 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, start_run):
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=2)
     reference_out, killed_out = tmp_path / "reference", tmp_path / "killed"
-    reference = subprocess.Popen(_main_command(data, reference_out), env=_env(), cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    victim = subprocess.Popen(_main_command(data, killed_out), env=_env(), cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reference, reference_log = start_run("reference", _main_command(data, reference_out), _env())
+    victim, victim_log = start_run("victim", _main_command(data, killed_out), _env())
     run_dir = killed_out / "defmamba_tiny" / "default"
     deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
     while not (run_dir / "checkpoint_latest.pth").exists() and victim.poll() is None:
-        assert time.monotonic() < deadline, "no mid-epoch checkpoint appeared"
+        assert time.monotonic() < deadline, f"no mid-epoch checkpoint appeared:\n{log_tail(victim_log)}"
         time.sleep(POLL_SECONDS)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert victim.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{log_tail(victim_log)}"
 
-    resumed = subprocess.run(_main_command(data, killed_out), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, timeout=RUN_TIMEOUT_SECONDS)
-    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
-    assert reference.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, reference.stderr.read().decode()[-3000:]
+    resumed, resumed_log = start_run("resumed", _main_command(data, killed_out), _env())
+    assert resumed.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(resumed_log)
+    assert reference.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(reference_log)
     position = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", (run_dir / "train.log").read_text())
     assert position and int(position.group(2)) > 0, "the restart did not resume in the middle of an epoch"
 
