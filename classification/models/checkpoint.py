@@ -28,6 +28,7 @@ _logger = logging.getLogger(__name__)
 CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
 
 MAX_LISTED_KEYS = 10  # how many problem keys an error message names before giving the count
+MOSTLY_FOREIGN_FRACTION = 0.5  # a failed load sharing fewer of the model's keys than this suggests another family
 STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
 EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
 DATA_PARALLEL_PREFIX = "module."
@@ -190,6 +191,10 @@ def load_checkpoint(
     if strict and unexpected:
         problems.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
     if problems:
+        shared = len(expected) - len(missing)
+        if shared < len(expected) * MOSTLY_FOREIGN_FRACTION:
+            problems.append(f"it holds only {shared} of the model's {len(expected)} keys: a checkpoint of another "
+                            "model family?")
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
         _logger.warning(

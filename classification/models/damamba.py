@@ -400,44 +400,32 @@ def _is_identity_tap(value: Tensor) -> bool:
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Converts a released DAMamba state dict to our names, key by key (values untouched).
 
-    Works on any dict keyed like the parameters (a partial dict, a dict of gradients); keys that are already
-    ``model``'s pass through unchanged. The release's fixed identity taps (``conv_constant``) are checked and dropped:
-    ``x + DW3(x)`` needs no stored tap. Whether the converted dict fits ``model`` (missing, unexpected, mis-shaped
-    keys, e.g. another variant's checkpoint) is checked by :func:`classification.models.load_checkpoint`.
+    Works on any dict keyed like the parameters (a partial dict, a dict of gradients); keys that are not released
+    DAMamba names (ours already, or unknown) pass through unchanged. The release's fixed identity taps
+    (``conv_constant``) are checked and dropped: ``x + DW3(x)`` needs no stored tap. Whether the converted dict fits
+    ``model`` (missing, unexpected, mis-shaped keys, e.g. another variant's or family's checkpoint) is checked by
+    :func:`classification.models.load_checkpoint`.
 
     Args:
         state_dict: Released (or our) names -> tensors.
-        model: The DAMamba the dict is meant for.
+        model: Unused by the renaming; part of timm's filter signature.
 
     Returns:
         Our names -> the same tensors.
 
     Raises:
-        CheckpointError: Keys that are neither ``model``'s nor released DAMamba names (e.g. a DefMamba checkpoint),
-            all listed; or a ``conv_constant`` that is not the 3x3 identity tap.
+        CheckpointError: A ``conv_constant`` that is not the 3x3 identity tap.
     """
-    ours = model.state_dict()
-    converted, unknown = {}, []
+    converted = {}
     for key, value in state_dict.items():
-        if key in ours:
-            converted[key] = value
-        elif _RELEASED_IDENTITY_TAP.fullmatch(key):
+        if _RELEASED_IDENTITY_TAP.fullmatch(key):
             if not _is_identity_tap(value):
                 raise CheckpointError(
                     f"{key}: expected the fixed 3x3 identity tap (1 at the centre, 0 elsewhere), got "
                     f"{value.tolist()}; this residual conv is not x + DW3(x) and cannot be loaded"
                 )
         else:
-            new_key = _convert_key(key)
-            if new_key is None:
-                unknown.append(key)
-            else:
-                converted[new_key] = value
-    if unknown:
-        raise CheckpointError(
-            f"{len(unknown)} keys are neither {type(model).__name__} keys nor released DAMamba keys "
-            f"(a checkpoint of another model family?): {unknown}"
-        )
+            converted[_convert_key(key) or key] = value
     return converted
 
 
