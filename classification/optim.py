@@ -3,8 +3,7 @@
 No weight decay for every 1-D parameter, every name ending in ``.bias`` and the names or keywords the model lists in
 ``no_weight_decay()`` / ``no_weight_decay_keywords()``; every other parameter decays (as in both releases, that
 includes A_log and the offset-bias table). With ``no_decay_ssm`` the SSM parameters are exempt too: those the
-model helpers tagged ``param._no_weight_decay = True`` and, as a fallback, those whose last name component is in
-:data:`SSM_NO_DECAY_NAMES`.
+models tag where they create them (``classification.models.layers.tag_no_weight_decay``).
 """
 import logging
 
@@ -13,10 +12,6 @@ from torch import nn
 from yacs.config import CfgNode
 
 logger = logging.getLogger(__name__)
-
-# Last name components of A_log, D, the dt bias and the offset-bias table in our models and in the releases.
-SSM_NO_DECAY_NAMES = frozenset({"A_log", "A_logs", "D", "Ds", "dt_bias", "dt_projs_bias", "rpe_table",
-                                "offset_bias_table"})
 
 
 def split_weight_decay(model: nn.Module, no_decay_ssm: bool) -> tuple[list[str], list[str]]:
@@ -30,7 +25,7 @@ def split_weight_decay(model: nn.Module, no_decay_ssm: bool) -> tuple[list[str],
         exempt = (param.ndim <= 1 or name.endswith(".bias") or name in skip
                   or any(keyword in name for keyword in keywords))
         if no_decay_ssm:
-            exempt = exempt or getattr(param, "_no_weight_decay", False) or name.split(".")[-1] in SSM_NO_DECAY_NAMES
+            exempt = exempt or getattr(param, "_no_weight_decay", False)
         (no_decay if exempt else decay).append(name)
     return decay, no_decay
 

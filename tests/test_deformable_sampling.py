@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from classification.ops import bilinear_sample, bilinear_sample_ref
+from classification.ops.deformable import pixel_grid
 
 
 def _random_case(batch=2, groups=3, group_channels=4, height=5, width=7, out_hw=(4, 6), spread=2.0, seed=0):
@@ -86,3 +87,14 @@ def test_gradcheck_reference():
 def test_errors_name_the_tensor_and_shape(features_shape, points_shape, match):
     with pytest.raises(ValueError, match=match):
         bilinear_sample(torch.zeros(features_shape), torch.zeros(points_shape))
+
+
+def test_pixel_grid_puts_pixel_i_j_at_x_j_y_i():
+    like = torch.empty(0, dtype=torch.float64)
+    grid = pixel_grid(2, 3, like)
+    assert grid.dtype == torch.float64 and grid.shape == (2, 3, 2)
+    assert grid.tolist() == [[[0, 0], [1, 0], [2, 0]], [[0, 1], [1, 1], [2, 1]]]
+    # Sampling a map at its own pixel grid gives the map back.
+    features = torch.randn(1, 4, 2, 3, dtype=torch.float64)
+    points = grid.expand(1, 2, 2, 3, 2)
+    torch.testing.assert_close(bilinear_sample(features, points), features, rtol=0, atol=1e-15)

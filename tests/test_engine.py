@@ -26,14 +26,14 @@ def _config(*opts: str):
 
 
 class Toy(nn.Module):
-    """A linear classifier with an SSM-like tagged parameter and a name-fallback one."""
+    """A linear classifier with a tagged SSM-like parameter and an untagged one of the same kind."""
 
     def __init__(self, features: int = 6, classes: int = 3):
         super().__init__()
         self.fc = nn.Linear(features, classes)
         self.norm = nn.LayerNorm(features)
-        self.A_log = nn.Parameter(torch.zeros(classes, 2))  # found by name
-        self.table = nn.Parameter(torch.zeros(classes, 2, 2))  # found by tag
+        self.A_log = nn.Parameter(torch.zeros(classes, 2))  # untagged: a name alone exempts nothing
+        self.table = nn.Parameter(torch.zeros(classes, 2, 2))  # tagged
         self.table._no_weight_decay = True
 
     def forward(self, x):
@@ -65,10 +65,10 @@ def test_weight_decay_groups_of_defmamba():
     assert decay_group == {id(params[n]) for n in decay if n not in ssm_matrices}
 
 
-def test_weight_decay_name_fallback_and_tag():
+def test_weight_decay_exempts_tagged_parameters_only():
     decay, no_decay = split_weight_decay(Toy(), no_decay_ssm=True)
-    assert decay == ["fc.weight"]
-    assert set(no_decay) == {"fc.bias", "norm.weight", "norm.bias", "A_log", "table"}
+    assert decay == ["A_log", "fc.weight"]  # model order
+    assert set(no_decay) == {"fc.bias", "norm.weight", "norm.bias", "table"}
     assert sorted(split_weight_decay(Toy(), no_decay_ssm=False)[0]) == ["A_log", "fc.weight", "table"]
 
 

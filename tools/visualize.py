@@ -55,6 +55,7 @@ from classification.models import (
     read_checkpoint,
 )
 from classification.models.defmamba import ScanGeometry
+from classification.ops.deformable import pixel_grid
 
 logger = logging.getLogger("visualize")
 
@@ -180,9 +181,7 @@ def sampling_points(model: nn.Module, image: Tensor, stage: int, block: int, gro
         raise ValueError(f"--group {group}: stage {stage} has sampling groups 0..{target.mixer.groups - 1}")
     points = target.mixer.scan_points(target.norm1(target.pos_embed(x)))  # (1, groups, h, w, 2)
     height, width = points.shape[2:4]
-    rows = torch.arange(height, dtype=points.dtype)[:, None].expand(height, width)
-    cols = torch.arange(width, dtype=points.dtype)[None, :].expand(height, width)
-    return PointSet(torch.stack([cols, rows], dim=-1), points[0, group])
+    return PointSet(pixel_grid(height, width, points), points[0, group])
 
 
 def _require_defmamba(model: nn.Module, figure: str) -> None:

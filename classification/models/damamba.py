@@ -12,7 +12,6 @@ flattens the samples in raster order and runs a d_state = 1 selective scan over 
 (``classification.ops.selective_scan_fn``, which returns ``y_t = C_t h_t + D u_t``: exactly the release's
 scan-returns-h, then-``h * C + D * u``-in-PyTorch computation, so no extra scan mode is needed).
 """
-import math
 import re
 
 import torch
@@ -20,22 +19,27 @@ from einops import rearrange
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
 from torch import Tensor, nn
 
-from ..ops.deformable import bilinear_sample
+from ..ops.deformable import NUM_COORDS, bilinear_sample, pixel_grid
 from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import CheckpointError, register_checkpoint_filter
-from .layers import Backbone, create_backbone, imagenet_default_cfgs, linear_drop_path_rates, run_blocks
+from .layers import (
+    DOWNSAMPLE_STRIDE,
+    Backbone,
+    create_backbone,
+    default_dt_rank,
+    imagenet_default_cfgs,
+    init_dt_bias_,
+    linear_drop_path_rates,
+    run_blocks,
+    tag_no_weight_decay,
+)
 from .registry import register_model
 
 LN_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
-DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
-DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias) range and floor
 INIT_STD = 0.02  # trunc-normal std of every conv and linear weight
-NUM_COORDS = 2  # an offset is (dx, dy)
-DOWNSAMPLE_STRIDE = 2  # of every downsampling conv: two in the stem, one at the start of each later stage
-STEM_DOWNSAMPLINGS = 2
+STEM_DOWNSAMPLINGS = 2  # stride-2 convs in the stem; each later stage starts with one
 STEM_STRIDE = DOWNSAMPLE_STRIDE**STEM_DOWNSAMPLINGS
-NUM_STAGES = 4
 
 
 class ResidualDepthwiseConv(nn.Module):
@@ -97,7 +101,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
         if dim % head_dim:
             raise ValueError(f"width {dim} is not a multiple of head_dim {head_dim}")
         self.groups = dim // head_dim
-        self.dt_rank = math.ceil(dim / DT_RANK_DIVISOR)
+        self.dt_rank = default_dt_rank(dim)
         self.scan_backend = scan_backend
         self.scan_fn = selective_scan_fn  # replaceable (utils/flops.py swaps in a shape-only stand-in)
         self.in_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
@@ -106,11 +110,9 @@ class DynamicAdaptiveScanSSM(nn.Module):
         self.offset = AdaptiveOffset(dim, self.groups)
         self.x_proj = nn.Linear(dim, self.dt_rank + 2 * D_STATE, bias=False)  # rows: dt (dt_rank), B, C
         self.dt_proj = nn.Linear(self.dt_rank, dim, bias=False)
-        self.dt_bias = nn.Parameter(torch.empty(dim))
-        self.A_log = nn.Parameter(torch.empty(dim, D_STATE))
-        self.D = nn.Parameter(torch.empty(dim))
-        for param in (self.A_log, self.D, self.dt_bias):
-            param._no_weight_decay = True  # optional exemption; the release's optimizer decays A_log
+        self.dt_bias = tag_no_weight_decay(nn.Parameter(torch.empty(dim)))
+        self.A_log = tag_no_weight_decay(nn.Parameter(torch.empty(dim, D_STATE)))
+        self.D = tag_no_weight_decay(nn.Parameter(torch.empty(dim)))
         self.out_norm = LayerNorm2d(dim, eps=LN_EPS)
         self.out_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
         self.reset_ssm_parameters()
@@ -121,9 +123,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
         dim = self.D.shape[0]
         nn.init.uniform_(self.x_proj.weight, -dim**-0.5, dim**-0.5)  # nn.Linear's default
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
-        log_dt = torch.rand_like(self.dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
-        dt = log_dt.exp().clamp(min=DT_FLOOR)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus, so softplus(dt_bias) = dt
+        init_dt_bias_(self.dt_bias)
         self.A_log.zero_()  # A = -1
         self.D.fill_(1.0)
 
@@ -135,10 +135,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
     def sampling_points(self, offsets: Tensor) -> Tensor:
         """(batch, height, width, groups * 2) pixel offsets -> points (batch, groups, height, width, 2) as (x, y)."""
         height, width = offsets.shape[1:3]
-        rows = torch.arange(height, device=offsets.device, dtype=offsets.dtype)
-        cols = torch.arange(width, device=offsets.device, dtype=offsets.dtype)
-        reference = torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)  # (height, width, 2): (j, i)
-        return rearrange(offsets, "b h w (g xy) -> b g h w xy", xy=NUM_COORDS) + reference
+        return rearrange(offsets, "b h w (g xy) -> b g h w xy", xy=NUM_COORDS) + pixel_grid(height, width, offsets)
 
     def scan_points(self, x: Tensor) -> Tensor:
         """Where each group samples for mixer input ``x`` (batch, dim, height, width): the points :meth:`forward` uses.

@@ -33,24 +33,28 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from ..ops.deformable import bilinear_sample, scan_order, sort_tokens_straight_through, unsort_tokens
+from ..ops.deformable import bilinear_sample, pixel_grid, scan_order, sort_tokens_straight_through, unsort_tokens
 from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import register_checkpoint_filter
 from .layers import (
+    DOWNSAMPLE_STRIDE,
+    NUM_STAGES,
     Backbone,
     channels_first_to_last,
     channels_last_to_first,
     create_backbone,
+    default_dt_rank,
     imagenet_default_cfgs,
+    init_dt_bias_,
     linear_drop_path_rates,
     run_blocks,
+    tag_no_weight_decay,
     trunc_normal_linear_init,
 )
 from .registry import register_model
 
 __all__ = ["DefMamba", "SCAN_BRANCHES", "ScanOptions", "checkpoint_filter_fn", "scan_branch_order"]
 
-NUM_STAGES = 4
 # Scan branches: raster, reversed raster, the deformable sequence, the boustrophedon ("snake") raster of PlainMamba's
 # continuous scan, and raster order inside non-overlapping windows (LocalMamba). The released model uses the first 3.
 FORWARD, BACKWARD, DEFORMABLE, CONTINUOUS, LOCAL = "forward", "backward", "deformable", "continuous", "local"
@@ -59,20 +63,11 @@ RELEASED_SCAN_BRANCHES = (FORWARD, BACKWARD, DEFORMABLE)
 DEFAULT_LOCAL_WINDOW = 7  # side of LocalMamba-style windows (divides the 56/28/14/7 maps of a 224 input)
 NUM_POINT_OFFSET_CHANNELS = 2  # (y, x) point offset; the scan-index offset adds 1 channel
 POINT_OFFSET_Y, POINT_OFFSET_X = range(NUM_POINT_OFFSET_CHANNELS)
-STEM_STRIDE = 4
-DOWNSAMPLE_STRIDE = 2
-DT_RANK_DIVISOR = 16  # dt_rank = ceil(width / 16)
+STEM_STRIDE = DOWNSAMPLE_STRIDE**2  # the stem's two stride-2 convs
 CHANNEL_ATTENTION_REDUCTION = 16
 OFFSET_BIAS_TABLE_SIZE = 7
 OFFSET_BIAS_TABLE_STD = 0.01
-DT_MIN, DT_MAX, DT_INIT_FLOOR = 0.001, 0.1, 1e-4
 LAYER_NORM_EPS = 1e-5
-
-
-def _no_weight_decay(param: nn.Parameter) -> nn.Parameter:
-    """Tags ``param`` for the optional weight-decay exemption (TRAIN.NO_DECAY_SSM); the release decays it."""
-    param._no_weight_decay = True
-    return param
 
 
 class Stem(nn.Module):
@@ -80,10 +75,10 @@ class Stem(nn.Module):
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=DOWNSAMPLE_STRIDE, padding=1)
         self.norm1 = nn.LayerNorm(dim // 2, eps=LAYER_NORM_EPS)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=DOWNSAMPLE_STRIDE, padding=1)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -216,7 +211,7 @@ class DeformableScan(nn.Module):
         )
         self.offset_bias_table = None
         if offset_bias:
-            self.offset_bias_table = _no_weight_decay(
+            self.offset_bias_table = tag_no_weight_decay(
                 nn.Parameter(torch.empty(dim, OFFSET_BIAS_TABLE_SIZE, OFFSET_BIAS_TABLE_SIZE))
             )
             nn.init.trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
@@ -234,9 +229,7 @@ class DeformableScan(nn.Module):
         """(H, W, 2) pixel (x, y): the points at zero point offset (the pixels themselves when DP is off)."""
         if self.deform_points:
             return self.deformed_points(like.new_zeros(1, NUM_POINT_OFFSET_CHANNELS, height, width))[0]
-        rows = torch.arange(height, dtype=like.dtype, device=like.device)
-        cols = torch.arange(width, dtype=like.dtype, device=like.device)
-        return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)
+        return pixel_grid(height, width, like)
 
     def offset_bias(self, points: Tensor, height: int, width: int) -> Tensor:
         """The offset-bias table resized to (height, width), sampled at the displacement of each deformed point.
@@ -400,7 +393,7 @@ class DSSM(nn.Module):
         inner = int(ssm_ratio * dim)
         self.inner = inner
         self.d_state = d_state
-        self.dt_rank = dt_rank if dt_rank is not None else math.ceil(inner / DT_RANK_DIVISOR)
+        self.dt_rank = dt_rank if dt_rank is not None else default_dt_rank(inner)
         self.scan_backend = scan_backend
         self.scan_fn = selective_scan_fn  # replaceable (utils/flops.py swaps in a shape-only stand-in)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
@@ -413,9 +406,9 @@ class DSSM(nn.Module):
         )
         self.x_proj_weight = nn.Parameter(torch.empty(num_branches, self.dt_rank + 2 * d_state, inner))
         self.dt_proj_weight = nn.Parameter(torch.empty(num_branches, inner, self.dt_rank))
-        self.dt_bias = _no_weight_decay(nn.Parameter(torch.empty(num_branches, inner)))
-        self.A_log = _no_weight_decay(nn.Parameter(torch.empty(num_branches * inner, d_state)))
-        self.D = _no_weight_decay(nn.Parameter(torch.empty(num_branches * inner)))
+        self.dt_bias = tag_no_weight_decay(nn.Parameter(torch.empty(num_branches, inner)))
+        self.A_log = tag_no_weight_decay(nn.Parameter(torch.empty(num_branches * inner, d_state)))
+        self.D = tag_no_weight_decay(nn.Parameter(torch.empty(num_branches * inner)))
         self.out_proj = nn.Linear(inner, dim, bias=False)
         self.reset_ssm_parameters()
 
@@ -427,9 +420,7 @@ class DSSM(nn.Module):
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
         dt_bound = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj_weight, -dt_bound, dt_bound)
-        log_dt = torch.rand_like(self.dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
-        dt = torch.exp(log_dt).clamp(min=DT_INIT_FLOOR)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        init_dt_bias_(self.dt_bias)
         state_index = torch.arange(1, self.d_state + 1, dtype=self.A_log.dtype, device=self.A_log.device)
         self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
         nn.init.ones_(self.D)

@@ -14,7 +14,11 @@
 - :meth:`Backbone.final_norm`: the head's normalisation of the last map (channels-first in and out), applied to the
   last intermediate when ``forward_intermediates(norm=True)``; ``nn.Identity``-like when the family has none there;
 - :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
+
+Also shared: the four-stage layout constants and the Mamba SSM parameter helpers (dt rank, dt-bias initialisation,
+the weight-decay exemption tag).
 """
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +30,29 @@ from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
+NUM_STAGES = 4  # both families: four stages, each at half the resolution of the one before
+DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
+DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias): log-uniform in [DT_MIN, DT_MAX], floored
+
+
+def default_dt_rank(width: int) -> int:
+    """Mamba's rank of the dt projection of an SSM with ``width`` channels."""
+    return math.ceil(width / DT_RANK_DIVISOR)
+
+
+@torch.no_grad()
+def init_dt_bias_(dt_bias: Tensor) -> None:
+    """Fills ``dt_bias`` so that softplus(dt_bias) is log-uniform in [DT_MIN, DT_MAX], floored at DT_FLOOR (Mamba)."""
+    log_dt = torch.rand_like(dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+    dt = log_dt.exp().clamp(min=DT_FLOOR)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus, so softplus(dt_bias) = dt
+
+
+def tag_no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Tags ``param`` for the optional weight-decay exemption (TRAIN.NO_DECAY_SSM); both releases decay it."""
+    param._no_weight_decay = True
+    return param
 
 
 def trunc_normal_linear_init(module: nn.Module, std: float = 0.02) -> None:

@@ -38,6 +38,13 @@ def _check_inputs(features: Tensor, points: Tensor) -> tuple[int, int]:
     return groups, channels // groups
 
 
+def pixel_grid(height: int, width: int, like: Tensor) -> Tensor:
+    """(height, width, 2): the point ``(x, y) = (j, i)`` of every pixel ``(i, j)``, in ``like``'s dtype and device."""
+    rows = torch.arange(height, dtype=like.dtype, device=like.device)
+    cols = torch.arange(width, dtype=like.dtype, device=like.device)
+    return torch.stack(torch.meshgrid(cols, rows, indexing="xy"), dim=-1)
+
+
 def bilinear_sample(features: Tensor, points: Tensor) -> Tensor:
     """Samples each channel group of ``features`` at its own points, bilinearly, with zero padding.
 
