@@ -16,10 +16,11 @@ from typing import Any, Callable
 import yaml
 from yacs.config import CfgNode as CN
 
+from classification.ops.selective_scan import BACKENDS
+
 AMP_MODES = ("bf16", "fp16", "off")
 MODEL_TYPES = ("defmamba", "damamba")
-SCAN_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch", "ref")
-SCAN_BRANCHES = ("forward", "backward", "deformable", "continuous", "local")  # DefMamba's scan sequences (Table 4)
+SCAN_BACKENDS = ("auto", *BACKENDS)
 # What timm's str_to_interp_mode maps; the train and eval transforms both use DATA.INTERPOLATION, so timm's
 # train-only "random" is not among them.
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
@@ -67,7 +68,7 @@ _C.MODEL.DEFMAMBA.MLP_RATIO = 4.0  # MLP hidden width / block width
 _C.MODEL.DEFMAMBA.DROP_RATE = 0.0  # dropout inside the MLP
 _C.MODEL.DEFMAMBA.DROP_PATH_RATE = None  # stochastic depth, rising linearly to this over all blocks; T, S 0.2, B 0.4
 # Ablation switches (paper Tables 4 and 5); the defaults are the released model.
-_C.MODEL.DEFMAMBA.SCAN_BRANCHES = ["forward", "backward", "deformable"]  # scan sequences, distinct, from SCAN_BRANCHES
+_C.MODEL.DEFMAMBA.SCAN_BRANCHES = ["forward", "backward", "deformable"]  # scan sequences (defmamba.SCAN_BRANCHES)
 _C.MODEL.DEFMAMBA.LOCAL_WINDOW = 7  # window side of the "local" branch (raster inside non-overlapping windows)
 _C.MODEL.DEFMAMBA.DEFORM_POINTS = True  # DP: sample at learned point offsets (off: each token reads its own pixel)
 _C.MODEL.DEFMAMBA.DEFORM_ORDER = True  # DT: scan the deformable sequence in learned order (off: raster order)
@@ -264,26 +265,6 @@ def merge_opts(cfg: CN, opts: list[str]) -> None:
         _set_key(cfg, full_key, _parse_value(text), "--opts", text=text)
 
 
-def _validate_scan_ablation(defmamba: CN) -> None:
-    """Checks the DefMamba scan switches: known, distinct branches; deformable switches only with that branch."""
-    branches = list(defmamba.SCAN_BRANCHES)
-    unknown = [branch for branch in branches if branch not in SCAN_BRANCHES]
-    if not branches or unknown:
-        raise ConfigError(f"MODEL.DEFMAMBA.SCAN_BRANCHES must be a non-empty list of names from {SCAN_BRANCHES}, "
-                          f"got {branches}" + (f" (unknown: {unknown})" if unknown else ""))
-    repeated = sorted({branch for branch in branches if branches.count(branch) > 1})
-    if repeated:
-        raise ConfigError(f"MODEL.DEFMAMBA.SCAN_BRANCHES must not repeat a branch, got {branches} "
-                          f"(repeated: {repeated})")
-    if defmamba.LOCAL_WINDOW < 1:
-        raise ConfigError(f"MODEL.DEFMAMBA.LOCAL_WINDOW must be >= 1, got {defmamba.LOCAL_WINDOW}")
-    switches_off = [f"MODEL.DEFMAMBA.{key}" for key in ("DEFORM_POINTS", "DEFORM_ORDER", "OFFSET_BIAS",
-                                                        "OFFSET_CHANNEL_ATTENTION") if not defmamba[key]]
-    if switches_off and "deformable" not in branches:
-        raise ConfigError(f"{', '.join(switches_off)} False only applies to the 'deformable' scan branch, which "
-                          f"MODEL.DEFMAMBA.SCAN_BRANCHES {branches} lacks: add it or leave the switches True")
-
-
 def _validate_auto_augment(policy: str) -> None:
     """Checks AUG.AUTO_AUGMENT by building it with the timm function that ``create_transform`` would call."""
     if policy in AUTO_AUGMENT_OFF:
@@ -350,7 +331,6 @@ def validate(cfg: CN) -> None:
     if cfg.MODEL.IN_CHANS != RGB_CHANNELS and not cfg.THROUGHPUT_MODE:
         raise ConfigError(f"MODEL.IN_CHANS must be {RGB_CHANNELS} for training and evaluation (the data pipeline "
                           f"yields RGB images), got {cfg.MODEL.IN_CHANS}; other values only with --throughput")
-    _validate_scan_ablation(cfg.MODEL.DEFMAMBA)
     if cfg.TRAIN.MESA.WEIGHT > 0 and not cfg.TRAIN.EMA.ENABLE:
         raise ConfigError("TRAIN.MESA.WEIGHT > 0 needs the EMA teacher: set TRAIN.EMA.ENABLE True")
     if not 0.0 < cfg.DATA.CROP_PCT <= 1.0:

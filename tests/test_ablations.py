@@ -324,19 +324,19 @@ def test_flops_follow_the_branch_count_and_the_sampling_switches():
 
 # ----------------------------------------------------------------------------------------------- configs, training
 def test_config_keys_match_the_model_and_bad_values_name_the_key():
-    assert config_module.SCAN_BRANCHES == SCAN_BRANCHES
     assert tuple(config_module.get_defaults().MODEL.DEFMAMBA.SCAN_BRANCHES) == ScanOptions().branches
     cases = [
-        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "['forward', 'zigzag']"], r"SCAN_BRANCHES must be .*'continuous'.*zigzag"),
-        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "[]"], r"SCAN_BRANCHES must be a non-empty"),
-        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "['local', 'local']"], r"SCAN_BRANCHES must not repeat.*local"),
-        (["MODEL.DEFMAMBA.LOCAL_WINDOW", "0"], r"LOCAL_WINDOW must be >= 1"),
+        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "['forward', 'zigzag']"], r"scan_branches must be .*'continuous'.*zigzag"),
+        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "[]"], r"scan_branches must be a non-empty"),
+        (["MODEL.DEFMAMBA.SCAN_BRANCHES", "['local', 'local']"], r"scan_branches must be .*distinct.*'local', 'local'"),
+        (["MODEL.DEFMAMBA.LOCAL_WINDOW", "0"], r"local_window must be >= 1"),
         (["MODEL.DEFMAMBA.SCAN_BRANCHES", "['forward']", "MODEL.DEFMAMBA.OFFSET_BIAS", "False"],
-         r"MODEL\.DEFMAMBA\.OFFSET_BIAS False only applies to the 'deformable'"),
+         r"offset_bias False only applies to the 'deformable'"),
     ]
-    for opts, message in cases:
-        with pytest.raises(ConfigError, match=message):
-            get_config(argparse.Namespace(opts=opts), world_size=1)
+    for opts, message in cases:  # the model checks the values; build_model names the config section
+        with pytest.raises(ConfigError, match=r"MODEL\.NAME 'defmamba_tiny' with the MODEL\.DEFMAMBA\.\* keys: "
+                           + message):
+            build_model(get_config(argparse.Namespace(opts=opts), world_size=1))
     with pytest.raises(ValueError, match="non-empty set of distinct names"):
         ScanOptions(branches=("forward", "forward"))
     with pytest.raises(ValueError, match="deform_order False only applies"):
