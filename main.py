@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
-from classification.config import AMP_MODES, SCAN_BACKENDS, ConfigError, get_config
+from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config
 from classification.data.build import DatasetError, build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
@@ -42,12 +42,11 @@ from classification.utils.logging import setup_logging
 
 logger = logging.getLogger("main")
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 JSON_LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
-# Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
+# Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError)
 
 

@@ -13,12 +13,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 import yaml
 from yacs.config import CfgNode as CN
 
 from classification.ops.selective_scan import BACKENDS
 
-AMP_MODES = ("bf16", "fp16", "off")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # AMP -> autocast dtype (None: off)
+AMP_MODES = tuple(AMP_DTYPES)
 MODEL_TYPES = ("defmamba", "damamba")
 SCAN_BACKENDS = ("auto", *BACKENDS)
 # What timm's str_to_interp_mode maps; the train and eval transforms both use DATA.INTERPOLATION, so timm's

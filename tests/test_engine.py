@@ -165,7 +165,7 @@ def test_evaluate_top1_top5_match_hand_count():
 
 def test_throughput_reports_rate_and_device():
     result = throughput(nn.Conv2d(3, 4, 3), batch_size=2, img_size=8, in_chans=3, device=torch.device("cpu"),
-                        iters=2, warmup_iters=1)
+                        amp_dtype=None, iters=2, warmup_iters=1)
     assert result["images_per_sec"] > 0 and result["device"].startswith("cpu")
 
 

@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from classification.config import AMP_MODES, ConfigError, get_config
+from classification.config import AMP_DTYPES, AMP_MODES, ConfigError, get_config
 from classification.engine import describe_device, throughput
 from classification.models import build_model, create_model, is_model, list_models
-from classification.utils.flops import model_flops
+from classification.utils.flops import input_channels, model_flops
 
 logger = logging.getLogger("model_table")
 
 DEFAULT_MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 YAML_SUFFIXES = (".yaml", ".yml")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 DEVICE_TYPES = ("cpu", "cuda")  # what engine.throughput synchronises and engine.describe_device names
 CSV_COLUMNS = ("model", "params", "gflops", "images_per_sec", "img_size", "batch_size", "amp", "device")
 GIGA = 1e9
@@ -77,7 +76,7 @@ def build(spec: str) -> tuple[nn.Module, int]:
         return build_model(config), config.MODEL.IN_CHANS
     if is_model(spec):
         model = create_model(spec)
-        return model, next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+        return model, input_channels(model)
     raise ValueError(f"{spec!r} is neither a registered model ({', '.join(list_models())}) nor a yaml config "
                      f"path ({' / '.join(YAML_SUFFIXES)})")
 

@@ -56,6 +56,7 @@ from classification.models import (
 )
 from classification.models.defmamba import ScanGeometry
 from classification.ops.deformable import pixel_grid
+from classification.utils.flops import input_channels
 
 logger = logging.getLogger("visualize")
 
@@ -110,7 +111,7 @@ def load_image(path: str | None, size: int) -> np.ndarray:
 
 def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
     """(S, S, 3) uint8 -> (1, 3, S, S) float32, normalised with the model's ``pretrained_cfg`` mean and std."""
-    in_chans = next(module for module in model.modules() if isinstance(module, nn.Conv2d)).in_channels
+    in_chans = input_channels(model)
     if in_chans != image.shape[-1]:
         raise ValueError(f"the model takes {in_chans}-channel images; the figures use RGB images (3 channels)")
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)

@@ -22,10 +22,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .selective_scan import HALF_DTYPES, _canonical_inputs, eager_selective_scan
+from .selective_scan import HALF_DTYPES, NUM_TENSOR_INPUTS, _canonical_inputs, eager_selective_scan
 
 LIBRARY = "defmamba"
-NUM_TENSOR_INPUTS = 7  # u, delta, A, B, C, D, delta_bias
 
 
 def _output_dtype(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 BACKENDS = ("ref", "torch") + KERNEL_BACKENDS
+NUM_TENSOR_INPUTS = 7  # of selective_scan_fn and the kernels: u, delta, A, B, C, D, delta_bias
 # Device types each compiled backend runs on; Triton's interpreter (TRITON_INTERPRET=1) also runs it on CPU tensors.
 KERNEL_DEVICE_TYPES = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 TRITON_INTERPRETER_DEVICE_TYPES = ("cuda", "cpu")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .selective_scan import refuse_double_backward
+from .selective_scan import NUM_TENSOR_INPUTS, refuse_double_backward
 
 try:
     import defmamba_scan_cpu as _extension
@@ -66,7 +66,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         delta_bias: Tensor | None,
         delta_softplus: bool,
     ) -> Tensor:
-        needs_grad = any(ctx.needs_input_grad[:7])
+        needs_grad = any(ctx.needs_input_grad[:NUM_TENSOR_INPUTS])
         y, checkpoints = _extension.forward(u, delta, A, B, C, D, delta_bias, delta_softplus, needs_grad)
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
@@ -77,7 +77,8 @@ class _SelectiveScanCpu(torch.autograd.Function):
         refuse_double_backward("cpu")
         u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
         grads = _extension.backward(grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, checkpoints)
-        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:7])) + (None,)
+        needed = ctx.needs_input_grad[:NUM_TENSOR_INPUTS]
+        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,)  # None: delta_softplus
 
 
 def scan(

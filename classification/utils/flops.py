@@ -88,7 +88,8 @@ def _counting_mode(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-def _input_channels(model: nn.Module) -> int:
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images ``model`` takes: the ``in_channels`` of its first Conv2d."""
     first_conv = next((module for module in model.modules() if isinstance(module, nn.Conv2d)), None)
     if first_conv is None:
         raise ValueError(f"{type(model).__name__} has no Conv2d to read the input channels from")
@@ -119,7 +120,7 @@ def model_flops(
     if include_sampling is None:
         include_sampling = getattr(type(model), "flops_include_sampling", True)
     reference = next(model.parameters())
-    image = torch.zeros(1, _input_channels(model), height, width, dtype=reference.dtype, device=reference.device)
+    image = torch.zeros(1, input_channels(model), height, width, dtype=reference.dtype, device=reference.device)
 
     scan_flops: list[int] = []
 
