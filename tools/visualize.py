@@ -90,12 +90,17 @@ class PointSet(NamedTuple):
     points: Tensor
 
 
+class UsageError(ValueError):
+    """A command-line value the figures cannot use (an image, a stage, block, position or group); reported in one
+    line. Other errors, from inside the model, keep their traceback."""
+
+
 def load_image(path: str | None, size: int) -> np.ndarray:
     """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is not a readable image (the message names it).
+        UsageError: ``path`` is not a readable image (the message names it).
     """
     if path is None:
         image = Image.fromarray(skimage.data.chelsea())
@@ -106,14 +111,14 @@ def load_image(path: str | None, size: int) -> np.ndarray:
     except FileNotFoundError:
         raise
     except IMAGE_ERRORS as err:
-        raise ValueError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
+        raise UsageError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
 
 
 def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
     """(S, S, 3) uint8 -> (1, 3, S, S) float32, normalised with the model's ``pretrained_cfg`` mean and std."""
     in_chans = input_channels(model)
     if in_chans != image.shape[-1]:
-        raise ValueError(f"the model takes {in_chans}-channel images; the figures use RGB images (3 channels)")
+        raise UsageError(f"the model takes {in_chans}-channel images; the figures use RGB images (3 channels)")
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 255
@@ -121,12 +126,12 @@ def to_model_input(image: np.ndarray, model: nn.Module) -> Tensor:
 
 
 def check_block(model: nn.Module, stage: int, block: int) -> None:
-    """Raises a ValueError naming the valid range when ``stage`` / ``block`` do not exist in ``model``."""
+    """Raises a UsageError naming the valid range when ``stage`` / ``block`` do not exist in ``model``."""
     if not 0 <= stage < len(model.stages):
-        raise ValueError(f"--stage {stage}: the model has stages 0..{len(model.stages) - 1}")
+        raise UsageError(f"--stage {stage}: the model has stages 0..{len(model.stages) - 1}")
     num_blocks = len(model.stages[stage].blocks)
     if not 0 <= block < num_blocks:
-        raise ValueError(f"--block {block}: stage {stage} has blocks 0..{num_blocks - 1}")
+        raise UsageError(f"--block {block}: stage {stage} has blocks 0..{num_blocks - 1}")
 
 
 def block_input(model: nn.Module, image: Tensor, stage: int, block: int) -> Tensor:
@@ -147,10 +152,10 @@ def block_input(model: nn.Module, image: Tensor, stage: int, block: int) -> Tens
 
 
 def check_position(position: tuple[int, int], map_size: tuple[int, int], stage: int, block: int) -> None:
-    """Raises a ValueError naming the map size when the (row, col) ``position`` is outside the block's token map."""
+    """Raises a UsageError naming the map size when the (row, col) ``position`` is outside the block's token map."""
     (row, col), (height, width) = position, map_size
     if not (0 <= row < height and 0 <= col < width):
-        raise ValueError(f"--position {row} {col}: stage {stage} block {block} has a {height}x{width} token map "
+        raise UsageError(f"--position {row} {col}: stage {stage} block {block} has a {height}x{width} token map "
                          f"for this image size")
 
 
@@ -159,7 +164,7 @@ def _scan_geometry(model: DefMamba, image: Tensor, stage: int, block: int) -> Sc
     x = block_input(model, image, stage, block)
     target = model.stages[stage].blocks[block]
     if target.mixer.deformable is None:
-        raise ValueError(f"stage {stage} block {block} has no deformable branch "
+        raise UsageError(f"stage {stage} block {block} has no deformable branch "
                          f"(scan branches {target.mixer.scan_branches})")
     features, _ = target.mixer.scan_features(target.norm1(x))
     return target.mixer.deformable.scan_geometry(features)
@@ -175,11 +180,11 @@ def sampling_points(model: nn.Module, image: Tensor, stage: int, block: int, gro
         geometry = _scan_geometry(model, image, stage, block)
         return PointSet(geometry.reference_points, geometry.points[0])
     if not isinstance(model, DAMamba):
-        raise ValueError(f"sampling points need a DefMamba or a DAMamba, got {type(model).__name__}")
+        raise UsageError(f"sampling points need a DefMamba or a DAMamba, got {type(model).__name__}")
     x = block_input(model, image, stage, block)
     target = model.stages[stage].blocks[block]
     if not 0 <= group < target.mixer.groups:
-        raise ValueError(f"--group {group}: stage {stage} has sampling groups 0..{target.mixer.groups - 1}")
+        raise UsageError(f"--group {group}: stage {stage} has sampling groups 0..{target.mixer.groups - 1}")
     points = target.mixer.scan_points(target.norm1(target.pos_embed(x)))  # (1, groups, h, w, 2)
     height, width = points.shape[2:4]
     return PointSet(pixel_grid(height, width, points), points[0, group])
@@ -187,7 +192,7 @@ def sampling_points(model: nn.Module, image: Tensor, stage: int, block: int, gro
 
 def _require_defmamba(model: nn.Module, figure: str) -> None:
     if not isinstance(model, DefMamba):
-        raise ValueError(f"the {figure} figure needs a DefMamba (scan branches), got {type(model).__name__}")
+        raise UsageError(f"the {figure} figure needs a DefMamba (scan branches), got {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -374,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     try:
         model, img_size = build(args)
         image = load_image(args.image, img_size)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, UsageError) as err:
         raise SystemExit(f"visualize: {err}") from err
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
@@ -398,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
                 data[name] = scan_orders(model, batch, args.stage, args.block)
             else:
                 data[name] = effective_receptive_fields(model, batch, args.stage, args.block, position)
-    except ValueError as err:
+    except UsageError as err:
         raise SystemExit(f"visualize: {err}") from err
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
