@@ -25,7 +25,7 @@ def test_module_entry_point_prints_the_report():
 
 def test_cuda_not_built_line_gives_the_architecture_of_this_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    monkeypatch.setattr(report, "_kernel_module", lambda name: None)
+    monkeypatch.setattr(report, "kernel_module", lambda name: None)
     line = report._cuda_extension_arch_status(torch.device("cuda", 0))
     assert line.startswith("not built; build it with: ") and "TORCH_CUDA_ARCH_LIST='8.6' " in line
     assert line.endswith("pip install --no-build-isolation ./kernels/selective_scan")

@@ -248,7 +248,7 @@ def test_auto_order_on_cuda(monkeypatch, cuda, triton, expected):
     modules = {"cpu": None}
     for name, available in (("cuda", cuda), ("triton", triton)):
         modules[name] = None if available is None else _fake_kernel(available)
-    monkeypatch.setattr(ss, "_kernel_module", modules.get)
+    monkeypatch.setattr(ss, "kernel_module", modules.get)
     assert resolve_backend("auto", "cuda") == expected
     assert available_backends("cuda") == [n for n in ("cuda", "triton") if modules[n] and modules[n].is_available()] + [
         "torch",
@@ -267,7 +267,7 @@ def test_auto_order_on_cuda(monkeypatch, cuda, triton, expected):
 )
 def test_kernel_dispatch_and_half_policy(monkeypatch, accepts_half, float32_weights, received):
     kernel = _fake_kernel(accepts_half=accepts_half)
-    monkeypatch.setattr(ss, "_kernel_module", {"cpu": kernel}.get)
+    monkeypatch.setattr(ss, "kernel_module", {"cpu": kernel}.get)
     case = ScanCase(batch=1, channels=2, length=5, state_size=3, groups=1, flat_bc=True)
     inputs = make_inputs(case, torch.float16)
     if float32_weights:
@@ -283,7 +283,7 @@ def test_auto_on_cuda_warns_once_with_the_reason_and_the_build_command(monkeypat
     ss._warn_slower_backend.cache_clear()
     reason = "the CUDA extension is not built; build it with `make kernels`"
     cuda = types.SimpleNamespace(is_available=lambda: False, unavailable_reason=lambda: reason)
-    monkeypatch.setattr(ss, "_kernel_module", {"cuda": cuda, "triton": _fake_kernel()}.get)
+    monkeypatch.setattr(ss, "kernel_module", {"cuda": cuda, "triton": _fake_kernel()}.get)
     with caplog.at_level(logging.WARNING, logger=ss.__name__):
         assert [resolve_backend("auto", "cuda") for _ in range(3)] == ["triton"] * 3
         assert resolve_backend("triton", "cuda") == "triton"  # forced: no warning
@@ -297,11 +297,11 @@ def test_auto_on_cuda_warns_once_with_the_reason_and_the_build_command(monkeypat
 def test_unavailable_backends_raise_with_the_reason(monkeypatch):
     case = CASES[1]
     inputs = make_inputs(case)
-    monkeypatch.setattr(ss, "_kernel_module", {"cpu": _fake_kernel(available=False)}.get)
+    monkeypatch.setattr(ss, "kernel_module", {"cpu": _fake_kernel(available=False)}.get)
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is unavailable: not built; run `make kernels`"):
         selective_scan_fn(**inputs, backend="cpu")
     assert resolve_backend("auto", "cpu") == "torch"
-    monkeypatch.setattr(ss, "_kernel_module", {}.get)
+    monkeypatch.setattr(ss, "kernel_module", {}.get)
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not installed \(no module .*selective_scan_cpu\)"):
         selective_scan_fn(**inputs, backend="cpu")
     with pytest.raises(RuntimeError, match=r"backend 'cuda' runs on cuda tensors, not cpu"):
@@ -313,7 +313,7 @@ def test_unavailable_backends_raise_with_the_reason(monkeypatch):
 
 
 def test_missing_kernel_module_reads_as_not_installed():
-    assert ss._kernel_module("no_such_backend") is None
+    assert ss.kernel_module("no_such_backend") is None
 
 
 # --------------------------------------------------------------------------------------------------- input checks

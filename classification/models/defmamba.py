@@ -660,8 +660,7 @@ class DefMamba(Backbone):
         self.head.norm = nn.Identity()
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        normed = channels_last_to_first(self.head.norm(channels_first_to_last(x)))
-        pooled = F.adaptive_avg_pool2d(normed, 1).flatten(1)  # the release's op, which its FLOP counter counts
+        pooled = F.adaptive_avg_pool2d(self.final_norm(x), 1).flatten(1)  # the release's op, which its FLOP counter counts
         return pooled if pre_logits else self.head.fc(pooled)
 
 

@@ -7,7 +7,7 @@ import platform
 import torch
 
 from . import selective_scan_cpu, selective_scan_cuda
-from .selective_scan import AUTO_ORDER, BACKENDS, _kernel_module, _unavailable_reason, resolve_backend
+from .selective_scan import AUTO_ORDER, BACKENDS, backend_unavailable_reason, kernel_module, resolve_backend
 
 
 def _triton_version() -> str:
@@ -22,11 +22,11 @@ def _cuda_extension_arch_status(device: torch.device) -> str:
     """Whether the CUDA extension runs on ``device``: a one-element scan, which fails without a kernel image for it."""
     major, minor = torch.cuda.get_device_capability(device)
     build = selective_scan_cuda.build_command(f"{major}.{minor}")
-    if _kernel_module("cuda") is None or not _kernel_module("cuda").is_available():
+    if kernel_module("cuda") is None or not kernel_module("cuda").is_available():
         return f"not built; build it with: {build}"
     probe = torch.ones(1, 1, 1, device=device)
     try:
-        _kernel_module("cuda").scan(probe, probe, -probe[0], probe[:, None], probe[:, None], None, None, False)
+        kernel_module("cuda").scan(probe, probe, -probe[0], probe[:, None], probe[:, None], None, None, False)
         torch.cuda.synchronize(device)
     except RuntimeError as error:
         return f"built, but NOT for this GPU (sm_{major}{minor}): {error}; rebuild with {build}"
@@ -47,11 +47,11 @@ def backend_report() -> list[str]:
         lines.append("GPU: none visible to torch")
     for device in devices:
         for name in BACKENDS:
-            reason = _unavailable_reason(name, device)
+            reason = backend_unavailable_reason(name, device)
             if name in AUTO_ORDER.get(device.type, ()) or reason is None:
                 lines.append(f"  {device.type:4s} backend {name:7s} {'available' if reason is None else reason}")
         lines.append(f"{device.type}: backend='auto' uses {resolve_backend('auto', device)!r}")
-    if _unavailable_reason("cpu", torch.device("cpu")) is not None:
+    if backend_unavailable_reason("cpu", torch.device("cpu")) is not None:
         lines.append("CPU kernel not built (the 'torch' backend is slower); build it with "
                      f"{selective_scan_cpu.BUILD_COMMAND}")
     if torch.cuda.is_available():

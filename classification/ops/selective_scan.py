@@ -463,7 +463,7 @@ def _selective_scan_torch(
 
 
 @functools.cache
-def _kernel_module(name: str) -> ModuleType | None:
+def kernel_module(name: str) -> ModuleType | None:
     """The module of a compiled backend, imported on first use; None when the module does not exist."""
     module_name = f"{__package__}.selective_scan_{name}"
     try:
@@ -475,7 +475,7 @@ def _kernel_module(name: str) -> ModuleType | None:
         return None
 
 
-def _unavailable_reason(name: str, device: torch.device) -> str | None:
+def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run on `device`, or None when it can."""
     if name not in KERNEL_BACKENDS:
         return None
@@ -484,7 +484,7 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
         device_types = TRITON_INTERPRETER_DEVICE_TYPES
     if device.type not in device_types:
         return f"backend {name!r} runs on {' or '.join(device_types)} tensors, not {device.type}"
-    module = _kernel_module(name)
+    module = kernel_module(name)
     if module is None:
         return f"backend {name!r} is not installed (no module {__package__}.selective_scan_{name})"
     if not module.is_available():
@@ -504,7 +504,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     preferred = AUTO_ORDER.get(device.type, ("torch",))
     ordered = list(preferred) + [name for name in BACKENDS if name not in preferred]
-    return [name for name in ordered if _unavailable_reason(name, device) is None]
+    return [name for name in ordered if backend_unavailable_reason(name, device) is None]
 
 
 def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
@@ -517,14 +517,14 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
-        chosen = next(c for c in order if _unavailable_reason(c, device) is None)
+        chosen = next(c for c in order if backend_unavailable_reason(c, device) is None)
         # On the CPU the compiled kernel is optional and the fallback expected (the backend report says so).
         if device.type == "cuda" and chosen != order[0]:
-            _warn_slower_backend(chosen, _unavailable_reason(order[0], device))
+            _warn_slower_backend(chosen, backend_unavailable_reason(order[0], device))
         return chosen
     if name not in BACKENDS:
         raise ValueError(f"backend: got {name!r}, need one of {('auto',) + BACKENDS}")
-    reason = _unavailable_reason(name, device)
+    reason = backend_unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(reason)
     return name
@@ -594,7 +594,7 @@ def eager_selective_scan(
     with no_autocast:
         if name == "ref":
             return selective_scan_ref(u, delta, A, B, C, D, delta_bias, delta_softplus)
-        module = None if name == "torch" else _kernel_module(name)
+        module = None if name == "torch" else kernel_module(name)
         upcast_half = module is None or not getattr(module, "ACCEPTS_HALF_INPUTS", False)
         inputs = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=upcast_half)
         if inputs[0].numel() == 0:  # batch or channels 0: no sequence to scan; ref gives the empty y and gradients
