@@ -19,14 +19,17 @@ $(SETUP_STAMP): requirements.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $@
 
-# The CPU selective-scan kernel is optional: when its build fails, everything runs on the `torch` backend. Set-up
-# tries it once per change of its sources (the stamp records the attempt); `make kernels-cpu` always rebuilds it.
+# The CPU selective-scan kernel is optional: when its build fails, everything runs on the `torch` backend (an earlier
+# build from older sources is uninstalled, so it cannot go on running). Set-up tries it once per change of its
+# sources (the stamp records the attempt); `make kernels-cpu` always rebuilds it.
 CPU_KERNEL_BUILD = SELECTIVE_SCAN_CUDA=0 $(PY) -m pip install --no-build-isolation ./kernels/selective_scan
+KERNEL_PACKAGE = defmamba-selective-scan
 $(KERNEL_STAMP): $(SETUP_STAMP) $(KERNEL_SOURCES)
 	@$(CPU_KERNEL_BUILD) -q > $(VENV)/kernel-build.log 2>&1 \
 		&& echo "selective-scan CPU kernel built" \
-		|| echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log; retry: make kernels-cpu);" \
-			"using the 'torch' backend"
+		|| { $(PY) -m pip uninstall -q -y $(KERNEL_PACKAGE) > /dev/null 2>&1; \
+			echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log; retry: make kernels-cpu);" \
+			"using the 'torch' backend"; }
 	@touch $@
 
 kernels-cpu: $(SETUP_STAMP)
@@ -60,4 +63,4 @@ bench: setup
 	$(PY) benchmarks/bench_selective_scan.py
 
 clean:
-	rm -rf $(VENV) build output *.egg-info
+	rm -rf $(VENV) build output *.egg-info kernels/selective_scan/build kernels/selective_scan/*.egg-info
