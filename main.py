@@ -411,6 +411,9 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
                 ctx.device)
     set_determinism(config, ctx.rank)
     amp_dtype = AMP_DTYPES[config.AMP]
+    if amp_dtype is torch.float16 and ctx.device.type == "cpu":
+        logger.warning("AMP fp16 on the CPU: autocast to float16 runs slowly on most CPUs (few have fast float16 "
+                       "kernels); --amp bf16 or --amp off is usually faster there")
     model = build_model(config)
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)

@@ -66,6 +66,9 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
+    assert "AMP fp16 on the CPU" not in log
+    assert _run(data, tmp_path, "--throughput", "--tag", "fp16", "--amp", "fp16", opts=("THROUGHPUT_ITERS", "1")) == 0
+    assert "AMP fp16 on the CPU: autocast to float16 runs slowly" in _log(tmp_path / "defmamba_tiny" / "fp16")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, isolated_logging, monkeypatch):
