@@ -10,6 +10,7 @@ x processes x accumulation steps).
 import argparse
 import ast
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -282,6 +283,12 @@ def _validate_auto_augment(policy: str) -> None:
                                      **{name: auto_augment_transform for name in AUTO_AUGMENT_POLICIES}}
     if kind not in builders:
         raise ConfigError(allowed)
+    # timm skips a section without a number ('inc' for 'inc1', a typo) instead of rejecting it; RandAugment's
+    # 't<name>' (the transform set) is the one section that needs none.
+    ignored = [section for section in policy.split("-")[1:]
+               if not re.search(r"\d", section) and not (kind == "rand" and section.startswith("t"))]
+    if ignored:
+        raise ConfigError(f"{allowed}: the sections {ignored} hold no number, so timm would ignore them")
     try:
         builders[kind](policy, None)
     except (AssertionError, ValueError, KeyError, IndexError) as err:  # timm asserts on an unknown section

@@ -201,6 +201,8 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["DATA.INTERPOLATION", "foo"], r"DATA\.INTERPOLATION must be one of \(.*'bicubic'.*\), got 'foo'"),
     (["AUG.AUTO_AUGMENT", "bogus"], r"AUG\.AUTO_AUGMENT .*'rand-\.\.\.'.*'augmix-\.\.\.'.*, got 'bogus'"),
     (["AUG.AUTO_AUGMENT", "rand-q9"], r"AUG\.AUTO_AUGMENT .*got 'rand-q9' \(timm: Unknown RandAugment config section"),
+    (["AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc"], r"got 'rand-m9-mstd0\.5-inc'.*sections \['inc'\] hold no number"),
+    (["AUG.AUTO_AUGMENT", "augmix-xyz"], r"sections \['xyz'\] hold no number, so timm would ignore them"),
     (["TRAIN.OPTIMIZER.BETAS", "(0.9,)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\), got \(0\.9,\)"),
     (["TRAIN.OPTIMIZER.BETAS", "(0.9, 1.0)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\)"),
     (["MODEL.DEFMAMBA.DROP_PATH_RATE", "2.0"], r"MODEL\.DEFMAMBA\.DROP_PATH_RATE must be in \[0, 1\), got 2\.0"),
