@@ -40,6 +40,8 @@ def tiny_config(data_path: Path, *opts: str):
 
 
 def test_missing_empty_and_mismatched_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no dataset given: set --data-path DIR \(DATA.DATA_PATH\)"):
+        build_datasets(tiny_config(""))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_datasets(tiny_config(tmp_path / "none"))
     (tmp_path / "empty" / "train").mkdir(parents=True)

@@ -178,6 +178,14 @@ class Data:
     mixup_fn: Mixup | None
 
 
+def dataset_root(config: CfgNode) -> Path:
+    """DATA.DATA_PATH; a DatasetNotFoundError saying what to give when it is not set."""
+    if not config.DATA.DATA_PATH:
+        raise DatasetNotFoundError(f"no dataset given: set --data-path DIR (DATA.DATA_PATH), an ImageFolder root "
+                                   f"holding {TRAIN_SPLIT}/ and {VAL_SPLIT}/")
+    return Path(config.DATA.DATA_PATH)
+
+
 def check_image_folder(root: Path) -> None:
     """Raises DatasetNotFoundError with a clear message when ``root`` is missing, has no class folder or no image."""
     if not root.is_dir():
@@ -204,7 +212,7 @@ def build_transform(config: CfgNode, is_train: bool) -> Callable:
 
 def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
     """Train and val ImageFolders under DATA.DATA_PATH, checked for presence and matching classes."""
-    root = Path(config.DATA.DATA_PATH)
+    root = dataset_root(config)
     for split in (TRAIN_SPLIT, VAL_SPLIT):
         check_image_folder(root / split)
     train_set = SafeImageFolder(str(root / TRAIN_SPLIT), build_transform(config, is_train=True),
@@ -269,7 +277,7 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
 
 def build_eval_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
     """The validation loader alone (``--eval`` needs no train/ folder)."""
-    root = Path(config.DATA.DATA_PATH) / VAL_SPLIT
+    root = dataset_root(config) / VAL_SPLIT
     check_image_folder(root)
     val_set = SafeImageFolder(str(root), build_transform(config, is_train=False), replace_unreadable=False)
     return _val_loader(config, val_set, rank, world_size, pin_memory)
