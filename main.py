@@ -418,7 +418,8 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
     if config.MODEL.PRETRAINED and not config.EVAL_MODE:  # --eval picks its weights itself (load_eval_weights)
-        load_checkpoint(model, config.MODEL.PRETRAINED)
+        # Fine-tuning to another MODEL.NUM_CLASSES: a classifier of other shapes is left out (logged).
+        load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
     model.to(ctx.device)
     if config.THROUGHPUT_MODE:

@@ -1,4 +1,6 @@
 """load_checkpoint: released and own formats, wrappers, clear errors; the converter is a pure renaming."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,25 @@ def test_weights_only_names_what_it_refuses(tmp_path, released):
     model = small_model()
     load_checkpoint(model, path, weights_only=False)
     assert_weights_equal(model, released)
+
+
+def test_new_classifier_keeps_the_models_own_when_the_class_count_differs(released, caplog):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \[head\.fc\.weight"):
+        load_checkpoint(small_model(num_classes=12), released)
+    model = small_model(num_classes=12)
+    initial_head = {key: value.clone() for key, value in model.state_dict().items() if key.startswith("head.fc.")}
+    with caplog.at_level(logging.WARNING):
+        result = load_checkpoint(model, released, new_classifier=True)
+    assert set(result.missing_keys) == set(initial_head) and not result.unexpected_keys
+    assert "head.fc.* keeps its initialisation" in caplog.text
+    converted = checkpoint_filter_fn(released, model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, initial_head[key] if key in initial_head else converted[key]), key
+    same = small_model()  # the same class count: the classifier loads as usual
+    load_checkpoint(same, released, new_classifier=True)
+    assert_weights_equal(same, released)
+    with pytest.raises(CheckpointError, match=r"shape mismatches \[stem"):  # only the classifier may differ
+        load_checkpoint(small_model(embed_dim=32, num_classes=12), released, new_classifier=True)
 
 
 def test_other_variant_fails_listing_the_shape_mismatches(released):

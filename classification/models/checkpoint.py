@@ -57,6 +57,26 @@ def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
     return None
 
 
+def _without_mismatched_classifier(state_dict: dict[str, Tensor], model: nn.Module,
+                                   source: str) -> tuple[dict[str, Tensor], set[str]]:
+    """``state_dict`` without the classifier's entries when their shapes differ from ``model``'s, and the model's
+    classifier keys it then keeps as initialised; else ``state_dict`` unchanged and no key."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    name = next((name for name, module in model.named_modules() if module is classifier), None)
+    if not name:
+        raise CheckpointError(f"{type(model).__name__} has no classifier module (timm's get_classifier()) to replace")
+    prefix = f"{name}."
+    def shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(value.shape) for key, value in tensors.items() if key.startswith(prefix)}
+
+    ours, theirs = shapes(model.state_dict()), shapes(state_dict)
+    if ours == theirs:
+        return state_dict, set()
+    _logger.warning("%s: its classifier %s does not fit this model's %s: not loaded, %s* keeps its initialisation "
+                    "(fine-tuning to another number of classes)", source, theirs, ours, prefix)
+    return {key: value for key, value in state_dict.items() if not key.startswith(prefix)}, set(ours)
+
+
 def _unreadable(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupt or truncated "
                            f"({err})")
@@ -147,6 +167,7 @@ def load_checkpoint(
     strict: bool = True,
     use_ema: bool = False,
     weights_only: bool = False,
+    new_classifier: bool = False,
 ) -> nn.modules.module._IncompatibleKeys:
     """Loads our own or a released checkpoint into ``model``.
 
@@ -157,9 +178,12 @@ def load_checkpoint(
         use_ema: Load the EMA weights of a training checkpoint.
         weights_only: Passed to ``torch.load``; released training checkpoints hold a yacs config, which needs
             ``False``. Only load files you trust when it is ``False``.
+        new_classifier: Fine-tuning to another number of classes: when the checkpoint's classifier (the
+            ``get_classifier()`` module, timm's convention) has other shapes than the model's, it is left
+            out and the model keeps its own, freshly initialised one (logged).
 
     Returns:
-        The missing and unexpected keys (both empty when ``strict``).
+        The missing and unexpected keys (both empty when ``strict``, apart from a classifier left out).
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
@@ -176,7 +200,10 @@ def load_checkpoint(
         state_dict = filter_fn(state_dict, model)
 
     expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
+    own_classifier = set()  # the model's classifier keys, when it keeps its own
+    if new_classifier:
+        state_dict, own_classifier = _without_mismatched_classifier(state_dict, model, source)
+    missing = [key for key in expected if key not in state_dict and key not in own_classifier]
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [
         f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
@@ -201,4 +228,4 @@ def load_checkpoint(
             "non-strict load into %s: %d missing keys %s, %d unexpected keys %s",
             type(model).__name__, len(missing), _listing(missing), len(unexpected), _listing(unexpected),
         )
-    return model.load_state_dict(state_dict, strict=strict)
+    return model.load_state_dict(state_dict, strict=strict and not own_classifier)
