@@ -63,6 +63,13 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert _run(data, tmp_path, "--eval", "--tag", "pretrained", "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 0
     log = _log(tmp_path / "defmamba_tiny" / "pretrained")
     assert f"loaded weights from {run_dir / ckpt.LATEST_NAME}" in log and "eval of the EMA weights" in log
+    # Fine-tuning to 3 classes from the 2-class run: its classifier is left out, everything else loads.
+    assert _run(data, tmp_path, "--tag", "finetune", "--pretrained", str(run_dir / ckpt.LATEST_NAME),
+                opts=("TRAIN.EPOCHS", "1", "MODEL.NUM_CLASSES", "3")) == 0
+    log = _log(tmp_path / "defmamba_tiny" / "finetune")
+    assert "its classifier {'head.fc.weight': (2, 64), 'head.fc.bias': (2,)} does not fit" in log
+    finetuned = ckpt.load_training_checkpoint(tmp_path / "defmamba_tiny" / "finetune" / ckpt.LATEST_NAME)
+    assert finetuned["model"]["head.fc.weight"].shape == (3, 64)
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
