@@ -173,7 +173,7 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     elif type(default) is type(value):
         return value
     raise ConfigError(
-        f"{source}: {full_key} must be of type {type(default).__name__} (default {default!r}), got {value!r}"
+        f"{source}: {full_key} must be of type {type(default).__name__} (like {default!r}), got {value!r}"
     )
 
 
@@ -230,11 +230,17 @@ def _merge_yaml(cfg: CN, path: Path, chain: tuple[Path, ...]) -> None:
 
 
 def _parse_value(text: str) -> Any:
-    """Reads a command-line value as a Python literal (number, bool, list, tuple), else keeps the string."""
+    """Reads a command-line value as a Python literal (number, bool, None, list, tuple), else as yaml flow syntax
+    (``[forward, local]``, as in a yaml file), else keeps the string."""
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
         return text
+    return value if isinstance(value, (list, dict)) else text
 
 
 def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None = None) -> None:

@@ -296,3 +296,13 @@ def test_build_model_turns_constructor_errors_into_config_errors():
     cfg = get_config(_args(opts=["MODEL.NAME", "defmamba_huge"]), world_size=1)
     with pytest.raises(ConfigError, match="unknown model 'defmamba_huge'; available: "):
         build_module.build_model(cfg)
+
+
+def test_opts_values_as_python_literals_or_yaml_flow_lists():
+    cfg = get_config(_args(opts=["MODEL.DEFMAMBA.SCAN_BRANCHES", "[forward, local]", "AUG.SCALE", "(0.5, 1.0)",
+                                 "TAG", "run:[a]", "MODEL.DEFMAMBA.DEPTHS", "None"]), world_size=1)
+    assert cfg.MODEL.DEFMAMBA.SCAN_BRANCHES == ["forward", "local"]  # yaml flow syntax, as in a yaml file
+    assert cfg.AUG.SCALE == (0.5, 1.0) and cfg.MODEL.DEFMAMBA.DEPTHS is None
+    assert cfg.TAG == "run:[a]"  # a string key takes the text as given
+    with pytest.raises(ConfigError, match=r"TRAIN\.EPOCHS must be of type int \(like 300\), got 'abc'"):
+        get_config(_args(opts=["TRAIN.EPOCHS", "abc"]))
