@@ -67,6 +67,16 @@ def test_forward_backward(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_an_unbatched_image_is_refused_with_what_to_do(name):
+    model = small_model(name).eval()
+    with pytest.raises(ValueError, match=r"takes an image batch \(batch, channels, height, width\), got shape "
+                       r"\(3, 64, 64\); add the batch dimension"):
+        model(image(1)[0])
+    with pytest.raises(ValueError, match="takes an image batch"):  # the timm features path checks it too
+        model.forward_intermediates(image(1)[0])
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_train_and_eval_determinism(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), drop_path_rate=0.3)

@@ -322,6 +322,7 @@ class DAMamba(Backbone):
 
     def check_input(self, x: Tensor) -> None:
         """Training on one image whose last-stage map is 1x1 leaves BatchNorm nothing to normalise over."""
+        super().check_input(x)
         if self.training and x.shape[0] == 1:
             height, width = final_map_size(x.shape[-2], x.shape[-1], len(self.stages))
             if height * width == 1:

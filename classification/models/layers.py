@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
+IMAGE_BATCH_DIMS = 4  # (batch, channels, height, width)
 NUM_STAGES = 4  # both families: four stages, each at half the resolution of the one before
 DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
 DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
@@ -102,7 +103,10 @@ class Backbone(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         """Raises a ValueError that says what to change for an image batch this model cannot take (both forward paths
-        call it; the default accepts every input)."""
+        call it). Here: the batch layout; a family adds its own conditions and calls this first."""
+        if x.dim() != IMAGE_BATCH_DIMS:
+            raise ValueError(f"{type(self).__name__} takes an image batch (batch, channels, height, width), got shape "
+                             f"{tuple(x.shape)}" + ("; add the batch dimension: x[None]" if x.dim() == 3 else ""))
 
     def to_nchw(self, x: Tensor) -> Tensor:
         """A stage's output -> (batch, channels, height, width)."""
