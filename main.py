@@ -30,7 +30,14 @@ from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigEr
 from classification.data.build import DatasetError, build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
-from classification.models import CheckpointError, build_model, has_ema_weights, load_checkpoint, read_checkpoint
+from classification.models import (
+    CheckpointError,
+    build_model,
+    check_model_config,
+    has_ema_weights,
+    load_checkpoint,
+    read_checkpoint,
+)
 from classification.ops import resolve_backend
 from classification.ops.report import backend_report
 from classification.optim import build_optimizer
@@ -380,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = get_config(args)
+        check_model_config(config)  # the model's own checks of its keys, before anything is written
     except ConfigError as err:
         sys.stderr.write(f"config error: {err}\n")
         return 2

@@ -58,7 +58,7 @@ _C.MODEL.RESUME = ""  # training checkpoint to resume from (empty: auto-resume i
 _C.MODEL.NUM_CLASSES = 1000  # classifier outputs
 _C.MODEL.IN_CHANS = 3  # input image channels (3 unless THROUGHPUT_MODE: the data pipeline yields RGB)
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing (inside Mixup when Mixup/CutMix is on)
-_C.MODEL.SCAN_BACKEND = "auto"  # selective-scan backend: auto | cpu | cuda | triton | torch | ref
+_C.MODEL.SCAN_BACKEND = "auto"  # selective-scan backend: auto | ref | torch | cpu | cuda | triton
 
 # The architecture keys that default to None (see VARIANT_KEY_TYPES) take the value of the MODEL.NAME variant's
 # entrypoint; set, they override it (a custom width or depth keeps the variant's name).

@@ -239,7 +239,8 @@ def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device:
 
 @torch.no_grad()
 def throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, device: torch.device,
-               amp_dtype: torch.dtype | None, iters: int, warmup_iters: int = THROUGHPUT_WARMUP_ITERS) -> dict[str, float | str]:
+               amp_dtype: torch.dtype | None, iters: int,
+               warmup_iters: int = THROUGHPUT_WARMUP_ITERS) -> dict[str, float | str]:
     """Inference images/s on random input, timed after ``warmup_iters`` untimed passes.
 
     Returns:

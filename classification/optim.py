@@ -11,22 +11,32 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
+from classification.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
 def split_weight_decay(model: nn.Module, no_decay_ssm: bool) -> tuple[list[str], list[str]]:
-    """Names of the trainable parameters that decay and of those that do not, in model order."""
+    """Names of the trainable parameters that decay and of those that do not, in model order.
+
+    Raises:
+        ConfigError: ``no_decay_ssm`` for a model without a tagged parameter (e.g. a deep copy, which loses the tags).
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
     decay, no_decay = [], []
+    tagged = 0
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = (param.ndim <= 1 or name.endswith(".bias") or name in skip
                   or any(keyword in name for keyword in keywords))
-        if no_decay_ssm:
-            exempt = exempt or getattr(param, "_no_weight_decay", False)
+        if no_decay_ssm and getattr(param, "_no_weight_decay", False):
+            exempt, tagged = True, tagged + 1
         (no_decay if exempt else decay).append(name)
+    if no_decay_ssm and not tagged:
+        raise ConfigError(f"TRAIN.NO_DECAY_SSM: no parameter of {type(model).__name__} carries the _no_weight_decay "
+                          "tag (copy.deepcopy drops parameter attributes: build the optimizer from the model itself)")
     return decay, no_decay
 
 

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from classification.ops import available_backends, report, resolve_backend, selective_scan_cuda
+from classification.ops import available_backends, report, resolve_backend
 from classification.ops.report import backend_report
 
 

@@ -2,6 +2,7 @@
 import logging
 import os
 import random
+import struct
 import time
 
 import numpy as np
@@ -84,6 +85,40 @@ def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_
         path, checkpoint = ckpt.find_resume_checkpoint(tmp_path)
     assert path.name == "checkpoint_epoch0000.pth" and checkpoint["epoch"] == 1
     assert f"{ckpt.LATEST_NAME} is corrupt" in caplog.text
+
+
+ZIP_CENTRAL_ENTRY = b"PK\x01\x02"  # signature of a zip central-directory entry
+CENTRAL_FIELDS = {"compression": (10, "<H", 8), "attributes": (38, "<I", 0x10)}  # offset, format, value to set
+CENTRAL_NAME_LENGTH_AT, CENTRAL_NAME_AT = 28, 46
+
+
+def _damage_central_entry(path, suffix: str, field: str) -> None:
+    """Sets ``field`` of the central-directory entry of the record ending with ``suffix`` (the bit that torch.load
+    ignores but Python's zipfile would trust): deflate compression, or the folder attribute."""
+    data = bytearray(path.read_bytes())
+    offset = data.find(ZIP_CENTRAL_ENTRY)
+    while True:
+        (name_length,) = struct.unpack_from("<H", data, offset + CENTRAL_NAME_LENGTH_AT)
+        if data[offset + CENTRAL_NAME_AT:offset + CENTRAL_NAME_AT + name_length].decode().endswith(suffix):
+            break
+        offset = data.find(ZIP_CENTRAL_ENTRY, offset + 1)
+    at, fmt, value = CENTRAL_FIELDS[field]
+    (old,) = struct.unpack_from(fmt, data, offset + at)
+    struct.pack_into(fmt, data, offset + at, old | value)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("field", sorted(CENTRAL_FIELDS))
+def test_a_damaged_zip_header_is_reported_like_a_bit_flip(tmp_path, caplog, field):
+    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    latest = tmp_path / ckpt.LATEST_NAME
+    ckpt.atomic_save(_training_checkpoint(2, 0), latest)
+    _damage_central_entry(latest, "data/0", field)
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"latest.pth is corrupt: its record \S+/data/0 fails"):
+        ckpt.load_training_checkpoint(latest)
+    with caplog.at_level(logging.WARNING):
+        path, _ = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint_epoch0000.pth"
 
 
 def test_checkpoint_without_training_state_is_rejected(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from classification.config import get_config
+from classification.config import ConfigError, get_config
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
 from classification.models import build_model
@@ -69,6 +69,8 @@ def test_weight_decay_exempts_tagged_parameters_only():
     decay, no_decay = split_weight_decay(Toy(), no_decay_ssm=True)
     assert decay == ["A_log", "fc.weight"]  # model order
     assert set(no_decay) == {"fc.bias", "norm.weight", "norm.bias", "table"}
+    with pytest.raises(ConfigError, match="no parameter of Toy carries the _no_weight_decay tag"):
+        split_weight_decay(copy.deepcopy(Toy()), no_decay_ssm=True)  # a deep copy drops the tags
     assert sorted(split_weight_decay(Toy(), no_decay_ssm=False)[0]) == ["A_log", "fc.weight", "table"]
 
 

@@ -44,6 +44,11 @@ def test_help_documents_every_flag(capsys):
 def test_config_error_fails_before_any_work(tmp_path, capsys):
     assert main.main(["--cfg", str(tmp_path / "missing.yaml"), "--output", str(tmp_path)]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+    # Values the model itself refuses are caught as early: nothing is written either.
+    assert main.main(["--output", str(tmp_path), "--opts", "MODEL.DEFMAMBA.SCAN_BRANCHES", "[forwrd]"]) == 2
+    assert "MODEL.DEFMAMBA.* keys: scan_branches must be" in capsys.readouterr().err
+    assert main.main(["--output", str(tmp_path), "--opts", "MODEL.NAME", "damamba_small"]) == 2
+    assert "MODEL.NAME 'damamba_small' is not a 'defmamba' variant (MODEL.TYPE)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -204,6 +209,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     def setup(opts: list[str], updates_per_epoch: int):
         config = main.get_config(argparse.Namespace(opts=["TRAIN.WARMUP_EPOCHS", "0", *opts]), world_size=1)
         model = nn.Linear(4, 2)
+        model.weight._no_weight_decay = True  # an SSM-like tag: TRAIN.NO_DECAY_SSM moves it out of the decay group
         optimizer = main.build_optimizer(config, model)
         return config, model, optimizer, main.build_scheduler(config, optimizer, updates_per_epoch)
 
@@ -225,7 +231,6 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
 
     # Settings that regroup the parameters cannot take the saved optimizer state: one clear error.
     config, model, optimizer, scheduler = setup([*new_opts, "TRAIN.NO_DECAY_SSM", "True"], 4)
-    model.weight._no_weight_decay = True  # an SSM-like tag: NO_DECAY_SSM moves it out of the decay group
     with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
         main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
                              main.build_optimizer(config, model), scheduler, scaler, updates_per_epoch=4)

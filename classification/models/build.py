@@ -1,6 +1,7 @@
 """``build_model(config)``: the only reader of ``config.MODEL.*``; turns it into typed keyword arguments."""
 from typing import Any
 
+import torch
 from torch import nn
 from yacs.config import CfgNode
 
@@ -47,9 +48,21 @@ def build_model(config: CfgNode) -> nn.Module:
         ConfigError: The keys name no model or values it cannot take (the constructor's reason included).
     """
     if not config.MODEL.NAME.startswith(config.MODEL.TYPE):
-        raise ConfigError(f"MODEL.NAME {config.MODEL.NAME!r} is not a {config.MODEL.TYPE!r} variant (MODEL.TYPE)")
+        raise ConfigError(f"MODEL.NAME {config.MODEL.NAME!r} is not a {config.MODEL.TYPE!r} variant (MODEL.TYPE): "
+                          "set MODEL.TYPE to the variant's family, the start of its name")
     try:
         return create_model(config.MODEL.NAME, **model_kwargs(config))
     except ValueError as err:  # an unknown name, or architecture values the constructor rejects
         raise ConfigError(f"MODEL.NAME {config.MODEL.NAME!r} with the MODEL.{config.MODEL.TYPE.upper()}.* keys: "
                           f"{err}") from err
+
+
+def check_model_config(config: CfgNode) -> None:
+    """Runs the model's own checks of the ``MODEL.*`` keys (:func:`build_model` on the meta device: shapes only, no
+    memory), so that a run can refuse a bad value before it writes anything.
+
+    Raises:
+        ConfigError: As :func:`build_model`.
+    """
+    with torch.device("meta"):
+        build_model(config)

@@ -660,7 +660,8 @@ class DefMamba(Backbone):
         self.head.norm = nn.Identity()
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        pooled = F.adaptive_avg_pool2d(self.final_norm(x), 1).flatten(1)  # the release's op, which its FLOP counter counts
+        # The release's pooling op, which its FLOP counter counts.
+        pooled = F.adaptive_avg_pool2d(self.final_norm(x), 1).flatten(1)
         return pooled if pre_logits else self.head.fc(pooled)
 
 

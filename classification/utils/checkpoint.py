@@ -31,12 +31,14 @@ RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESU
 TMP_SUFFIX = ".tmp"
 # What a truncated or garbled file raises from torch.load.
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
+ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
+MSDOS_DIRECTORY_ATTRIBUTE = 0x10  # external-attribute bit of a zip record that is a folder
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
 def first_crc_mismatch(path: str | os.PathLike) -> str | None:
-    """The name of the first record of a ``torch.save`` file whose data does not match its stored CRC-32 (or whose
-    local header is damaged), or None.
+    """The name of the first damaged record of a ``torch.save`` file, or None: a record whose data does not match its
+    stored CRC-32, or whose zip headers say what ``torch.save`` never writes (compression, encryption, a folder).
 
     ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
     flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
@@ -51,21 +53,25 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
         return None
     with zipfile.ZipFile(path) as archive:
         for record in archive.infolist():
+            if (record.compress_type != zipfile.ZIP_STORED or record.flag_bits & ZIP_ENCRYPTED_FLAG
+                    or record.external_attr & MSDOS_DIRECTORY_ATTRIBUTE or record.is_dir()):
+                return record.filename
             if record.CRC == 0:
                 continue
             try:
                 with archive.open(record) as stream:  # BadZipFile: a bad header, or a CRC mismatch at the end
                     while stream.read(CRC_READ_BYTES):
                         pass
-            except zipfile.BadZipFile:
+            except (zipfile.BadZipFile, EOFError) as err:  # EOFError: a record size pointing past the data
+                logger.debug("%s: record %s: %s", path, record.filename, err)
                 return record.filename
     return None
 
 
 def crc_mismatch_message(record: str) -> str:
     """What a failed CRC-32 check of ``record`` means and what to do, for error messages."""
-    return (f"its record {record} fails the CRC-32 (or header) check of the zip archive torch.save wrote, which "
-            "torch.load skips: a bit flip on disk or in a copy; use another copy")
+    return (f"its record {record} fails the CRC-32 or header check of the zip archive torch.save wrote (torch.load "
+            "checks neither): a bit flip on disk or in a copy; use another copy")
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
