@@ -1,6 +1,7 @@
 """Data: folder checks, corrupt images, resumable/distributed sampling, seeded augmentation, the digits builder."""
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,15 @@ def test_digits_builder_is_complete_and_idempotent(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()}
     assert build_digits(tmp_path, image_size=8) == manifest
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()} == stamp
+
+
+def test_digits_builder_reports_a_root_it_cannot_write(tmp_path, monkeypatch):
+    from classification.data import digits
+
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(sys, "argv", ["digits", "--root", str(tmp_path / "a_file" / "digits")])
+    with pytest.raises(SystemExit, match=r"digits: cannot write the dataset to .*a_file/digits"):
+        digits.main()
 
 
 def test_release_randaugment_survives_its_strongest_posterize(tmp_path):

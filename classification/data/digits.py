@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="side of the upscaled RGB images")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_digits(args.root, args.image_size)
+    try:
+        build_digits(args.root, args.image_size)
+    except OSError as err:  # a root that cannot be created or written
+        raise SystemExit(f"digits: cannot write the dataset to {args.root}: {err}") from err
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.Pa
             f"steps) with DATA.BATCH_SIZE {saved_layout[0]}, TRAIN.ACCUMULATION_STEPS {saved_layout[1]} and "
             f"{saved_layout[2]} process(es); this run has {layout[0]}, {layout[1]} and {layout[2]}, so its position in "
             "the epoch would be wrong: resume with the saved values, or from an end-of-epoch checkpoint "
-            f"({CHECKPOINT_GLOB.replace('*', 'epochNNNN')})"
+            f"({CHECKPOINT_GLOB.replace('*', 'epochNNNN')}, where the run kept one)"
         )
 
 

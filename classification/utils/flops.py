@@ -23,11 +23,16 @@ Family conventions, chosen by ``include_scan`` / ``include_sampling`` (``None``:
   not added and ``grid_sampler`` is not counted.
 """
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # fvcore.nn scripts its focal losses with torch.jit.script at import, which torch now deprecates.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 SAMPLING_OPS = ("aten::grid_sampler",)
 
