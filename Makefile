@@ -29,7 +29,7 @@ $(KERNEL_STAMP): $(SETUP_STAMP) $(KERNEL_SOURCES)
 		&& echo "selective-scan CPU kernel built" \
 		|| { $(PY) -m pip uninstall -q -y $(KERNEL_PACKAGE) > /dev/null 2>&1; \
 			echo "selective-scan CPU kernel NOT built (see $(VENV)/kernel-build.log; retry: make kernels-cpu);" \
-			"using the 'torch' backend"; }
+			"the kernel package is uninstalled (a CUDA build too, if any): the CPU uses the 'torch' backend"; }
 	@touch $@
 
 kernels-cpu: $(SETUP_STAMP)

@@ -29,8 +29,10 @@ SCAN_BACKENDS = ("auto", *BACKENDS)
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
 AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("none" is stored as "")
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
+RAND_TRANSFORM_SETS = ("tweights", "t3aw", "t3a")  # RandAugment 't<name>' sections timm knows (others: default set)
 RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yields RGB images
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
+YAML_FLOW_OPENERS = ("[", "{")  # an --opts value starting so is read as yaml flow syntax if not a Python literal
 YAML_BASE_KEY = "BASE"  # a yaml's list of yaml files (relative to it) merged before it; not a config key
 # The keys whose default None means "the MODEL.NAME variant's value", with an example of the type they take.
 VARIANT_KEY_TYPES = {
@@ -173,7 +175,8 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     elif type(default) is type(value):
         return value
     raise ConfigError(
-        f"{source}: {full_key} must be of type {type(default).__name__} (like {default!r}), got {value!r}"
+        f"{source}: {full_key} must be of type {type(default).__name__} (like {default!r})"
+        + (" or None (the variant's value)" if full_key in VARIANT_KEY_TYPES else "") + f", got {value!r}"
     )
 
 
@@ -236,9 +239,11 @@ def _parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         pass
+    if not text.lstrip().startswith(YAML_FLOW_OPENERS):
+        return text
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: e.g. a date-like item yaml cannot build
         return text
     return value if isinstance(value, (list, dict)) else text
 
@@ -292,9 +297,10 @@ def _validate_auto_augment(policy: str) -> None:
     # timm skips a section without a number ('inc' for 'inc1', a typo) instead of rejecting it; RandAugment's
     # 't<name>' (the transform set) is the one section that needs none.
     ignored = [section for section in policy.split("-")[1:]
-               if not re.search(r"\d", section) and not (kind == "rand" and section.startswith("t"))]
+               if not re.search(r"\d", section) and not (kind == "rand" and section in RAND_TRANSFORM_SETS)]
     if ignored:
-        raise ConfigError(f"{allowed}: the sections {ignored} hold no number, so timm would ignore them")
+        raise ConfigError(f"{allowed}: timm would ignore the sections {ignored} (they hold no number, and "
+                          f"RandAugment's transform-set sections are {RAND_TRANSFORM_SETS})")
     try:
         builders[kind](policy, None)
     except (AssertionError, ValueError, KeyError, IndexError) as err:  # timm asserts on an unknown section
@@ -310,12 +316,21 @@ def _validate_ranges(cfg: CN) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    non_negative = {"TRAIN.START_EPOCH": cfg.TRAIN.START_EPOCH, "TRAIN.WARMUP_EPOCHS": cfg.TRAIN.WARMUP_EPOCHS,
+    non_negative = {"MODEL.NUM_CLASSES": cfg.MODEL.NUM_CLASSES,
+                    "TRAIN.START_EPOCH": cfg.TRAIN.START_EPOCH, "TRAIN.WARMUP_EPOCHS": cfg.TRAIN.WARMUP_EPOCHS,
                     "TRAIN.SAVE_STEPS": cfg.TRAIN.SAVE_STEPS, "TRAIN.MESA.START_EPOCH": cfg.TRAIN.MESA.START_EPOCH,
                     "DATA.NUM_WORKERS": cfg.DATA.NUM_WORKERS}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    defmamba, damamba = cfg.MODEL.DEFMAMBA, cfg.MODEL.DAMAMBA
+    sizes = {"MODEL.DEFMAMBA.EMBED_DIM": defmamba.EMBED_DIM, "MODEL.DEFMAMBA.DEPTHS": defmamba.DEPTHS,
+             "MODEL.DEFMAMBA.D_STATE": defmamba.D_STATE, "MODEL.DAMAMBA.DIMS": damamba.DIMS,
+             "MODEL.DAMAMBA.DEPTHS": damamba.DEPTHS}
+    for key, value in sizes.items():  # widths and depths (None: the variant's)
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and not all(size >= 1 for size in entries):
+            raise ConfigError(f"{key} must be >= 1 (each entry), got {value}")
     rates = {"MODEL.DEFMAMBA.DROP_RATE": cfg.MODEL.DEFMAMBA.DROP_RATE,
              "MODEL.DEFMAMBA.DROP_PATH_RATE": cfg.MODEL.DEFMAMBA.DROP_PATH_RATE,
              "MODEL.DAMAMBA.DROP_PATH_RATE": cfg.MODEL.DAMAMBA.DROP_PATH_RATE,

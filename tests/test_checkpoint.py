@@ -4,6 +4,7 @@ import os
 import random
 import struct
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -119,6 +120,18 @@ def test_a_damaged_zip_header_is_reported_like_a_bit_flip(tmp_path, caplog, fiel
     with caplog.at_level(logging.WARNING):
         path, _ = ckpt.find_resume_checkpoint(tmp_path)
     assert path.name == "checkpoint_epoch0000.pth"
+
+
+def test_a_compressed_copy_of_a_checkpoint_is_not_called_corrupt(tmp_path):
+    """torch.save never compresses, but a re-zipped (deflated) copy reads back fine: its CRCs are checked and pass."""
+    saved = tmp_path / "saved.pth"
+    ckpt.atomic_save(_training_checkpoint(2, 3), saved)
+    deflated = tmp_path / "checkpoint_deflated.pth"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
+        for record in source.infolist():
+            target.writestr(record.filename, source.read(record))
+    assert ckpt.first_crc_mismatch(deflated) is None
+    assert ckpt.load_training_checkpoint(deflated)["step"] == 3
 
 
 def test_checkpoint_without_training_state_is_rejected(tmp_path):

@@ -121,8 +121,14 @@ def test_new_classifier_keeps_the_models_own_when_the_class_count_differs(releas
     same = small_model()  # the same class count: the classifier loads as usual
     load_checkpoint(same, released, new_classifier=True)
     assert_weights_equal(same, released)
+    caplog.clear()
     with pytest.raises(CheckpointError, match=r"shape mismatches \[stem"):  # only the classifier may differ
         load_checkpoint(small_model(embed_dim=32, num_classes=12), released, new_classifier=True)
+    assert "keeps its initialisation" not in caplog.text  # nothing said about fine-tuning a load that failed
+    headless = small_model(num_classes=0)
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(headless, released, new_classifier=True)
+    assert "is left out: the model has none (num_classes 0)" in caplog.text
 
 
 def test_other_variant_fails_listing_the_shape_mismatches(released):

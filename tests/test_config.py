@@ -201,8 +201,9 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["DATA.INTERPOLATION", "foo"], r"DATA\.INTERPOLATION must be one of \(.*'bicubic'.*\), got 'foo'"),
     (["AUG.AUTO_AUGMENT", "bogus"], r"AUG\.AUTO_AUGMENT .*'rand-\.\.\.'.*'augmix-\.\.\.'.*, got 'bogus'"),
     (["AUG.AUTO_AUGMENT", "rand-q9"], r"AUG\.AUTO_AUGMENT .*got 'rand-q9' \(timm: Unknown RandAugment config section"),
-    (["AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc"], r"got 'rand-m9-mstd0\.5-inc'.*sections \['inc'\] hold no number"),
-    (["AUG.AUTO_AUGMENT", "augmix-xyz"], r"sections \['xyz'\] hold no number, so timm would ignore them"),
+    (["AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc"], r"got 'rand-m9-mstd0\.5-inc'.*would ignore the sections \['inc'\]"),
+    (["AUG.AUTO_AUGMENT", "augmix-xyz"], r"timm would ignore the sections \['xyz'\] \(they hold no number"),
+    (["AUG.AUTO_AUGMENT", "rand-m9-tweight"], r"ignore the sections \['tweight'\] .*transform-set sections are"),
     (["TRAIN.OPTIMIZER.BETAS", "(0.9,)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\), got \(0\.9,\)"),
     (["TRAIN.OPTIMIZER.BETAS", "(0.9, 1.0)"], r"TRAIN\.OPTIMIZER\.BETAS must be two floats in \[0, 1\)"),
     (["MODEL.DEFMAMBA.DROP_PATH_RATE", "2.0"], r"MODEL\.DEFMAMBA\.DROP_PATH_RATE must be in \[0, 1\), got 2\.0"),
@@ -217,6 +218,9 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["TRAIN.MESA.START_EPOCH", "-1"], r"TRAIN\.MESA\.START_EPOCH must be >= 0, got -1"),
     (["THROUGHPUT_ITERS", "0"], r"THROUGHPUT_ITERS must be positive, got 0"),
     (["AUG.RECOUNT", "0"], r"AUG\.RECOUNT must be positive, got 0"),
+    (["MODEL.NUM_CLASSES", "-1"], r"MODEL\.NUM_CLASSES must be >= 0, got -1"),
+    (["MODEL.DEFMAMBA.EMBED_DIM", "-4"], r"MODEL\.DEFMAMBA\.EMBED_DIM must be >= 1 \(each entry\), got -4"),
+    (["MODEL.DAMAMBA.DEPTHS", "[1, 0, 1, 1]"], r"MODEL\.DAMAMBA\.DEPTHS must be >= 1 \(each entry\), got \[1, 0,"),
     (["MODEL.IN_CHANS", "1"], r"MODEL\.IN_CHANS must be 3 .*RGB.*got 1"),
     (["MODEL.IN_CHANS", "1", "EVAL_MODE", "True"], r"MODEL\.IN_CHANS must be 3"),
 ])
@@ -232,7 +236,8 @@ def test_accepted_augmentation_values_build_the_data_transforms():
         cfg = get_config(_args(opts=["DATA.INTERPOLATION", interpolation, "DATA.IMG_SIZE", "32"]), world_size=1)
         build_transform(cfg, is_train=True)
         build_transform(cfg, is_train=False)
-    for policy in ["", "rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0r-mstd0.5", "3a"]:
+    for policy in ["", "rand-m9-mstd0.5-inc1", "rand-m9-n3-tweights", "augmix-m5-w4-d2", "original", "v0r-mstd0.5",
+                   "3a"]:
         cfg = get_config(_args(opts=["AUG.AUTO_AUGMENT", policy, "DATA.IMG_SIZE", "32"]), world_size=1)
         assert cfg.AUG.AUTO_AUGMENT == policy
         build_transform(cfg, is_train=True)
@@ -304,5 +309,7 @@ def test_opts_values_as_python_literals_or_yaml_flow_lists():
     assert cfg.MODEL.DEFMAMBA.SCAN_BRANCHES == ["forward", "local"]  # yaml flow syntax, as in a yaml file
     assert cfg.AUG.SCALE == (0.5, 1.0) and cfg.MODEL.DEFMAMBA.DEPTHS is None
     assert cfg.TAG == "run:[a]"  # a string key takes the text as given
+    for text in ("2024-06-31", "[2024-02-30]", "a: b", "{x}", "null"):  # yaml would build a date, a dict, None
+        assert get_config(_args(opts=["TAG", text]), world_size=1).TAG == text
     with pytest.raises(ConfigError, match=r"TRAIN\.EPOCHS must be of type int \(like 300\), got 'abc'"):
         get_config(_args(opts=["TRAIN.EPOCHS", "abc"]))

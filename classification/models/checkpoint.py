@@ -57,24 +57,30 @@ def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
     return None
 
 
-def _without_mismatched_classifier(state_dict: dict[str, Tensor], model: nn.Module,
-                                   source: str) -> tuple[dict[str, Tensor], set[str]]:
-    """``state_dict`` without the classifier's entries when their shapes differ from ``model``'s, and the model's
-    classifier keys it then keeps as initialised; else ``state_dict`` unchanged and no key."""
+def _without_mismatched_classifier(state_dict: dict[str, Tensor],
+                                   model: nn.Module) -> tuple[dict[str, Tensor], set[str], str | None]:
+    """``state_dict`` without the classifier's entries when their shapes differ from ``model``'s, the model's
+    classifier keys that then keep their initialisation, and what to log once the load succeeds; else ``state_dict``
+    unchanged, no key and None."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     name = next((name for name, module in model.named_modules() if module is classifier), None)
     if not name:
         raise CheckpointError(f"{type(model).__name__} has no classifier module (timm's get_classifier()) to replace")
     prefix = f"{name}."
+
     def shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in tensors.items() if key.startswith(prefix)}
 
     ours, theirs = shapes(model.state_dict()), shapes(state_dict)
     if ours == theirs:
-        return state_dict, set()
-    _logger.warning("%s: its classifier %s does not fit this model's %s: not loaded, %s* keeps its initialisation "
-                    "(fine-tuning to another number of classes)", source, theirs, ours, prefix)
-    return {key: value for key, value in state_dict.items() if not key.startswith(prefix)}, set(ours)
+        return state_dict, set(), None
+    kept = {key: value for key, value in state_dict.items() if not key.startswith(prefix)}
+    if not ours:
+        return kept, set(), f"its classifier {theirs} is left out: the model has none (num_classes 0)"
+    if not theirs:
+        return kept, set(ours), f"it holds no classifier: {prefix}* keeps its initialisation"
+    return kept, set(ours), (f"its classifier {theirs} does not fit this model's {ours}: not loaded, {prefix}* keeps "
+                             "its initialisation (fine-tuning to another number of classes)")
 
 
 def _unreadable(path: Path, err: Exception) -> CheckpointError:
@@ -200,9 +206,9 @@ def load_checkpoint(
         state_dict = filter_fn(state_dict, model)
 
     expected = model.state_dict()
-    own_classifier = set()  # the model's classifier keys, when it keeps its own
+    own_classifier, classifier_note = set(), None  # the model's classifier keys when it keeps its own, and why
     if new_classifier:
-        state_dict, own_classifier = _without_mismatched_classifier(state_dict, model, source)
+        state_dict, own_classifier, classifier_note = _without_mismatched_classifier(state_dict, model)
     missing = [key for key in expected if key not in state_dict and key not in own_classifier]
     unexpected = [key for key in state_dict if key not in expected]
     mismatched = [
@@ -228,4 +234,6 @@ def load_checkpoint(
             "non-strict load into %s: %d missing keys %s, %d unexpected keys %s",
             type(model).__name__, len(missing), _listing(missing), len(unexpected), _listing(unexpected),
         )
+    if classifier_note:
+        _logger.warning("%s: %s", source, classifier_note)
     return model.load_state_dict(state_dict, strict=strict and not own_classifier)

@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,15 @@ TMP_SUFFIX = ".tmp"
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
 MSDOS_DIRECTORY_ATTRIBUTE = 0x10  # external-attribute bit of a zip record that is a folder
+# What reading a damaged record raises: a bad header or CRC, a size past the data, a garbled or unknown compression.
+RECORD_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
 def first_crc_mismatch(path: str | os.PathLike) -> str | None:
     """The name of the first damaged record of a ``torch.save`` file, or None: a record whose data does not match its
-    stored CRC-32, or whose zip headers say what ``torch.save`` never writes (compression, encryption, a folder).
+    stored CRC-32 or cannot be read back (a damaged compression field), or whose zip headers say what ``torch.load``
+    would misread (encryption, a folder).
 
     ``torch.save`` stores a CRC-32 for every record of its zip archive, but ``torch.load`` does not check them: a bit
     flip inside tensor data loads silently as a wrong value. Reading the whole file once finds it. Legacy (non-zip)
@@ -53,8 +57,7 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
         return None
     with zipfile.ZipFile(path) as archive:
         for record in archive.infolist():
-            if (record.compress_type != zipfile.ZIP_STORED or record.flag_bits & ZIP_ENCRYPTED_FLAG
-                    or record.external_attr & MSDOS_DIRECTORY_ATTRIBUTE or record.is_dir()):
+            if record.flag_bits & ZIP_ENCRYPTED_FLAG or record.external_attr & MSDOS_DIRECTORY_ATTRIBUTE:
                 return record.filename
             if record.CRC == 0:
                 continue
@@ -62,7 +65,7 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
                 with archive.open(record) as stream:  # BadZipFile: a bad header, or a CRC mismatch at the end
                     while stream.read(CRC_READ_BYTES):
                         pass
-            except (zipfile.BadZipFile, EOFError) as err:  # EOFError: a record size pointing past the data
+            except RECORD_READ_ERRORS as err:
                 logger.debug("%s: record %s: %s", path, record.filename, err)
                 return record.filename
     return None
