@@ -33,10 +33,10 @@ from classification.lr_scheduler import build_scheduler
 from classification.models import (
     CheckpointError,
     build_model,
-    check_model_config,
     has_ema_weights,
     load_checkpoint,
     read_checkpoint,
+    resolve_model_config,
 )
 from classification.ops import resolve_backend
 from classification.ops.report import backend_report
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
     try:
-        config = get_config(args)
-        check_model_config(config)  # the model's own checks of its keys, before anything is written
+        # The variant's architecture spelled out, and the model's own checks of its keys, before anything is written.
+        config = resolve_model_config(get_config(args))
     except ConfigError as err:
         sys.stderr.write(f"config error: {err}\n")
         return 2

@@ -99,6 +99,23 @@ def test_model_name_alone_selects_the_variant_and_set_keys_override_it():
     assert reset.MODEL.DEFMAMBA.EMBED_DIM is None  # None gives a key back to the variant
 
 
+def test_a_run_config_spells_out_the_variants_architecture():
+    from classification.models import resolve_model_config
+
+    small = get_config(_args(opts=["MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_small",
+                                   "MODEL.DAMAMBA.DEPTHS", "[1, 1, 2, 1]"]), world_size=1)
+    resolved = resolve_model_config(small)
+    assert resolved.is_frozen() and small.MODEL.DAMAMBA.DIMS is None  # a copy
+    damamba = resolved.MODEL.DAMAMBA
+    # DAMamba-S of the spec table; the set DEPTHS stays.
+    assert damamba.DIMS == [96, 192, 384, 512] and damamba.MLP_RATIOS == [4.0, 4.0, 3.0, 3.0]
+    assert damamba.LAYERSCALE == [2, 3] and damamba.DROP_PATH_RATE == 0.4 and damamba.DEPTHS == [1, 1, 2, 1]
+    tiny = resolve_model_config(get_config(_args(), world_size=1)).MODEL.DEFMAMBA
+    assert (tiny.EMBED_DIM, tiny.DEPTHS, tiny.DROP_PATH_RATE) == (48, [2, 2, 5, 2], 0.2)
+    with pytest.raises(ConfigError, match="scan_branches must be"):  # the model's checks run first
+        resolve_model_config(get_config(_args(opts=["MODEL.DEFMAMBA.SCAN_BRANCHES", "[zigzag]"]), world_size=1))
+
+
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("TRAIN:\n  EPOCS: 3\n")

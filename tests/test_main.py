@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import main
@@ -59,6 +60,9 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert not (run_dir / "config.yaml").exists()  # only a training run writes its config
     assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 0
     trained = (run_dir / "config.yaml").read_text()
+    # The run's config spells out the variant's values for the keys left to it (TINY_DEFMAMBA sets width and depth).
+    defmamba = yaml.safe_load(trained)["MODEL"]["DEFMAMBA"]
+    assert (defmamba["EMBED_DIM"], defmamba["DROP_PATH_RATE"]) == (8, 0.2) and None not in defmamba.values()
     assert _run(data, tmp_path, "--eval") == 0
     log = (run_dir / "train.log").read_text()
     assert f"evaluating the run's newest checkpoint, {run_dir}{os.sep}checkpoint_" in log

@@ -7,7 +7,25 @@ from yacs.config import CfgNode
 
 from classification.config import ConfigError
 
+from . import damamba, defmamba
 from .registry import create_model
+
+
+# Per MODEL.TYPE: its config section and, for each key there, the constructor argument it sets.
+FAMILY_KEYS = {
+    "defmamba": ("DEFMAMBA", {
+        "EMBED_DIM": "embed_dim", "DEPTHS": "depths", "D_STATE": "d_state", "SSM_RATIO": "ssm_ratio",
+        "MLP_RATIO": "mlp_ratio", "DROP_RATE": "drop_rate", "DROP_PATH_RATE": "drop_path_rate",
+        "SCAN_BRANCHES": "scan_branches", "LOCAL_WINDOW": "local_window", "DEFORM_POINTS": "deform_points",
+        "DEFORM_ORDER": "deform_order", "OFFSET_BIAS": "offset_bias",
+        "OFFSET_CHANNEL_ATTENTION": "offset_channel_attention",
+    }),
+    "damamba": ("DAMAMBA", {
+        "DIMS": "dims", "DEPTHS": "depths", "MLP_RATIOS": "mlp_ratios", "LAYERSCALE": "layerscale",
+        "DROP_PATH_RATE": "drop_path_rate",
+    }),
+}
+VARIANT_ARGS = {**defmamba.VARIANT_ARGS, **damamba.VARIANT_ARGS}
 
 
 def _constructor_value(value: Any) -> Any:
@@ -15,25 +33,19 @@ def _constructor_value(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _family_keys(config: CfgNode) -> tuple[str, dict[str, str]]:
+    if config.MODEL.TYPE not in FAMILY_KEYS:
+        raise ConfigError(f"MODEL.TYPE must be one of {tuple(FAMILY_KEYS)}, got {config.MODEL.TYPE!r}")
+    return FAMILY_KEYS[config.MODEL.TYPE]
+
+
 def model_kwargs(config: CfgNode) -> dict:
     """Keyword arguments of the model constructor, one explicit entry per ``MODEL.<TYPE>.*`` key, leaving out the keys
     at None (``VARIANT_KEY_TYPES``: the variant's entrypoint supplies them)."""
     model = config.MODEL
-    common = dict(num_classes=model.NUM_CLASSES, in_chans=model.IN_CHANS, scan_backend=model.SCAN_BACKEND)
-    if model.TYPE == "defmamba":
-        family = model.DEFMAMBA
-        kwargs = dict(common, embed_dim=family.EMBED_DIM, depths=family.DEPTHS, d_state=family.D_STATE,
-                      ssm_ratio=family.SSM_RATIO, mlp_ratio=family.MLP_RATIO, drop_rate=family.DROP_RATE,
-                      drop_path_rate=family.DROP_PATH_RATE, scan_branches=family.SCAN_BRANCHES,
-                      local_window=family.LOCAL_WINDOW, deform_points=family.DEFORM_POINTS,
-                      deform_order=family.DEFORM_ORDER, offset_bias=family.OFFSET_BIAS,
-                      offset_channel_attention=family.OFFSET_CHANNEL_ATTENTION)
-    elif model.TYPE == "damamba":
-        family = model.DAMAMBA
-        kwargs = dict(common, dims=family.DIMS, depths=family.DEPTHS, mlp_ratios=family.MLP_RATIOS,
-                      layerscale=family.LAYERSCALE, drop_path_rate=family.DROP_PATH_RATE)
-    else:
-        raise ConfigError(f"MODEL.TYPE must be 'defmamba' or 'damamba', got {model.TYPE!r}")
+    section, keys = _family_keys(config)
+    kwargs = dict(num_classes=model.NUM_CLASSES, in_chans=model.IN_CHANS, scan_backend=model.SCAN_BACKEND,
+                  **{argument: model[section][key] for key, argument in keys.items()})
     return {name: _constructor_value(value) for name, value in kwargs.items() if value is not None}
 
 
@@ -57,12 +69,24 @@ def build_model(config: CfgNode) -> nn.Module:
                           f"{err}") from err
 
 
-def check_model_config(config: CfgNode) -> None:
-    """Runs the model's own checks of the ``MODEL.*`` keys (:func:`build_model` on the meta device: shapes only, no
-    memory), so that a run can refuse a bad value before it writes anything.
+def resolve_model_config(config: CfgNode) -> CfgNode:
+    """``config`` with its ``MODEL.<TYPE>`` keys left at None set to the ``MODEL.NAME`` variant's values (frozen), so
+    that the config a run writes (``config.yaml``, its checkpoints) spells out the architecture it trains; first runs
+    the model's own checks of the keys (:func:`build_model` on the meta device: shapes only, no memory), so that a
+    bad value is refused before anything is written.
 
     Raises:
         ConfigError: As :func:`build_model`.
     """
     with torch.device("meta"):
         build_model(config)
+    section, keys = _family_keys(config)
+    resolved = config.clone()
+    resolved.defrost()
+    variant_args = VARIANT_ARGS.get(config.MODEL.NAME, {})
+    for key, argument in keys.items():
+        if resolved.MODEL[section][key] is None and argument in variant_args:
+            value = variant_args[argument]
+            resolved.MODEL[section][key] = list(value) if isinstance(value, tuple) else value
+    resolved.freeze()
+    return resolved

@@ -433,25 +433,35 @@ register_checkpoint_filter(DAMamba, checkpoint_filter_fn)
 default_cfgs = imagenet_default_cfgs(("damamba_tiny", "damamba_small", "damamba_base"), first_conv="stem.0")
 
 
-# Drop-path rates are the release's training yamls' (its own entrypoints say 0.3 / 0.4 / 0.6; no effect on weights).
+# Each variant's architecture and stochastic-depth rate. The drop-path rates are the release's training yamls' (its own
+# entrypoints say 0.3 / 0.4 / 0.6; no effect on weights).
+VARIANT_ARGS = {
+    "damamba_tiny": dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+                         layerscale=(), drop_path_rate=0.15),
+    "damamba_small": dict(dims=(96, 192, 384, 512), depths=(4, 8, 20, 6), mlp_ratios=(4.0, 4.0, 3.0, 3.0),
+                          layerscale=(2, 3), drop_path_rate=0.4),
+    "damamba_base": dict(dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), mlp_ratios=(4.0, 4.0, 3.0, 4.0),
+                         layerscale=(2, 3), drop_path_rate=0.5),
+}
+
+
+def _create_damamba(variant: str, pretrained: bool, overrides: dict) -> DAMamba:
+    return create_backbone(DAMamba, variant, pretrained, checkpoint_filter_fn, {**VARIANT_ARGS[variant], **overrides})
+
+
 @register_model
 def damamba_tiny(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-T: dims 80-160-320-512, depths 3-4-12-5, 25,439,870 parameters, 4.848 GMACs (fvcore) at 224."""
-    model_args = dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4, 4, 3, 3), drop_path_rate=0.15)
-    return create_backbone(DAMamba, "damamba_tiny", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_damamba("damamba_tiny", pretrained, kwargs)
 
 
 @register_model
 def damamba_small(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-S: dims 96-192-384-512, depths 4-8-20-6, 44,991,880 parameters, 10.299 GMACs (fvcore) at 224."""
-    model_args = dict(dims=(96, 192, 384, 512), depths=(4, 8, 20, 6), mlp_ratios=(4, 4, 3, 3), layerscale=(2, 3),
-                      drop_path_rate=0.4)
-    return create_backbone(DAMamba, "damamba_small", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_damamba("damamba_small", pretrained, kwargs)
 
 
 @register_model
 def damamba_base(pretrained: bool = False, **kwargs) -> DAMamba:
     """DAMamba-B: dims 112-224-448-640, depths 4-8-25-8, 85,713,488 parameters, 16.402 GMACs (fvcore) at 224."""
-    model_args = dict(dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), mlp_ratios=(4, 4, 3, 4), layerscale=(2, 3),
-                      drop_path_rate=0.5)
-    return create_backbone(DAMamba, "damamba_base", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_damamba("damamba_base", pretrained, kwargs)

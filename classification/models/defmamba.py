@@ -730,22 +730,31 @@ register_checkpoint_filter(DefMamba, checkpoint_filter_fn)
 default_cfgs = imagenet_default_cfgs(("defmamba_tiny", "defmamba_small", "defmamba_base"), first_conv="stem.conv1")
 
 
+# Each variant's architecture and stochastic-depth rate.
+VARIANT_ARGS = {
+    "defmamba_tiny": dict(embed_dim=48, depths=(2, 2, 5, 2), drop_path_rate=0.2),
+    "defmamba_small": dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2),
+    "defmamba_base": dict(embed_dim=96, depths=(2, 3, 16, 2), drop_path_rate=0.4),
+}
+
+
+def _create_defmamba(variant: str, pretrained: bool, overrides: dict) -> DefMamba:
+    return create_backbone(DefMamba, variant, pretrained, checkpoint_filter_fn, {**VARIANT_ARGS[variant], **overrides})
+
+
 @register_model
 def defmamba_tiny(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-T: C 48, depths 2-2-5-2, 7,547,878 parameters, 1.29 GFLOPs at 224."""
-    model_args = dict(embed_dim=48, depths=(2, 2, 5, 2), drop_path_rate=0.2)
-    return create_backbone(DefMamba, "defmamba_tiny", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_defmamba("defmamba_tiny", pretrained, kwargs)
 
 
 @register_model
 def defmamba_small(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-S: C 96, depths 2-2-6-2, 30,201,340 parameters, 5.01 GFLOPs at 224."""
-    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2)
-    return create_backbone(DefMamba, "defmamba_small", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_defmamba("defmamba_small", pretrained, kwargs)
 
 
 @register_model
 def defmamba_base(pretrained: bool = False, **kwargs) -> DefMamba:
     """DefMamba-B: C 96, depths 2-3-16-2, 48,595,576 parameters, 8.93 GFLOPs at 224."""
-    model_args = dict(embed_dim=96, depths=(2, 3, 16, 2), drop_path_rate=0.4)
-    return create_backbone(DefMamba, "defmamba_base", pretrained, checkpoint_filter_fn, dict(model_args, **kwargs))
+    return _create_defmamba("defmamba_base", pretrained, kwargs)
