@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from classification.utils.checkpoint import crc_mismatch_message, first_crc_mismatch
+from classification.utils.checkpoint import DamagedCheckpointError, verify_records
 
 _logger = logging.getLogger(__name__)
 
@@ -93,15 +93,17 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
-        CheckpointError: it is corrupt (a record fails its CRC-32 check, see :func:`first_crc_mismatch`) or truncated,
-            or, with ``weights_only``, holds objects the restricted unpickler refuses.
+        CheckpointError: it is corrupt (a damaged record, see ``verify_records``) or truncated, or, with
+            ``weights_only``, holds objects the restricted unpickler refuses.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
-        damaged = first_crc_mismatch(path)
-        checkpoint = None if damaged else torch.load(path, map_location="cpu", weights_only=weights_only)
+        verify_records(path)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except DamagedCheckpointError as err:
+        raise CheckpointError(str(err)) from err
     except pickle.UnpicklingError as err:
         if weights_only:  # its records pass their CRC-32: what failed is the restricted unpickler, not the file
             raise CheckpointError(
@@ -111,9 +113,6 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
         raise _unreadable(path, err) from err
     except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, ValueError) as err:
         raise _unreadable(path, err) from err
-    if damaged:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
-    return checkpoint
 
 
 def has_ema_weights(checkpoint: Mapping[str, object]) -> bool:

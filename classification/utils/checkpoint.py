@@ -71,10 +71,23 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
     return None
 
 
-def crc_mismatch_message(record: str) -> str:
-    """What a failed CRC-32 check of ``record`` means and what to do, for error messages."""
-    return (f"its record {record} fails the CRC-32 or header check of the zip archive torch.save wrote (torch.load "
-            "checks neither): a bit flip on disk or in a copy; use another copy")
+class DamagedCheckpointError(ValueError):
+    """A ``torch.save`` file with a damaged record (:func:`first_crc_mismatch`); the message names file and record."""
+
+
+def verify_records(path: str | os.PathLike) -> None:
+    """Checks every record of a ``torch.save`` file before it is loaded (:func:`first_crc_mismatch`).
+
+    Raises:
+        DamagedCheckpointError: A record is damaged; the message says what that means and what to do.
+        OSError: The file cannot be read.
+        zipfile.BadZipFile: The archive's directory is damaged.
+    """
+    damaged = first_crc_mismatch(path)
+    if damaged is not None:
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is corrupt: its record {damaged} fails the CRC-32 or header check of the zip archive "
+            "torch.save wrote (torch.load checks neither): a bit flip on disk or in a copy; use another copy")
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
@@ -132,7 +145,7 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
 
     Args:
         path: The checkpoint file.
-        check_crc: Also check every record against the CRC-32 torch.save stored (:func:`first_crc_mismatch`), which
+        check_crc: Also check every record against the CRC-32 torch.save stored (:func:`verify_records`), which
             reads the whole file; without it only the records the caller uses are read.
 
     Raises:
@@ -140,9 +153,12 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         TrainingCheckpointError: The file is corrupt or lacks a required key.
     """
     try:
-        damaged = first_crc_mismatch(path) if check_crc else None
+        if check_crc:
+            verify_records(path)
         # Our own training checkpoints hold numpy RNG state and the config text: full unpickling is needed.
-        checkpoint = None if damaged else torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except DamagedCheckpointError as err:
+        raise TrainingCheckpointError(str(err)) from err
     except OSError as err:
         if isinstance(err, PermissionError) or err.errno == errno.EIO:
             raise CheckpointAccessError(f"cannot read checkpoint {path} ({type(err).__name__}: {err}); fix the access "
@@ -150,8 +166,6 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
-    if damaged:
-        raise TrainingCheckpointError(f"checkpoint {path} is corrupt: {crc_mismatch_message(damaged)}")
     if not isinstance(checkpoint, dict):
         raise TrainingCheckpointError(f"checkpoint {path} is not a dict")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
