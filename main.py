@@ -169,10 +169,11 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, use_ema: bool = 
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> str:
-    """Rank 0's pick of the newest valid checkpoint in ``output_dir`` ('' when none), the same on every rank."""
+def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> tuple[str, tuple[int, int]] | None:
+    """Rank 0's pick of the newest valid checkpoint in ``output_dir`` and its (epoch, step) position, or None; the
+    same on every rank."""
     found = ckpt.find_resume_checkpoint(output_dir) if ctx.is_main else None
-    return broadcast_object(str(found[0]) if found else "")
+    return broadcast_object((str(found[0]), found[1]) if found else None)
 
 
 def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> nn.Module | None:
@@ -185,10 +186,11 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
     """
     path = config.MODEL.RESUME or config.MODEL.PRETRAINED
     if not path:
-        path = newest_checkpoint(output_dir, ctx)
-        if not path:
+        newest = newest_checkpoint(output_dir, ctx)
+        if newest is None:
             raise ConfigError(f"--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS (the run's "
                               f"output {output_dir} holds no checkpoint)")
+        path = newest[0]
         logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
     checkpoint = read_checkpoint(path)
     load_weights(model, checkpoint, path)
@@ -219,11 +221,11 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     command after a crash continues the run instead of going back. A MODEL.RESUME inside the run's directory is taken
     as given (going back on purpose).
     """
-    own = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else ""
+    newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
     given = config.MODEL.RESUME
-    if not given or not own or Path(given).resolve().parent == output_dir.resolve():
-        return given or own
-    own_position = ckpt.checkpoint_position(own)
+    if not given or newest is None or Path(given).resolve().parent == output_dir.resolve():
+        return given or (newest[0] if newest else "")
+    own, own_position = newest
     try:
         given_position = ckpt.checkpoint_position(given)
     except ckpt.TrainingCheckpointError as err:  # e.g. deleted since the run started from it

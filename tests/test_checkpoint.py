@@ -64,8 +64,8 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
     (tmp_path / "checkpoint_epoch0009.pth").write_bytes(b"\x00garbage")
     (tmp_path / "checkpoint_incomplete.pth.123.tmp").write_bytes(good)  # a temp file is never a candidate
     with caplog.at_level(logging.WARNING):
-        path, checkpoint = ckpt.find_resume_checkpoint(tmp_path)
-    assert path.name == ckpt.BEST_NAME and (checkpoint["epoch"], checkpoint["step"]) == (3, 4)
+        path, position = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == ckpt.BEST_NAME and position == (3, 4)
     assert ckpt.LATEST_NAME in caplog.text and "checkpoint_epoch0009.pth" in caplog.text
     assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
 
@@ -83,8 +83,8 @@ def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_
                        "CRC-32"):
         ckpt.load_training_checkpoint(latest)
     with caplog.at_level(logging.WARNING):
-        path, checkpoint = ckpt.find_resume_checkpoint(tmp_path)
-    assert path.name == "checkpoint_epoch0000.pth" and checkpoint["epoch"] == 1
+        path, position = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint_epoch0000.pth" and position == (1, 0)
     assert f"{ckpt.LATEST_NAME} is corrupt" in caplog.text
 
 

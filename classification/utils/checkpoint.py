@@ -239,8 +239,8 @@ def _load_candidate(path: Path, check_crc: bool) -> dict | None:
         return None
 
 
-def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest valid training checkpoint in ``output_dir`` and its contents, or None.
+def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, tuple[int, int]] | None:
+    """The newest valid training checkpoint in ``output_dir`` and its (epoch, step) position, or None.
 
     Candidates are the ``checkpoint_*.pth`` files, newest first by their (epoch, step) position, then by
     modification time; corrupt ones are reported and skipped. Only the positions of the candidates are read, then the
@@ -256,8 +256,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, dict] |
         if checkpoint is not None:
             positions.append(((checkpoint["epoch"], checkpoint["step"]), path))
     # A stable sort: at equal positions the newer file stays first.
-    for _, path in sorted(positions, key=lambda item: item[0], reverse=True):
-        checkpoint = _load_candidate(path, check_crc=True)
-        if checkpoint is not None:
-            return path, checkpoint
+    for position, path in sorted(positions, key=lambda item: item[0], reverse=True):
+        if _load_candidate(path, check_crc=True) is not None:
+            return path, position
     return None
