@@ -102,12 +102,14 @@ def load_image(path: str | None, size: int) -> np.ndarray:
         FileNotFoundError: ``path`` does not exist.
         UsageError: ``path`` is not a readable image (the message names it).
     """
-    if path is None:
-        image = Image.fromarray(skimage.data.chelsea())
+    def fit(image: Image.Image) -> np.ndarray:
         return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+
+    if path is None:
+        return fit(Image.fromarray(skimage.data.chelsea()))
     try:
         with Image.open(path) as image:
-            return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+            return fit(image)
     except FileNotFoundError:
         raise
     except IMAGE_ERRORS as err:
