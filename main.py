@@ -3,8 +3,9 @@
 Single process: ``python main.py --cfg configs/defmamba/tiny.yaml --data-path /data/imagenet``.
 Several GPUs or nodes: ``torchrun --nproc_per_node 8 main.py --cfg ...`` (``env://``; NCCL on GPU, gloo on CPU).
 The run writes to OUTPUT/MODEL.NAME/TAG: checkpoints, ``log.txt`` (one JSON line per epoch), ``train.log`` and
-TensorBoard scalars under ``tensorboard/``. A run restarted with the same output resumes from the newest valid
-checkpoint, in the middle of an epoch when TRAIN.SAVE_STEPS is set.
+TensorBoard scalars under ``tensorboard/``; ``--eval`` and ``--throughput`` log to ``eval.log`` and
+``throughput.log`` there. A run restarted with the same output resumes from the newest valid checkpoint, in the middle
+of an epoch when TRAIN.SAVE_STEPS is set.
 """
 import argparse
 import copy
@@ -51,6 +52,7 @@ logger = logging.getLogger("main")
 
 JSON_LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
+TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
@@ -106,6 +108,11 @@ def set_determinism(config: CfgNode, rank: int) -> None:
         torch.backends.cudnn.deterministic = True
     else:
         torch.backends.cudnn.benchmark = True
+
+
+def run_mode(config: CfgNode) -> str:
+    """'throughput' (THROUGHPUT_MODE), 'eval' (EVAL_MODE; the config allows one of them) or 'train'."""
+    return "throughput" if config.THROUGHPUT_MODE else "eval" if config.EVAL_MODE else "train"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = init_distributed()
     output_dir = output_dir_of(config)
-    setup_logging(output_dir, ctx.rank)
+    setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[run_mode(config)])
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
@@ -432,10 +439,11 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
         load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
     model.to(ctx.device)
-    if config.THROUGHPUT_MODE:
+    mode = run_mode(config)
+    if mode == "throughput":
         run_throughput(config, ctx, model, amp_dtype)
         return 0
-    if config.EVAL_MODE:
+    if mode == "eval":
         run_eval(config, ctx, model, amp_dtype, load_eval_weights(config, ctx, model, output_dir))
         return 0
     return train(config, ctx, model, amp_dtype, output_dir)

@@ -358,6 +358,8 @@ def validate(cfg: CN) -> None:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     _validate_ranges(cfg)
     _validate_auto_augment(cfg.AUG.AUTO_AUGMENT)
+    if cfg.EVAL_MODE and cfg.THROUGHPUT_MODE:
+        raise ConfigError("EVAL_MODE (--eval) and THROUGHPUT_MODE (--throughput) are separate runs: give one of them")
     if cfg.MODEL.IN_CHANS != RGB_CHANNELS and not cfg.THROUGHPUT_MODE:
         raise ConfigError(f"MODEL.IN_CHANS must be {RGB_CHANNELS} for training and evaluation (the data pipeline "
                           f"yields RGB images), got {cfg.MODEL.IN_CHANS}; other values only with --throughput")

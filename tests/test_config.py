@@ -240,6 +240,7 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["MODEL.DAMAMBA.DEPTHS", "[1, 0, 1, 1]"], r"MODEL\.DAMAMBA\.DEPTHS must be >= 1 \(each entry\), got \[1, 0,"),
     (["MODEL.IN_CHANS", "1"], r"MODEL\.IN_CHANS must be 3 .*RGB.*got 1"),
     (["MODEL.IN_CHANS", "1", "EVAL_MODE", "True"], r"MODEL\.IN_CHANS must be 3"),
+    (["EVAL_MODE", "True", "THROUGHPUT_MODE", "True"], r"--eval\) and THROUGHPUT_MODE \(--throughput\) are separate"),
 ])
 def test_invalid_value_names_key_value_and_allowed(opts, message):
     with pytest.raises(ConfigError, match=message):

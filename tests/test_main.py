@@ -56,7 +56,8 @@ def test_config_error_fails_before_any_work(tmp_path, capsys):
 def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(data, tmp_path, isolated_logging):
     run_dir = tmp_path / "defmamba_tiny" / "default"
     assert _run(data, tmp_path, "--eval") == 2  # no --resume, no --pretrained, no checkpoint: never random weights
-    assert "--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS" in _log(run_dir)
+    assert "--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS" in _log(run_dir, "eval")
+    assert not (run_dir / "train.log").exists()  # each mode has its own text log
     assert not (run_dir / "config.yaml").exists()  # only a training run writes its config
     assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 0
     trained = (run_dir / "config.yaml").read_text()
@@ -64,13 +65,14 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     defmamba = yaml.safe_load(trained)["MODEL"]["DEFMAMBA"]
     assert (defmamba["EMBED_DIM"], defmamba["DROP_PATH_RATE"]) == (8, 0.2) and None not in defmamba.values()
     assert _run(data, tmp_path, "--eval") == 0
-    log = (run_dir / "train.log").read_text()
+    log = _log(run_dir, "eval")
+    assert "eval on" not in _log(run_dir)
     assert f"evaluating the run's newest checkpoint, {run_dir}{os.sep}checkpoint_" in log
     assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d", log)
     assert re.search(r"eval of the EMA weights: top-1 \d+\.\d+%", log)
     assert (run_dir / "config.yaml").read_text() == trained  # the eval run left the training config alone
     assert _run(data, tmp_path, "--eval", "--tag", "pretrained", "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 0
-    log = _log(tmp_path / "defmamba_tiny" / "pretrained")
+    log = _log(tmp_path / "defmamba_tiny" / "pretrained", "eval")
     assert f"loaded weights from {run_dir / ckpt.LATEST_NAME}" in log and "eval of the EMA weights" in log
     # Fine-tuning to 3 classes from the 2-class run: its classifier is left out, everything else loads.
     assert _run(data, tmp_path, "--tag", "finetune", "--pretrained", str(run_dir / ckpt.LATEST_NAME),
@@ -80,11 +82,12 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     finetuned = ckpt.load_training_checkpoint(tmp_path / "defmamba_tiny" / "finetune" / ckpt.LATEST_NAME)
     assert finetuned["model"]["head.fc.weight"].shape == (3, 64)
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
-    log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
+    log = _log(run_dir, "throughput")
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
     assert "AMP fp16 on the CPU" not in log
     assert _run(data, tmp_path, "--throughput", "--tag", "fp16", "--amp", "fp16", opts=("THROUGHPUT_ITERS", "1")) == 0
-    assert "AMP fp16 on the CPU: autocast to float16 runs slowly" in _log(tmp_path / "defmamba_tiny" / "fp16")
+    assert "AMP fp16 on the CPU: autocast to float16 runs slowly" in _log(tmp_path / "defmamba_tiny" / "fp16",
+                                                                         "throughput")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, isolated_logging, monkeypatch):
@@ -119,24 +122,24 @@ def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert len((run_dir / "log.txt").read_text().splitlines()) == 2
     assert _run(data, tmp_path, "--eval", "--resume", str(run_dir / ckpt.BEST_NAME), opts=opts) == 0
-    assert re.search(r"eval on 6 images: top-1 .* GFLOPs", (run_dir / "train.log").read_text())
+    assert re.search(r"eval on 6 images: top-1 .* GFLOPs", _log(run_dir, "eval"))
 
 
 def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(data, tmp_path, isolated_logging):
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "1")) == 0
-    log = (tmp_path / "defmamba_tiny" / "default" / "train.log").read_text()
+    log = _log(tmp_path / "defmamba_tiny" / "default", "throughput")
     assert f"cpu: backend='auto' uses {resolve_backend('auto', 'cpu')!r}" in log
     assert "selective scan: MODEL.SCAN_BACKEND=torch runs as 'torch' on cpu" in log
     forced = tmp_path / "forced"
     assert main.main(["--data-path", str(data), "--output", str(forced), "--scan-backend", "cuda", "--eval",
                       "--opts", *TINY_DEFMAMBA, *TINY_DATA]) == 2
-    log = (forced / "defmamba_tiny" / "default" / "train.log").read_text()
+    log = _log(forced / "defmamba_tiny" / "default", "eval")
     assert "MODEL.SCAN_BACKEND cuda (--scan-backend): backend 'cuda' runs on cuda tensors, not cpu" in log
     assert not list((forced / "defmamba_tiny" / "default").glob("*.pth"))
 
 
-def _log(run_dir: Path) -> str:
-    return (run_dir / "train.log").read_text()
+def _log(run_dir: Path, mode: str = "train") -> str:
+    return (run_dir / main.TEXT_LOG_NAMES[mode]).read_text()
 
 
 def test_resume_follows_a_changed_schedule_and_names_the_changes(data, tmp_path, isolated_logging):

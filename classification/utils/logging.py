@@ -5,15 +5,15 @@ from pathlib import Path
 
 LOG_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d) %(levelname)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-TEXT_LOG_NAME = "train.log"
 
 
-def setup_logging(output_dir: str | Path | None, rank: int) -> logging.Logger:
+def setup_logging(output_dir: str | Path | None, rank: int, log_name: str = "train.log") -> logging.Logger:
     """Configures the root logger once per process.
 
     Args:
         output_dir: Folder of the text log (rank 0 only); None logs to the console only.
         rank: Global rank of this process.
+        log_name: File name of the text log in ``output_dir`` (appended to).
 
     Returns:
         The root logger.
@@ -29,7 +29,7 @@ def setup_logging(output_dir: str | Path | None, rank: int) -> logging.Logger:
     root.addHandler(console)
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(output_dir) / TEXT_LOG_NAME, mode="a")
+        file_handler = logging.FileHandler(Path(output_dir) / log_name, mode="a")
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     return root
