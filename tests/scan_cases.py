@@ -4,6 +4,7 @@ A backend test builds inputs with :func:`make_inputs`, runs the backend and ``se
 :func:`run_scan`, and compares every output with :func:`relative_error` (max |a - b| / max |b|). A model test that
 runs ``backend="auto"`` on the CPU calls :func:`require_auto_cpu_kernel` so that it covers the C++ kernel.
 """
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -125,6 +126,20 @@ def make_inputs(
     return inputs
 
 
+def followed_by_nan(inputs: dict[str, Tensor | None], extra: int = 64) -> dict[str, Tensor | None]:
+    """Copies of ``inputs`` (contiguous leaves that require grad), each stored at the start of a buffer whose
+    following ``extra`` elements are NaN: a kernel that reads past an input's end (even under a mask, then multiplied
+    by zero) gets NaN into its results."""
+    out = {}
+    for name, value in inputs.items():
+        if value is None:
+            out[name] = None
+            continue
+        buffer = torch.full((value.numel() + extra,), math.nan, dtype=value.dtype, device=value.device)
+        out[name] = buffer[: value.numel()].view(value.shape).copy_(value.detach()).requires_grad_()
+    return out
+
+
 def cast_inputs(inputs: dict[str, Tensor | None], dtype: torch.dtype) -> dict[str, Tensor | None]:
     """Detached copies of `inputs` in `dtype` (same layout), as new leaves that require grad."""
     return {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
@@ -142,8 +157,27 @@ def run_scan(
     """
     y = fn(**inputs, delta_softplus=delta_softplus)
     leaves = {k: v for k, v in inputs.items() if v is not None}
-    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.to(y.dtype))
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.to(device=y.device, dtype=y.dtype))
     return y, dict(zip(leaves, grads))
+
+
+# The grad modes of run_in_grad_modes, and whether a backend's forward must keep residuals for a backward in each.
+GRAD_MODES = ("no_grad", "inference_mode", "no_input_requires_grad", "grad")
+KEEPS_RESIDUALS = (False, False, False, True)
+
+
+def run_in_grad_modes(fn: Callable[..., Tensor], inputs: dict[str, Tensor | None],
+                      delta_softplus: bool) -> list[Tensor]:
+    """``fn(**inputs, delta_softplus=...)`` in each of GRAD_MODES, in that order (``inputs`` require grad). The
+    ``grad`` run's output is the one still attached to the inputs."""
+    detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
+    with torch.no_grad():
+        outputs = [fn(**inputs, delta_softplus=delta_softplus)]
+    with torch.inference_mode():
+        outputs.append(fn(**inputs, delta_softplus=delta_softplus).clone())
+    outputs.append(fn(**detached, delta_softplus=delta_softplus))
+    outputs.append(fn(**inputs, delta_softplus=delta_softplus))
+    return outputs
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:

@@ -6,13 +6,15 @@ DEFMAMBA_ALLOW_NO_CPU_KERNEL=1 to skip them on a machine that cannot build it.
 import functools
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from classification.ops import selective_scan_cpu
 from classification.ops.selective_scan import selective_scan_fn, selective_scan_ref
-from scan_cases import CASES, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
+from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error
+from scan_cases import run_in_grad_modes, run_scan
 
 ALLOW_MISSING_ENV = "DEFMAMBA_ALLOW_NO_CPU_KERNEL"
 DTYPES = (torch.float64, torch.float32)
@@ -173,6 +175,23 @@ def test_only_needed_gradients_are_returned() -> None:
     y = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
     y.sum().backward()
     assert inputs["A"].grad is None and inputs["B"].grad is not None
+
+
+def test_checkpoints_are_kept_only_when_a_backward_can_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (no_grad, inference_mode, inputs without grad) writes no checkpoint states; training does."""
+    real, saved = selective_scan_cpu._extension, []
+
+    def forward(*args):
+        saved.append(args[-1])  # save_checkpoints
+        return real.forward(*args)
+
+    monkeypatch.setattr(selective_scan_cpu, "_extension", SimpleNamespace(forward=forward, backward=real.backward))
+    inputs = make_inputs(CASES[0])
+    outputs = run_in_grad_modes(functools.partial(selective_scan_fn, backend="cpu"), inputs, delta_softplus=True)
+    assert saved == list(KEEPS_RESIDUALS)
+    assert all(torch.equal(y, outputs[-1].detach()) for y in outputs[:-1])
+    outputs[-1].sum().backward()
+    assert all(t.grad is not None for t in inputs.values() if t is not None)
 
 
 def _canonical(case: ScanCase) -> dict:

@@ -12,13 +12,15 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from classification.ops import selective_scan_fn, selective_scan_ref
 from classification.ops import selective_scan_cuda
-from scan_cases import CASES, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
+from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, followed_by_nan, make_inputs
+from scan_cases import relative_error, run_in_grad_modes, run_scan
 
 needs_gpu_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and selective_scan_cuda.is_available()),
@@ -116,6 +118,20 @@ def test_cuda_not_built_raises_with_build_command(monkeypatch: pytest.MonkeyPatc
     inputs = make_inputs(CASES[1])
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation ./kernels/selective_scan"):
         selective_scan_cuda.scan(*inputs.values(), True)
+
+
+def test_cuda_keeps_states_only_when_a_backward_can_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper asks the kernel for the chunk states only when a backward can follow (an extension stand-in
+    records the request, on any machine)."""
+    saved = []
+
+    def fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states):
+        saved.append(save_states)
+        return torch.zeros(u.shape, dtype=A.dtype), u.new_empty(0)
+
+    monkeypatch.setattr(selective_scan_cuda, "_extension", lambda: SimpleNamespace(fwd=fwd))
+    run_in_grad_modes(selective_scan_cuda.scan, make_inputs(CASES[0]), delta_softplus=True)
+    assert saved == list(KEEPS_RESIDUALS)
 
 
 # ---------------------------------------------------------------------------------------- host emulation of the kernels
@@ -222,7 +238,7 @@ def _emulated_scan(kernels: ctypes.CDLL, inputs: dict, softplus: bool, grad_y: t
 )
 def test_cuda_kernels_emulated_on_cpu_match_ref(emulated_kernels: ctypes.CDLL, case: ScanCase, dtype: torch.dtype,
                                                 deterministic: bool) -> None:
-    inputs = make_inputs(case, dtype=dtype)
+    inputs = followed_by_nan(make_inputs(case, dtype=dtype))  # reading past an input's end would give NaN
     grad_y = torch.randn(case.batch, case.channels, case.length, generator=torch.Generator().manual_seed(1),
                          dtype=torch.float64)
     y, grads = _emulated_scan(emulated_kernels, inputs, case.softplus, grad_y, deterministic)

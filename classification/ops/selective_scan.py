@@ -319,6 +319,14 @@ def _contract_state(left: Tensor, right: Tensor, out: Tensor) -> None:
         torch.bmm(left, right.transpose(1, 2), out=out)
 
 
+def residuals_needed(*tensors: Tensor | None) -> bool:
+    """Whether a backend's forward must keep what its backward needs (the CPU and CUDA kernels' chunk states): grad
+    mode is on and some input requires a gradient. Decided before ``autograd.Function.apply``: inside ``forward``,
+    ``ctx.needs_input_grad`` follows ``requires_grad`` even under ``torch.no_grad()`` and ``torch.inference_mode()``,
+    so evaluation would write the states for nothing."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def refuse_double_backward(backend: str) -> None:
     """Called first in a backend's backward. Only ``ref`` is differentiable twice: the other backends' backward passes
     are not differentiable, so with ``create_graph=True`` (grad mode on inside backward) their gradients would carry

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .selective_scan import NUM_TENSOR_INPUTS, refuse_double_backward
+from .selective_scan import NUM_TENSOR_INPUTS, refuse_double_backward, residuals_needed
 
 try:
     import defmamba_scan_cpu as _extension
@@ -65,9 +65,9 @@ class _SelectiveScanCpu(torch.autograd.Function):
         D: Tensor | None,
         delta_bias: Tensor | None,
         delta_softplus: bool,
+        save_checkpoints: bool,
     ) -> Tensor:
-        needs_grad = any(ctx.needs_input_grad[:NUM_TENSOR_INPUTS])
-        y, checkpoints = _extension.forward(u, delta, A, B, C, D, delta_bias, delta_softplus, needs_grad)
+        y, checkpoints = _extension.forward(u, delta, A, B, C, D, delta_bias, delta_softplus, save_checkpoints)
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
         return y
@@ -78,7 +78,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
         grads = _extension.backward(grad_y, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, checkpoints)
         needed = ctx.needs_input_grad[:NUM_TENSOR_INPUTS]
-        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,)  # None: delta_softplus
+        return tuple(g if need else None for g, need in zip(grads, needed)) + (None, None)  # the two flags
 
 
 def scan(
@@ -99,4 +99,5 @@ def scan(
     """
     if _extension is None:
         raise RuntimeError(unavailable_reason())
-    return _SelectiveScanCpu.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    save_checkpoints = residuals_needed(u, delta, A, B, C, D, delta_bias)
+    return _SelectiveScanCpu.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, save_checkpoints)

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from .selective_scan import refuse_double_backward
+from .selective_scan import refuse_double_backward, residuals_needed
 
 _log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class _CudaScanFn(torch.autograd.Function):
     """Selective scan with the CUDA forward and backward kernels (inputs already cast and contiguous)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus: bool):
-        save_states = any(ctx.needs_input_grad)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus: bool, save_states: bool):
         y, states = _extension().fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states)
         ctx.delta_softplus = delta_softplus
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
@@ -89,7 +88,7 @@ class _CudaScanFn(torch.autograd.Function):
         grads = _extension().bwd(
             u, delta, A, B, C, D, delta_bias, dy.to(A.dtype).contiguous(), states, ctx.delta_softplus, deterministic
         )
-        return (*grads, None)
+        return (*grads, None, None)  # the two flags
 
 
 def scan(
@@ -128,4 +127,5 @@ def scan(
     weight_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
     u, delta, B, C = (t.to(input_dtype).contiguous() for t in (u, delta, B, C))
     A, D, delta_bias = (t.to(weight_dtype).contiguous() if t is not None else None for t in (A, D, delta_bias))
-    return _CudaScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    save_states = residuals_needed(u, delta, A, B, C, D, delta_bias)
+    return _CudaScanFn.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, save_states)
