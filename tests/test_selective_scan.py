@@ -11,7 +11,8 @@ from torch import Tensor
 
 from classification.ops import selective_scan as ss
 from classification.ops import available_backends, resolve_backend, selective_scan_fn, selective_scan_ref
-from scan_cases import CASES, INPUT_NAMES, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
+from scan_cases import CASES, INPUT_NAMES, TOLERANCE, ScanCase, cast_inputs, followed_by_nan, make_inputs
+from scan_cases import relative_error, run_scan
 
 ALWAYS_AVAILABLE = ("ref", "torch")
 
@@ -171,6 +172,19 @@ def test_no_sequences_give_an_empty_output_and_zero_gradients(backend, empty):
     grads = torch.autograd.grad(y.sum(), list(inputs.values()), allow_unused=True)
     for (name, t), grad in zip(inputs.items(), grads):
         assert grad is None or (grad.shape == t.shape and not grad.any()), name
+
+
+@pytest.mark.parametrize("backend", ss.BACKENDS)
+def test_nothing_past_the_inputs_is_read(backend):
+    """NaN stored right after every input reaches neither y nor a gradient: the padded steps of a ragged last chunk
+    (L = 13 is no multiple of any backend's chunk) and padded lanes read nothing beyond the inputs' ends."""
+    device = _device_for(backend)
+    _require(backend, device)
+    case = ScanCase(batch=1, channels=6, length=13, state_size=2, groups=3)
+    inputs = followed_by_nan(make_inputs(case, device=device))
+    actual = run_scan(functools.partial(selective_scan_fn, backend=backend), inputs, case.softplus, _grad_y(case))
+    expected = run_scan(selective_scan_ref, cast_inputs(inputs, torch.float64), case.softplus, _grad_y(case))
+    _assert_close(actual, expected, TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))

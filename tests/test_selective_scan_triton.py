@@ -13,7 +13,8 @@ import torch
 
 from classification.ops import selective_scan_fn, selective_scan_ref
 from classification.ops import selective_scan_triton
-from scan_cases import TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error, run_scan
+from scan_cases import KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error
+from scan_cases import run_in_grad_modes, run_scan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,3 +73,23 @@ def test_triton_half_inputs_upcast() -> None:
     assert y.dtype == torch.float32
     assert torch.equal(y, y_float)
 
+
+
+def test_triton_keeps_states_only_when_a_backward_can_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (no_grad, inference_mode, inputs without grad) writes no chunk states; training does."""
+    kernel, saved = selective_scan_triton._scan_fwd_kernel, []
+
+    class LaunchSpy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                saved.append(kwargs["SAVE_STATES"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(selective_scan_triton, "_scan_fwd_kernel", LaunchSpy())
+    inputs = make_inputs(TRITON_CASES[1], device=DEVICE)
+    outputs = run_in_grad_modes(functools.partial(selective_scan_fn, backend="triton"), inputs, delta_softplus=True)
+    assert saved == list(KEEPS_RESIDUALS)
+    assert all(torch.equal(y, outputs[-1].detach()) for y in outputs[:-1])
+    outputs[-1].sum().backward()
+    assert all(t.grad is not None for t in inputs.values() if t is not None)

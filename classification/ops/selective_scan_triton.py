@@ -20,12 +20,13 @@ and ddelta_bias over the batch.
 
 ``TRITON_INTERPRET=1`` must be set before this module is imported to run the kernels on the CPU (the tests do).
 """
+import contextlib
 import logging
 import os
 
 import torch
 
-from .selective_scan import refuse_double_backward
+from .selective_scan import refuse_double_backward, residuals_needed
 
 try:
     import triton
@@ -40,6 +41,7 @@ ACCEPTS_HALF_INPUTS = False
 # in registers on a GPU. The interpreter runs associative scans element by element in Python, so its chunks are small.
 MAX_CHUNK = 32
 MAX_BLOCK_CHANNELS = 4
+MAX_TILE_ELEMENTS = MAX_BLOCK_CHANNELS * 16 * MAX_CHUNK  # a wider state (N > 16) gets shorter chunks
 INTERPRETER_MAX_CHUNK = 8
 MIN_TILE = 2  # smallest tile side used for the channel, state and time axes
 
@@ -92,7 +94,7 @@ if triton is not None:
     ):
         block = tl.program_id(0)
         group = tl.program_id(1)
-        batch = tl.program_id(2)
+        batch = tl.program_id(2).to(tl.int64)  # offsets in int64: batch * channels * L can pass 2^31
         local = block * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = local < channels_per_group
         channel = group * channels_per_group + local
@@ -142,7 +144,7 @@ if triton is not None:
     ):
         block = tl.program_id(0)
         group = tl.program_id(1)
-        batch = tl.program_id(2)
+        batch = tl.program_id(2).to(tl.int64)  # offsets in int64: batch * channels * L can pass 2^31
         local = block * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = local < channels_per_group
         channel = group * channels_per_group + local
@@ -186,7 +188,7 @@ if triton is not None:
             mask_prev = mask_prev & prev_ok[None, :]
             dt_prev = tl.where(mask_prev, dt_prev, 0.0)
             u_prev = tl.load(u_ptr + rows[:, None] + t_prev[None, :], mask=mask_prev, other=0.0)
-            nt_prev = n_mask[:, None] & prev_ok[None, :]
+            nt_prev = n_mask[:, None] & prev_ok[None, :] & (t_prev[None, :] < L)
             B_prev = tl.load(B_ptr + bc_rows[:, None] + t_prev[None, :], mask=nt_prev, other=0.0)
             h_start = tl.load(states_ptr + state_offsets + chunk * dstate, mask=cn_mask, other=0.0)
             decay_prev = tl.exp(dt_prev[:, None, :] * A[:, :, None])
@@ -195,11 +197,14 @@ if triton is not None:
             h_prev = prod_prev * h_start[:, :, None] + sum_prev
             hs = decay * h_prev + (dt * u)[:, None, :] * Bm[None, :, :]
 
-            # g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan; a_{t+1} of the chunk's last step is the next chunk's.
+            # g_t = C_t dy_t + a_{t+1} g_{t+1}: a scan backwards in time; a_{t+1} of the chunk's last step is the next
+            # chunk's. Written as flip, forward scan, flip: the order of a non-commutative combine in
+            # associative_scan(reverse=True) has differed between Triton's compiler and its interpreter.
             dt_next, _, _ = _load_dt(delta_ptr, bias, rows, t + 1, L, c_mask, SOFTPLUS)
             decay_next = tl.exp(dt_next[:, None, :] * A[:, :, None])
             source = dy[:, None, :] * Cm[None, :, :]
-            prod_next, sum_next = tl.associative_scan((decay_next, source), 2, _compose, reverse=True)
+            prod_flipped, sum_flipped = tl.associative_scan((tl.flip(decay_next, 2), tl.flip(source, 2)), 2, _compose)
+            prod_next, sum_next = tl.flip(prod_flipped, 2), tl.flip(sum_flipped, 2)
             g = prod_next * g_next[:, :, None] + sum_next
             g_next = tl.sum(tl.where(steps[None, None, :] == 0, g, 0.0), axis=2)
 
@@ -225,12 +230,17 @@ if triton is not None:
         tl.store(dbias_ptr + part_offsets, dbias, mask=c_mask)
 
 
+def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _tiles(channels_per_group: int, dstate: int, seqlen: int) -> tuple[int, int, int]:
     """(channels per program, state tile, chunk length), all powers of two."""
     block_c = max(MIN_TILE, min(MAX_BLOCK_CHANNELS, triton.next_power_of_2(channels_per_group)))
     block_n = max(MIN_TILE, triton.next_power_of_2(dstate))
     max_chunk = INTERPRETER_MAX_CHUNK if os.environ.get("TRITON_INTERPRET") == "1" else MAX_CHUNK
-    chunk = max(MIN_TILE, min(max_chunk, triton.next_power_of_2(seqlen)))
+    chunk = max(MIN_TILE, min(max_chunk, MAX_TILE_ELEMENTS // (block_c * block_n), triton.next_power_of_2(seqlen)))
     return block_c, block_n, chunk
 
 
@@ -238,22 +248,22 @@ class _TritonScanFn(torch.autograd.Function):
     """Selective scan with Triton forward and backward kernels (inputs canonical, contiguous, one float dtype)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus: bool):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus: bool, save_states: bool):
         batch, channels, seqlen = u.shape
         groups, dstate = B.shape[1], B.shape[2]
         channels_per_group = channels // groups
         block_c, block_n, chunk = _tiles(channels_per_group, dstate, seqlen)
         n_chunks = triton.cdiv(seqlen, chunk)
-        save_states = any(ctx.needs_input_grad)
         y = torch.empty_like(u)
         states = u.new_empty((batch, channels, n_chunks, dstate) if save_states else (0,))
         grid = (triton.cdiv(channels_per_group, block_c), groups, batch)
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
-            channels, channels_per_group, groups, dstate, seqlen, n_chunks,
-            BLOCK_C=block_c, BLOCK_N=block_n, CHUNK=chunk,
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, SAVE_STATES=save_states,
-        )
+        with _on_device_of(u):
+            _scan_fwd_kernel[grid](
+                u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, y, states,
+                channels, channels_per_group, groups, dstate, seqlen, n_chunks,
+                BLOCK_C=block_c, BLOCK_N=block_n, CHUNK=chunk, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+                SOFTPLUS=delta_softplus, SAVE_STATES=save_states,
+            )
         ctx.delta_softplus = delta_softplus
         ctx.tiles = (block_c, block_n, chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
@@ -277,17 +287,19 @@ class _TritonScanFn(torch.autograd.Function):
         dC_part = torch.empty_like(dB_part)
         dD_part = u.new_empty((batch, channels))
         dbias_part = u.new_empty((batch, channels))
-        _scan_bwd_kernel[(blocks_per_group, groups, batch)](
-            u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states,
-            du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part,
-            channels, channels_per_group, groups, dstate, seqlen, n_chunks, blocks_per_group,
-            BLOCK_C=block_c, BLOCK_N=block_n, CHUNK=chunk,
-            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-        )
+        with _on_device_of(u):
+            _scan_bwd_kernel[(blocks_per_group, groups, batch)](
+                u, delta, A, B, C, D if D is not None else A, delta_bias if delta_bias is not None else A, dy, states,
+                du, ddelta, dA_part, dB_part, dC_part, dD_part, dbias_part,
+                channels, channels_per_group, groups, dstate, seqlen, n_chunks, blocks_per_group,
+                BLOCK_C=block_c, BLOCK_N=block_n, CHUNK=chunk,
+                HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+            )
         batch_dim, block_dim = 0, 2
         dD = dD_part.sum(batch_dim) if D is not None else None
         dbias = dbias_part.sum(batch_dim) if delta_bias is not None else None
-        return (du, ddelta, dA_part.sum(batch_dim), dB_part.sum(block_dim), dC_part.sum(block_dim), dD, dbias, None)
+        return (du, ddelta, dA_part.sum(batch_dim), dB_part.sum(block_dim), dC_part.sum(block_dim), dD, dbias, None,
+                None)  # the two flags
 
 
 def scan(
@@ -322,4 +334,4 @@ def scan(
         raise RuntimeError(f"selective scan backend 'triton' is unavailable: {unavailable_reason()}")
     dtype = torch.float64 if torch.float64 in (u.dtype, delta.dtype, B.dtype, C.dtype) else torch.float32
     args = [t.to(dtype).contiguous() if t is not None else None for t in (u, delta, A, B, C, D, delta_bias)]
-    return _TritonScanFn.apply(*args, delta_softplus)
+    return _TritonScanFn.apply(*args, delta_softplus, residuals_needed(*args))
