@@ -10,13 +10,16 @@ Builds nothing: build the CUDA extension first (``benchmarks/gpu_verify.sh`` doe
   AMP bfloat16, no grad) for every scan backend.
 
 Prints a markdown table, and with ``--docs docs/benchmarks.md`` also writes it into that file between the markers
-``<!-- gpu-results:start -->`` and ``<!-- gpu-results:end -->``.
+``<!-- gpu-results:start -->`` and ``<!-- gpu-results:end -->``. Ended by SIGTERM (``timeout``, as gpu_verify.sh
+runs it), it still writes the rows measured so far, marked as cut short, and exits with status 124.
 
 Usage: ``.venv/bin/python benchmarks/bench_gpu.py [--docs docs/benchmarks.md] [--repeats 10]``
 """
 import argparse
 import datetime
+import signal
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +42,15 @@ BACKENDS = ("cuda", "triton", "torch")
 COPY_BYTES = 4 * 2**30
 FLOAT32_BYTES = 4
 DOCS_START, DOCS_END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
+TIMED_OUT_STATUS = 124  # as `timeout` reports it
+
+
+class TimeLimit(Exception):
+    """SIGTERM arrived: the run's time is up."""
+
+
+def _time_is_up(signum: int, frame: object) -> None:
+    raise TimeLimit
 
 
 def cuda_time_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -89,14 +101,13 @@ def floor_bytes(channels: int, length: int, backward: bool) -> int:
     return forward + (5 * sequence + 4 * projections if backward else 0)
 
 
-def bench_scan_shape(model: str, stage: int, channels: int, length: int, backends: list[str], bandwidth: float,
-                     repeats: int) -> list[str]:
-    """Table rows of one stage shape, one per backend (the shape's tensors are freed on return)."""
+def bench_scan_shape(table: list[str], model: str, stage: int, channels: int, length: int, backends: list[str],
+                     bandwidth: float, repeats: int) -> None:
+    """Appends the table rows of one stage shape, one per backend (the shape's tensors are freed on return)."""
     inputs = scan_inputs(channels, length)
     grad_y = torch.randn(BATCH, channels, length, device="cuda")
     floor_fwd = floor_bytes(channels, length, backward=False) / bandwidth * 1e3
     floor_both = floor_bytes(channels, length, backward=True) / bandwidth * 1e3
-    rows = []
     for backend in backends:
         def forward() -> torch.Tensor:
             with torch.no_grad():
@@ -108,30 +119,30 @@ def bench_scan_shape(model: str, stage: int, channels: int, length: int, backend
 
         fwd_ms = cuda_time_ms(forward, repeats)
         both_ms = cuda_time_ms(forward_backward, repeats)
-        rows.append(
+        table.append(
             f"| {model} | {stage + 1} | ({channels}, {length}) | {backend} | {fwd_ms:.3f} | {floor_fwd:.3f} "
             f"| {fwd_ms / floor_fwd:.1f}x | {both_ms:.3f} | {floor_both:.3f} | {both_ms / floor_both:.1f}x |"
         )
-        print(rows[-1], flush=True)
-    return rows
+        print(table[-1], flush=True)
 
 
-def bench_scans(backends: list[str], bandwidth: float, repeats: int) -> list[str]:
-    rows = [
+def bench_scans(table: list[str], backends: list[str], bandwidth: float, repeats: int) -> None:
+    """Appends the scan table to ``table``, row by row."""
+    table += [
         "| model | stage | (G·D, L) | backend | fwd ms | fwd floor ms | fwd / floor | fwd+bwd ms | fwd+bwd floor ms "
         "| fwd+bwd / floor |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, width in STAGE1_WIDTH.items():
         for stage, length in enumerate(STAGE_LENGTHS):
-            rows += bench_scan_shape(model, stage, GROUPS * width * 2**stage, length, backends, bandwidth, repeats)
+            bench_scan_shape(table, model, stage, GROUPS * width * 2**stage, length, backends, bandwidth, repeats)
             torch.cuda.empty_cache()
-    return rows
 
 
-def bench_model(backends: list[str], repeats: int) -> list[str]:
-    rows = ["| model | backend | train images/s (AMP bf16, AdamW) | inference images/s (AMP bf16) | peak GiB (train) |",
-            "|---|---|---|---|---|"]
+def bench_model(table: list[str], backends: list[str], repeats: int) -> None:
+    """Appends the DefMamba-T table to ``table``, row by row."""
+    table += ["| model | backend | train images/s (AMP bf16, AdamW) | inference images/s (AMP bf16) "
+              "| peak GiB (train) |", "|---|---|---|---|---|"]
     images = torch.randn(BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, device="cuda")
     labels = torch.randint(0, NUM_CLASSES, (BATCH,), device="cuda")
     for backend in backends:
@@ -141,15 +152,14 @@ def bench_model(backends: list[str], repeats: int) -> list[str]:
         train_ms = cuda_time_ms(train_step, repeats)
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
         infer_ms = cuda_time_ms(infer, repeats)
-        rows.append(f"| DefMamba-T | {backend} | {BATCH / train_ms * 1e3:.0f} | {BATCH / infer_ms * 1e3:.0f} "
-                    f"| {peak_gib:.1f} |")
-        print(rows[-1], flush=True)
+        table.append(f"| DefMamba-T | {backend} | {BATCH / train_ms * 1e3:.0f} | {BATCH / infer_ms * 1e3:.0f} "
+                     f"| {peak_gib:.1f} |")
+        print(table[-1], flush=True)
         del model, train_step, infer
         torch.cuda.empty_cache()
-    return rows
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
     parser.add_argument("--docs", type=Path, help="also write the tables into this markdown file")
@@ -170,14 +180,23 @@ def main() -> None:
     if missing:
         lines.append(f"Backends not available here (not timed): {', '.join(missing)}.")
     print("\n".join(lines), flush=True)
-    lines += ["", *bench_scans(backends, bandwidth, args.repeats)]
-    if not args.skip_model:
-        lines += ["", *bench_model(backends, max(3, args.repeats // 2))]
+    status = 0
+    signal.signal(signal.SIGTERM, _time_is_up)
+    try:
+        lines.append("")
+        bench_scans(lines, backends, bandwidth, args.repeats)
+        if not args.skip_model:
+            lines.append("")
+            bench_model(lines, backends, max(3, args.repeats // 2))
+    except TimeLimit:
+        lines += ["", "**Cut short by the time limit: the rows above are all that was measured.**"]
+        status = TIMED_OUT_STATUS
     section = "\n".join(lines)
     print(section)
     if args.docs is not None:
         write_between_markers(args.docs, DOCS_START, DOCS_END, section)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

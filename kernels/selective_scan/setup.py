@@ -42,8 +42,9 @@ def _extensions() -> list:
             name="defmamba_scan_cpu",
             sources=_sources("cpu", ".cpp"),
             # C++20: torch's headers require it. No -march (scan_avx2.cpp is picked at run time) and no -ffast-math
-            # (float64 must stay exact); -ffp-contract=fast lets the AVX2 kernels use FMA.
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast"],
+            # (float64 must stay exact); -ffp-contract=fast lets the AVX2 kernels use FMA. -Wno-psabi: GCC's note that
+            # AVX vectors are passed differently than before GCC 4.6 (all of it is compiled together: no ABI concern).
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-Wno-psabi"],
             extra_link_args=["-fopenmp"],
         )
     ]
