@@ -137,9 +137,13 @@ def test_timm_pretrained_file_goes_through_the_filter(release, tmp_path):
 def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, fixtures_dir):
     model = DAMamba(num_classes=10, dims=(32, 48, 96, 144), depths=(1, 1, 2, 1), layerscale=(2, 3))
     defmamba = torch.load(fixtures_dir / "official_defmamba_dev.pt", weights_only=False)["state_dict"]
-    with pytest.raises(CheckpointError, match=r"unexpected keys \[patch_embed\.0\.weight.*holds only 0 of the "
-                       "model's .* keys: a checkpoint of another model family"):
+    # The likely cause comes first, then the key listings; our checkpoints' config names the model they trained.
+    with pytest.raises(CheckpointError, match=r"does not fit DAMamba: it holds only 0 of the model's .* keys: a "
+                       r"checkpoint of another model family\?; .*unexpected keys \[patch_embed\.0\.weight"):
         load_checkpoint(model, defmamba)
+    trained = {"model": defmamba, "config": "MODEL:\n  NAME: defmamba_tiny\n  TYPE: defmamba\n"}
+    with pytest.raises(CheckpointError, match=r"another model family \(its config says MODEL\.NAME defmamba_tiny\)"):
+        load_checkpoint(model, trained)
 
     wider = DAMamba(num_classes=10, dims=(48, 96, 144, 192), depths=(1, 1, 2, 1), layerscale=(2, 3))
     stem_mismatch = r"shape mismatches \[stem\.0\.weight: checkpoint \(16, 3, 3, 3\) vs model \(24, 3, 3, 3\)"

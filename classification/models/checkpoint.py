@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from classification.utils.checkpoint import DamagedCheckpointError, verify_records
@@ -160,6 +161,19 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
     }
 
 
+def _trained_model_name(checkpoint: object) -> str | None:
+    """MODEL.NAME of the config a checkpoint carries (ours store yaml text, the releases a config object), or None."""
+    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError:
+            return None
+    model = config.get("MODEL") if isinstance(config, Mapping) else None
+    name = model.get("NAME") if isinstance(model, Mapping) else None
+    return name if isinstance(name, str) else None
+
+
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
     more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
@@ -224,9 +238,10 @@ def load_checkpoint(
         problems.append(f"{len(unexpected)} unexpected keys {_listing(unexpected)}")
     if problems:
         shared = len(expected) - len(missing)
-        if shared < len(expected) * MOSTLY_FOREIGN_FRACTION:
-            problems.append(f"it holds only {shared} of the model's {len(expected)} keys: a checkpoint of another "
-                            "model family?")
+        if shared < len(expected) * MOSTLY_FOREIGN_FRACTION:  # the likely cause first, the key listings after it
+            trained_as = _trained_model_name(checkpoint)
+            problems.insert(0, f"it holds only {shared} of the model's {len(expected)} keys: a checkpoint of another "
+                               "model family" + (f" (its config says MODEL.NAME {trained_as})" if trained_as else "?"))
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
         _logger.warning(
