@@ -52,11 +52,12 @@ logger = logging.getLogger("main")
 
 JSON_LOG_NAME = "log.txt"
 TENSORBOARD_DIR = "tensorboard"
+EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, ckpt.CheckpointWriteError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,10 +133,11 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
 def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
                              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
                              num_updates: int, max_accuracy: float, max_accuracy_ema: float, config: CfgNode,
-                             is_main: bool) -> None:
+                             is_main: bool, epoch_outputs: dict | None = None) -> None:
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically.
 
-    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``.
+    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``. ``epoch_outputs``
+    (end-of-epoch checkpoints): what :func:`finish_epoch` writes from, so that a resumed run can complete it.
     """
     rng_states = all_gather_objects(ckpt.capture_rng_state())
     if not is_main:
@@ -144,7 +146,7 @@ def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEm
         "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
         "num_updates": num_updates, "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema,
-        "rng_states": rng_states, "config": config.dump(),
+        "rng_states": rng_states, "config": config.dump(), EPOCH_OUTPUTS_KEY: epoch_outputs,
     }, path)
     logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
 
@@ -230,6 +232,12 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     """
     newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
     given = config.MODEL.RESUME
+    if not config.TRAIN.AUTO_RESUME and not given:
+        earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
+        if earlier:
+            raise ConfigError(f"TRAIN.AUTO_RESUME is False, but {output_dir} holds the checkpoints of an earlier run "
+                              f"({', '.join(earlier)}), which a fresh start would overwrite and mix with its own: "
+                              "give another --tag, or resume (TRAIN.AUTO_RESUME True, or --resume FILE)")
     if not given or newest is None or Path(given).resolve().parent == output_dir.resolve():
         return given or (newest[0] if newest else "")
     own, own_position = newest
@@ -248,8 +256,9 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
 
 def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
                     model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler: Scheduler,
-                    scaler: torch.amp.GradScaler, updates_per_epoch: int) -> tuple[int, int, float, float]:
-    """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from.
+                    scaler: torch.amp.GradScaler, updates_per_epoch: int) -> tuple[int, int, float, float, dict | None]:
+    """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from, and
+    the outputs of the epoch it ends (:func:`finish_epoch`; None for a checkpoint from the middle of an epoch).
 
     The run continues with the current config, and every key that differs from the checkpoint's run is logged: the
     optimizer keeps its moment estimates but takes the config's hyperparameters (weight decay, betas, eps), and the
@@ -293,7 +302,91 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
         logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
                        len(rng_states), ctx.world_size)
     logger.info("resumed from %s at epoch %d step %d", path, epoch, step)
-    return epoch, step, checkpoint.get("max_accuracy", 0.0), checkpoint.get("max_accuracy_ema", 0.0)
+    return (epoch, step, checkpoint.get("max_accuracy", 0.0), checkpoint.get("max_accuracy_ema", 0.0),
+            checkpoint.get(EPOCH_OUTPUTS_KEY))
+
+
+def read_json_log(path: Path) -> tuple[list[dict], int]:
+    """The records of a ``log.txt`` (none when it does not exist), and how many of its lines were not records (a line
+    cut short by a crash)."""
+    if not path.exists():
+        return [], 0
+    records, broken = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            broken += 1
+    return records, broken
+
+
+def keep_json_log_before(path: Path, epoch: int) -> None:
+    """Drops the records of ``epoch`` and later from ``log.txt``, which a run that starts at ``epoch`` writes again
+    (a fresh start, a fall-back to an older checkpoint, a ``--resume`` of an earlier one), and lines cut short by a
+    crash."""
+    records, broken = read_json_log(path)
+    kept = [record for record in records if record.get("epoch", epoch) < epoch]
+    if len(kept) == len(records) and not broken:
+        return
+    dropped = sorted({record.get("epoch") for record in records if record not in kept})
+    logger.warning("%s: dropping %d lines that are not JSON and the records of epochs %s (this run starts at epoch "
+                   "%d and writes them again)", path, broken, dropped or "none", epoch)
+    ckpt.atomic_write_text("".join(json.dumps(record) + "\n" for record in kept), path)
+
+
+def _saved_position(path: Path) -> tuple[int, int] | None:
+    """(epoch, step) of the training checkpoint at ``path``; None when it is missing or unreadable."""
+    try:
+        return ckpt.checkpoint_position(path)
+    except ckpt.TrainingCheckpointError:
+        return None
+
+
+def _saved_ema_epoch(path: Path) -> int | None:
+    """The epoch count of a ``model_ema.pth``; None when it is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except (*ckpt.LOAD_ERRORS, TypeError):
+        return None
+
+
+def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, save_kwargs: dict, config: CfgNode,
+                 ctx: DistributedContext, writer: object | None) -> None:
+    """Writes what a finished epoch leaves besides ``checkpoint_latest.pth``, which is saved first and holds
+    ``outputs``: ``checkpoint_best.pth`` when the epoch was the best so far, its numbered checkpoint when one is due,
+    ``model_ema.pth``, its ``log.txt`` line and its TensorBoard scalars. Collective.
+
+    Each is written only where missing or older than the epoch, so a run resumed after a crash between these writes
+    calls this again (from ``checkpoint_latest.pth``) and completes them.
+    """
+    done = (epoch + 1, 0)
+    numbered = output_dir / ckpt.EPOCH_NAME.format(epoch=epoch)
+    due = (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
+    stale = None
+    if ctx.is_main:
+        stale = {"best": outputs["is_best"] and _saved_position(output_dir / ckpt.BEST_NAME) != done,
+                 "numbered": due and _saved_position(numbered) != done}
+    stale = broadcast_object(stale)
+    for name, path in (("best", output_dir / ckpt.BEST_NAME), ("numbered", numbered)):
+        if stale[name]:
+            save_training_checkpoint(path, **position, epoch_outputs=outputs, **save_kwargs)
+    if not ctx.is_main:
+        return
+    model_ema = save_kwargs["model_ema"]
+    ema_path = output_dir / ckpt.EMA_NAME
+    if model_ema is not None and _saved_ema_epoch(ema_path) != epoch + 1:
+        ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
+                         ema_path)
+    log_path = output_dir / JSON_LOG_NAME
+    if any(record.get("epoch") == epoch for record in read_json_log(log_path)[0]):
+        return
+    record = outputs["record"]
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    writer.flush()
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -312,13 +405,18 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)
 
     start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
+    finished_outputs = None  # of the epoch a resumed end-of-epoch checkpoint ends
     resume_path = choose_resume_checkpoint(config, ctx, output_dir)
     if resume_path:
-        start_epoch, start_step, max_accuracy, max_accuracy_ema = resume_training(
+        start_epoch, start_step, max_accuracy, max_accuracy_ema, finished_outputs = resume_training(
             resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch)
     if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config.dump())
+        ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
+        for path in ckpt.remove_partial_saves(output_dir):
+            logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)",
+                           path)
+        keep_json_log_before(output_dir / JSON_LOG_NAME, start_epoch)
 
     save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
                        is_main=ctx.is_main)
@@ -338,6 +436,12 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
     try:
+        own_checkpoint = bool(resume_path) and Path(resume_path).resolve().parent == output_dir.resolve()
+        if finished_outputs is not None and own_checkpoint:  # what a crash after its latest save may have left
+            finish_epoch(output_dir, start_epoch - 1, finished_outputs,
+                         dict(epoch=start_epoch, step=0, num_updates=start_epoch * updates_per_epoch,
+                              max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema),
+                         save_kwargs, config, ctx, writer)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
@@ -358,31 +462,19 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
             is_best = val_stats["acc1"] > max_accuracy
             max_accuracy = max(max_accuracy, val_stats["acc1"])
             max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
-            num_updates = (epoch + 1) * updates_per_epoch
-            position = dict(epoch=epoch + 1, step=0, num_updates=num_updates, max_accuracy=max_accuracy,
-                            max_accuracy_ema=max_accuracy_ema)
-            save_training_checkpoint(latest_path, **position, **save_kwargs)
-            if is_best:
-                save_training_checkpoint(output_dir / ckpt.BEST_NAME, **position, **save_kwargs)
-            if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
-                save_training_checkpoint(output_dir / ckpt.EPOCH_NAME.format(epoch=epoch), **position, **save_kwargs)
-            if model_ema is not None and ctx.is_main:
-                ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
-                                 output_dir / ckpt.EMA_NAME)
             logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
                         val_stats["acc5"], max_accuracy,
                         f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
-            if ctx.is_main:
-                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                          **{f"val_{k}": v for k, v in val_stats.items()},
-                          **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
-                          "n_parameters": count_parameters(model_without_ddp)}
-                with open(output_dir / JSON_LOG_NAME, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        writer.add_scalar(key, value, epoch)
-                writer.flush()
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"val_{k}": v for k, v in val_stats.items()},
+                      **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
+                      "n_parameters": count_parameters(model_without_ddp)}
+            outputs = {"record": record, "is_best": is_best}
+            position = dict(epoch=epoch + 1, step=0, num_updates=(epoch + 1) * updates_per_epoch,
+                            max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
+            # The position first: a crash after it loses nothing, the resumed run writes the rest (finish_epoch).
+            save_training_checkpoint(latest_path, **position, epoch_outputs=outputs, **save_kwargs)
+            finish_epoch(output_dir, epoch, outputs, position, save_kwargs, config, ctx, writer)
     finally:
         if writer is not None:
             writer.close()
@@ -402,9 +494,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = init_distributed()
     output_dir = output_dir_of(config)
-    setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[run_mode(config)])
-    if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[run_mode(config)])
+    except OSError as err:  # e.g. --output names a file, or a folder we may not write to
+        sys.stderr.write(f"output error: cannot write the run's folder {output_dir} ({type(err).__name__}: "
+                         f"{err.strerror or err}); give another --output or --tag\n")
+        cleanup()
+        return 2
     logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
     for line in backend_report():
         logger.info("%s", line)

@@ -1,7 +1,9 @@
 """Checkpoints: atomic writes, RNG round trip, newest-valid selection with corrupt files skipped."""
+import errno
 import logging
 import os
 import random
+import re
 import struct
 import time
 import zipfile
@@ -31,6 +33,35 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         ckpt.atomic_save({"model": Unpicklable()}, path)
     assert ckpt.load_training_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == [ckpt.LATEST_NAME]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2170816 "
+                                                  "vs 2170704")], ids=["oserror", "torch-zip-writer"])
+def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeypatch, failure):
+    path = tmp_path / ckpt.LATEST_NAME
+    ckpt.atomic_save(_training_checkpoint(1, 0), path)
+
+    def fill_the_disk(obj, f):
+        f.write(b"partial")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    with pytest.raises(ckpt.CheckpointWriteError, match=rf"could not write {re.escape(str(path))} .*GiB free on its "
+                       "file system. The file it would have replaced is intact"):
+        ckpt.atomic_save(_training_checkpoint(2, 0), path)
+    monkeypatch.undo()
+    assert ckpt.load_training_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == [ckpt.LATEST_NAME]
+
+
+def test_partial_writes_left_by_a_crash_are_removed(tmp_path):
+    leftovers = [tmp_path / f"{ckpt.LATEST_NAME}.4242.tmp", tmp_path / "config.yaml.17.tmp"]
+    kept = [tmp_path / ckpt.LATEST_NAME, tmp_path / "notes.tmp", tmp_path / "a.b.tmp"]
+    for path in leftovers + kept:
+        path.write_bytes(b"x")
+    assert ckpt.remove_partial_saves(tmp_path) == sorted(leftovers)
+    assert sorted(os.listdir(tmp_path)) == sorted(path.name for path in kept)
 
 
 def test_atomic_save_replaces_in_one_rename(tmp_path, monkeypatch):
@@ -139,6 +170,8 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         ckpt.load_training_checkpoint(tmp_path / "checkpoint_weights.pth")
     assert ckpt.find_resume_checkpoint(tmp_path) is None
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"is a folder: give a checkpoint file, e\.g\. .*latest"):
+        ckpt.load_training_checkpoint(tmp_path)
 
 
 def test_config_differences_name_changed_keys_but_not_where_the_run_is():

@@ -65,6 +65,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path, released):
     model = small_model()
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(model, tmp_path / "nope.pth")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a folder: give a checkpoint file, e\.g\. .*latest"):
+        load_checkpoint(model, tmp_path)
     path = tmp_path / "full.pth"
     torch.save({"model": released}, path)
     truncated = tmp_path / "truncated.pth"

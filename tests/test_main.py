@@ -109,6 +109,59 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, isola
     assert len((run_dir / "log.txt").read_text().splitlines()) == 1
 
 
+def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_logging, capsys):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file, not a folder")
+    assert _run(data, not_a_folder, "--throughput") == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"output error: cannot write the run's folder {not_a_folder}") and "--output" in error
+    assert error.count("\n") == 1
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL: nothing after the point it is raised runs."""
+
+
+def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tmp_path, isolated_logging,
+                                                                        monkeypatch):
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    finish_epoch = main.finish_epoch
+
+    def killed_at_epoch_1(output_dir, epoch, *args):
+        if epoch == 1:
+            raise Killed  # checkpoint_latest.pth holds epoch 2 step 0; best, numbered, EMA and log.txt are not written
+        finish_epoch(output_dir, epoch, *args)
+
+    opts = ("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")
+    monkeypatch.setattr(main, "finish_epoch", killed_at_epoch_1)
+    with pytest.raises(Killed):
+        _run(data, tmp_path, opts=opts)
+    assert not (run_dir / ckpt.EPOCH_NAME.format(epoch=1)).exists()
+    assert [record["epoch"] for record in main.read_json_log(run_dir / "log.txt")[0]] == [0]
+    monkeypatch.setattr(main, "finish_epoch", finish_epoch)
+
+    assert _run(data, tmp_path, opts=opts) == 0  # nothing left to train: the resumed run completes epoch 1's writes
+    latest = ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)
+    outputs = latest[main.EPOCH_OUTPUTS_KEY]
+    assert main.read_json_log(run_dir / "log.txt")[0] == [main.read_json_log(run_dir / "log.txt")[0][0],
+                                                         outputs["record"]]
+    assert ckpt.checkpoint_position(run_dir / ckpt.EPOCH_NAME.format(epoch=1)) == (2, 0)
+    assert torch.load(run_dir / ckpt.EMA_NAME, weights_only=True)["epoch"] == 2
+    best = ckpt.load_training_checkpoint(run_dir / ckpt.BEST_NAME)
+    assert (best["epoch"] == 2) == outputs["is_best"]
+    assert best["max_accuracy"] <= latest["max_accuracy"]
+    assert "training done" in _log(run_dir)
+
+    # Going back to epoch 1 on purpose: log.txt drops the records the run writes again, instead of repeating them.
+    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=opts) == 0
+    assert [record["epoch"] for record in main.read_json_log(run_dir / "log.txt")[0]] == [0, 1]
+    assert "dropping 0 lines that are not JSON and the records of epochs [1]" in _log(run_dir)
+
+    # A fresh start over these checkpoints would overwrite them: refused.
+    assert _run(data, tmp_path, opts=(*opts, "TRAIN.AUTO_RESUME", "False")) == 2
+    assert "TRAIN.AUTO_RESUME is False, but" in _log(run_dir) and "give another --tag" in _log(run_dir)
+
+
 def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
     opts = ("MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny", "MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]",
             "MODEL.DAMAMBA.DEPTHS", "[1, 1, 1, 1]", "MODEL.DAMAMBA.MLP_RATIOS", "[2.0, 2.0, 2.0, 2.0]",
@@ -229,7 +282,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     config, model, optimizer, scheduler = setup(new_opts, 4)
     position = main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None, optimizer,
                                     scheduler, scaler, updates_per_epoch=4)
-    assert position == (1, 0, 0.0, 0.0)
+    assert position == (1, 0, 0.0, 0.0, None)  # None: saved without the outputs of a finished epoch
     *_, expected = setup(new_opts, 4)
     expected.step_update(num_updates=4)  # epoch 1 starts after 4 updates of batch 2
     assert [group["lr"] for group in optimizer.param_groups] == [

@@ -22,7 +22,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from classification.utils.checkpoint import DamagedCheckpointError, verify_records
+from classification.utils.checkpoint import LATEST_NAME, DamagedCheckpointError, verify_records
 
 _logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
             ``weights_only``, holds objects the restricted unpickler refuses.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give a checkpoint file, e.g. {path / LATEST_NAME}")
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:

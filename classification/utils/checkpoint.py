@@ -10,9 +10,12 @@ import logging
 import os
 import pickle
 import random
+import re
+import shutil
 import zipfile
 import zlib
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "num_updates", "config")
 RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESUME", "EVAL_MODE", "THROUGHPUT_MODE",
                                "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
 TMP_SUFFIX = ".tmp"
+# torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer that names one of these.
+ZIP_WRITER_ERROR_MARKERS = ("inline_container", "PytorchStreamWriter")
+PARTIAL_WRITE_NAME = re.compile(r".+\.\d+\.tmp")  # what _atomic_write names its temporary file: NAME.PID.tmp
 # What a truncated or garbled file raises from torch.load.
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
@@ -90,19 +96,31 @@ def verify_records(path: str | os.PathLike) -> None:
             "torch.save wrote (torch.load checks neither): a bit flip on disk or in a copy; use another copy")
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """Writes ``obj`` with torch.save to a temporary file, flushes and fsyncs it, then renames it over ``path``.
+class CheckpointWriteError(OSError):
+    """A file could not be written (e.g. the disk is full); the file it would have replaced is intact."""
 
-    A crash at any point leaves either the old file or the complete new one, never a partial file at ``path``.
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, flushed and fsynced, then renamed over ``path``.
+
+    Raises:
+        CheckpointWriteError: Writing failed; the message names the file and the free space left.
     """
-    path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not any(marker in str(err) for marker in ZIP_WRITER_ERROR_MARKERS):
+            raise  # not a failed write (e.g. an object torch.save cannot pickle)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise CheckpointWriteError(
+            f"could not write {path} ({type(err).__name__}: {str(err).strip()}); {free / 2**30:.2f} GiB free on its "
+            "file system. The file it would have replaced is intact: make room (or give another --output) and "
+            "restart, which resumes") from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -111,6 +129,32 @@ def atomic_save(obj: object, path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """Writes ``obj`` with torch.save to a temporary file, flushes and fsyncs it, then renames it over ``path``.
+
+    A crash at any point leaves either the old file or the complete new one, never a partial file at ``path``.
+
+    Raises:
+        CheckpointWriteError: Writing failed (the disk is full, ...); the old file is intact.
+    """
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """:func:`atomic_save` for a UTF-8 text file."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files that a crash in the middle of an atomic write left in ``output_dir`` (the file
+    they were to replace is intact); returns them."""
+    partial = sorted(path for path in Path(output_dir).glob(f"*{TMP_SUFFIX}")
+                     if PARTIAL_WRITE_NAME.fullmatch(path.name))
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def capture_rng_state() -> dict:
@@ -152,6 +196,8 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         CheckpointAccessError: The file system refuses to read it.
         TrainingCheckpointError: The file is corrupt or lacks a required key.
     """
+    if Path(path).is_dir():
+        raise TrainingCheckpointError(f"{path} is a folder: give a checkpoint file, e.g. {Path(path) / LATEST_NAME}")
     try:
         if check_crc:
             verify_records(path)
