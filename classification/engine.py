@@ -189,8 +189,11 @@ def train_one_epoch(
     skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
     if skipped_total:
         logger.warning("epoch %d: %d unreadable training images skipped", epoch, skipped_total)
+    # The epoch's loss over every process's images (each rank's meter saw its own shard only).
+    loss_sum, loss_count = all_reduce_sum(torch.tensor([loss_meter.sum, loss_meter.count], dtype=torch.float64,
+                                                       device=device)).tolist()
     return {
-        "loss": loss_meter.avg, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_meter.avg,
+        "loss": loss_sum / max(loss_count, 1.0), "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_meter.avg,
         "skipped_images": skipped_total, "overflow_updates": overflow_updates,
         "images_per_sec": images_seen * world_size / max(elapsed, 1e-9),
         "epoch_time": elapsed,

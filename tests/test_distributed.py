@@ -2,6 +2,8 @@
 
 Run as a script, this file is the driver: it trains through ``main.train`` and saves this rank's weights.
 """
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -72,8 +74,11 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):
         # Float tolerance: summation order differs, and Adam turns tiny gradient differences into ~1e-6 steps (the
         # weights moved by ~3e-3; a wrong global batch moves them differently at that scale).
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=2e-5, msg=f"{key}: 2 ranks != 1 process")
-    log = (tmp_path / "two" / "defmamba_tiny" / "default" / "log.txt").read_text()
-    assert '"val_count": 6' in log  # evaluation counted every val image once across the ranks
+    two_record, one_record = (json.loads((tmp_path / run / "defmamba_tiny" / "default" / "log.txt").read_text())
+                              for run in ("two", "one"))
+    assert two_record["val_count"] == 6  # evaluation counted every val image once across the ranks
+    # The logged training loss is over both ranks' images, as one process's is over the whole batch.
+    assert math.isclose(two_record["train_loss"], one_record["train_loss"], rel_tol=1e-4)
 
 
 if __name__ == "__main__":
