@@ -221,6 +221,15 @@ def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     assert message in str(raised.value)
 
 
+def test_visualize_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file")
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--output-dir", str(not_a_folder)])
+    assert raised.value.code == 2
+    assert f"--output-dir {not_a_folder}: exists and is not a folder" in capsys.readouterr().err
+
+
 def test_points_figure_thins_large_maps(tmp_path):
     side, arrows_per_side = 40, 8  # every 5th token: 8 x 8 arrows
     grid = torch.stack(torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="xy"), dim=-1)

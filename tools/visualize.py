@@ -369,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--model {args.model!r} is not registered; choose from {', '.join(list_models())}")
     if args.img_size is not None and args.img_size < 1 or args.dpi < 1 or args.arrows_per_side < 1:
         parser.error("--img-size, --dpi and --arrows-per-side must be >= 1")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output-dir {args.output_dir}: exists and is not a folder")
     return args
 
 
@@ -408,7 +410,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     except UsageError as err:
         raise SystemExit(f"visualize: {err}") from err
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"visualize: --output-dir {output_dir}: {err.strerror or err}") from err
     where = f"stage {args.stage} block {args.block}"
     written = {}
     for name in figures:
