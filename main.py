@@ -320,6 +320,14 @@ def read_json_log(path: Path) -> tuple[list[dict], int]:
     return records, broken
 
 
+def json_line(record: dict) -> str:
+    """One strict JSON line: a NaN or infinite value (a diverged loss) is written as null, which every JSON reader
+    takes (``NaN`` is Python's extension)."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def keep_json_log_before(path: Path, epoch: int) -> None:
     """Drops the records of ``epoch`` and later from ``log.txt``, which a run that starts at ``epoch`` writes again
     (a fresh start, a fall-back to an older checkpoint, a ``--resume`` of an earlier one), and lines cut short by a
@@ -331,7 +339,7 @@ def keep_json_log_before(path: Path, epoch: int) -> None:
     dropped = sorted({record.get("epoch") for record in records if record not in kept})
     logger.warning("%s: dropping %d lines that are not JSON and the records of epochs %s (this run starts at epoch "
                    "%d and writes them again)", path, broken, dropped or "none", epoch)
-    ckpt.atomic_write_text("".join(json.dumps(record) + "\n" for record in kept), path)
+    ckpt.atomic_write_text("".join(json_line(record) for record in kept), path)
 
 
 def _saved_position(path: Path) -> tuple[int, int] | None:
@@ -382,7 +390,7 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, sa
         return
     record = outputs["record"]
     with open(log_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_line(record))
     for key, value in record.items():
         if isinstance(value, (int, float)) and key != "epoch":
             writer.add_scalar(key, value, epoch)

@@ -118,6 +118,12 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_
     assert error.count("\n") == 1
 
 
+def test_log_lines_are_strict_json():
+    line = main.json_line({"epoch": 3, "ema_loss": math.nan, "val_loss": -math.inf, "val_acc1": 12.5})
+    assert json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}")) == {
+        "epoch": 3, "ema_loss": None, "val_loss": None, "val_acc1": 12.5}
+
+
 class Killed(Exception):
     """Stands for a SIGKILL: nothing after the point it is raised runs."""
 
