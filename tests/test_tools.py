@@ -5,6 +5,7 @@ import importlib.util
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -219,6 +220,15 @@ def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), *argv])
     assert message in str(raised.value)
+
+
+def test_visualize_reads_a_16_bit_image_as_its_8_bit_levels(tmp_path):
+    levels = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (64, 1))  # a horizontal grey ramp, 64 x 64
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "eight.png")
+    Image.fromarray(levels * 257).save(tmp_path / "sixteen.png")  # Pillow writes mode I;16
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    eight, sixteen = (visualize.load_image(str(tmp_path / name), 32) for name in ("eight.png", "sixteen.png"))
+    assert np.array_equal(sixteen, eight) and len(np.unique(sixteen)) > 2
 
 
 def test_visualize_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):

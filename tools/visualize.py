@@ -42,6 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from classification.config import ConfigError, get_config
+from classification.data.images import to_rgb
 from classification.models import (
     CheckpointError,
     DAMamba,
@@ -103,13 +104,13 @@ def load_image(path: str | None, size: int) -> np.ndarray:
         UsageError: ``path`` is not a readable image (the message names it).
     """
     def fit(image: Image.Image) -> np.ndarray:
-        return np.array(ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC))
+        return np.array(ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC))
 
     if path is None:
         return fit(Image.fromarray(skimage.data.chelsea()))
     try:
         with Image.open(path) as image:
-            return fit(image)
+            return fit(to_rgb(image, path))  # as the datasets read it: 16-bit images scaled, not clipped
     except FileNotFoundError:
         raise
     except IMAGE_ERRORS as err:
