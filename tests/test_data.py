@@ -1,5 +1,6 @@
 """Data: folder checks, corrupt images, resumable/distributed sampling, seeded augmentation, the digits builder."""
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -71,6 +72,23 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     assert "1.png" in caplog.text and "2.png" in caplog.text
 
 
+def test_consecutive_unreadable_training_images_are_counted_once_each(tmp_path, caplog):
+    """The first bad file's replacement passes over the second, which its own draw counts (not both draws)."""
+    root = make_image_folder(tmp_path, classes=2, train_per_class=4, val_per_class=1)
+    for name in ("1.png", "2.png"):  # indices 1 and 2: neighbours in index order
+        (root / "train" / "class0" / name).write_bytes(b"not a png")
+    data = build_loader(tiny_config(root), rank=0, world_size=1, pin_memory=False)
+    assert [data.train_set[index][2] for index in range(4)] == [0, 1, 1, 0]
+    assert torch.equal(data.train_set[(1, 7)][0], data.train_set[(3, 7)][0])  # both take the next readable one
+    caplog.clear()
+    data.train_sampler.set_epoch(0)
+    with caplog.at_level(logging.WARNING):
+        batches = list(data.train_loader)
+    assert sum(skipped for _, _, skipped in batches) == 2
+    warned = [record.getMessage() for record in caplog.records if "unreadable" in record.getMessage()]
+    assert len(warned) == 2 and any("1.png" in m for m in warned) and any("2.png" in m for m in warned)
+
+
 def test_unreadable_validation_images_are_left_out_not_replaced(tmp_path, caplog):
     """Replacing them (as in training) would score a neighbour twice; an all-unreadable batch yields no images."""
     root = make_image_folder(tmp_path, classes=2, train_per_class=4, val_per_class=4)
@@ -140,6 +158,32 @@ def test_digits_builder_is_complete_and_idempotent(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()}
     assert build_digits(tmp_path, image_size=8) == manifest
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train" / "0").iterdir()} == stamp
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "delete", "old_manifest"])
+def test_digits_builder_rebuilds_a_damaged_dataset(tmp_path, caplog, damage):
+    """Counts alone miss a truncated or corrupted file; the manifest's SHA-256 of every file catches it."""
+    manifest = build_digits(tmp_path, image_size=8)
+    victim = tmp_path / "train" / "3" / next(iter(sorted(p.name for p in (tmp_path / "train" / "3").iterdir())))
+    original = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(original[:len(original) // 2])
+    elif damage == "flip_a_byte":
+        victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    elif damage == "delete":
+        victim.unlink()
+    else:  # a manifest from before the hashes: counts only
+        (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    with caplog.at_level(logging.INFO):
+        assert build_digits(tmp_path, image_size=8) == manifest
+    assert victim.read_bytes() == original
+    assert "already complete" not in caplog.text and "wrote the digits dataset" in caplog.text
+    if damage != "old_manifest":
+        assert f"1 of 1797 files missing or corrupt (train/3/{victim.name}): rebuilding" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build_digits(tmp_path, image_size=8)
+    assert "already complete" in caplog.text
 
 
 def test_digits_builder_reports_a_root_it_cannot_write(tmp_path, monkeypatch):

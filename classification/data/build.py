@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Sampler, default_collate, get_worker_in
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
+from classification.data.images import load_rgb
+
 logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
@@ -49,8 +51,11 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 class SafeImageFolder(ImageFolder):
     """ImageFolder whose items are ``(image, target, skipped)``; an unreadable image is logged and skipped.
 
-    With ``replace_unreadable`` (training) the next readable image (in index order, wrapping around) takes its place,
-    and ``skipped`` counts the files skipped for this item, so batches keep their size (which Mixup and DDP need).
+    Images are opened with :func:`load_rgb` (16-bit and float images are scaled to 8 bits, not clipped).
+    ``skipped`` is 1 when the item's own file is unreadable, else 0, so summed over an epoch (where the sampler draws
+    every index once) it is the number of unreadable files drawn. With ``replace_unreadable`` (training) the next
+    readable image (in index order, wrapping around) takes its place, so batches keep their size (which Mixup and
+    DDP need); unreadable neighbours passed over on the way are not counted again (their own draw counts them).
     Without it (evaluation, where a duplicate would be scored twice) the item is ``(None, target, 1)`` and
     :func:`collate_with_skips` leaves it out. Items may be fetched with a plain index or a :data:`SampleKey` (then
     the transform is seeded).
@@ -58,7 +63,7 @@ class SafeImageFolder(ImageFolder):
 
     def __init__(self, root: str, transform: Callable[[Image.Image], torch.Tensor], replace_unreadable: bool):
         try:
-            super().__init__(root, transform=transform)
+            super().__init__(root, transform=transform, loader=load_rgb)
         except FileNotFoundError as err:  # torchvision: a class folder without a file of an image extension
             raise DatasetNotFoundError(f"dataset folder {root}: {err}") from err
         self.replace_unreadable = replace_unreadable
@@ -73,14 +78,17 @@ class SafeImageFolder(ImageFolder):
                 logger.warning("leaving out unreadable image %s (%s: %s)", path, type(err).__name__, err)
                 return None, target, 1
             return self._transform(image, seed), target, 0
-        for skipped in range(len(self.samples)):
-            path, target = self.samples[(index + skipped) % len(self.samples)]
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = self.loader(path)
             except IMAGE_ERRORS as err:
-                logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                if offset == 0:
+                    logger.warning("skipping unreadable image %s (%s: %s)", path, type(err).__name__, err)
+                else:  # a neighbour tried as the replacement: its own draw logs and counts it
+                    logger.debug("passing over unreadable image %s as a replacement", path)
                 continue
-            return self._transform(image, seed), target, skipped
+            return self._transform(image, seed), target, int(offset > 0)
         raise DatasetError(f"no readable image in {self.root}: every file failed to open or decode")
 
     def _transform(self, image: Image.Image, seed: int | None) -> torch.Tensor:
@@ -106,8 +114,8 @@ class SafeImageFolder(ImageFolder):
 def collate_with_skips(
     batch: list[tuple[torch.Tensor | None, int, int]],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """Stacks ``(image, target, skipped)`` items into images, targets and the number of skipped files; items without
-    an image are left out (images and targets are None when no item has one)."""
+    """Stacks ``(image, target, skipped)`` items into images, targets and the number of items whose own file was
+    unreadable; items without an image are left out (images and targets are None when no item has one)."""
     readable = [(image, target) for image, target, _ in batch if image is not None]
     images, targets = default_collate(readable) if readable else (None, None)
     return images, targets, sum(skipped for _, _, skipped in batch)
