@@ -2,10 +2,10 @@
 
 ``get_config(args)`` returns a frozen clone of the defaults merged with, in this order, the yaml file of ``--cfg``
 (and the files its ``BASE`` names, relative to it: one path or a list), the command-line flags and ``--opts KEY VALUE
-...``. An unknown key, a value of the wrong type, out of range or not among the allowed ones, a missing yaml or a
-``BASE`` cycle raises :class:`ConfigError` naming the key or the files, before any work starts. The learning rates in
-the frozen config are scaled linearly by ``total batch / TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch
-x processes x accumulation steps).
+...``. An unknown key, a value of the wrong type, out of range or not among the allowed ones, a key of the model
+family that MODEL.TYPE does not build, a missing yaml or a ``BASE`` cycle raises :class:`ConfigError` naming the key or
+the files, before any work starts. The learning rates in the frozen config are scaled linearly by ``total batch /
+TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch x processes x accumulation steps).
 """
 import argparse
 import ast
@@ -22,7 +22,8 @@ from classification.ops.selective_scan import BACKENDS
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # AMP -> autocast dtype (None: off)
 AMP_MODES = tuple(AMP_DTYPES)
-MODEL_TYPES = ("defmamba", "damamba")
+MODEL_SECTIONS = {"defmamba": "DEFMAMBA", "damamba": "DAMAMBA"}  # MODEL.TYPE -> its MODEL.<section> of keys
+MODEL_TYPES = tuple(MODEL_SECTIONS)
 SCAN_BACKENDS = ("auto", *BACKENDS)
 # What timm's str_to_interp_mode maps; the train and eval transforms both use DATA.INTERPOLATION, so timm's
 # train-only "random" is not among them.
@@ -30,6 +31,9 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
 AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("none" is stored as "")
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
 RAND_TRANSFORM_SETS = ("tweights", "t3aw", "t3a")  # RandAugment 't<name>' sections timm knows (others: default set)
+MIXUP_MODES = ("batch", "pair", "elem")  # timm Mixup's modes (it reads any other string as "batch")
+RANDOM_ERASING_MODES = ("const", "rand", "pixel")  # timm RandomErasing's fill modes (it asserts on others)
+NUMPY_SEED_LIMIT = 2**32  # numpy seeds must lie in [0, 2**32 - 1]; main seeds each process with SEED + rank
 RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yields RGB images
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
 YAML_FLOW_OPENERS = ("[", "{")  # an --opts value starting so is read as yaml flow syntax if not a Python literal
@@ -110,7 +114,7 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
 
 _C.TRAIN.EMA = CN()
 _C.TRAIN.EMA.ENABLE = True  # keep an exponential moving average of the weights, evaluated alongside
-_C.TRAIN.EMA.DECAY = 0.9999  # EMA decay per optimizer update
+_C.TRAIN.EMA.DECAY = 0.9999  # EMA decay per optimizer update, in [0, 1)
 
 _C.TRAIN.MESA = CN()
 _C.TRAIN.MESA.WEIGHT = 0.0  # weight of the self-distillation loss from the EMA teacher (0 disables MESA)
@@ -119,23 +123,23 @@ _C.TRAIN.MESA.START_EPOCH = 0  # first epoch with the MESA term
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4  # colour jitter strength (ignored when AUTO_AUGMENT is set)
 _C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm policy: rand-..., augmix-..., original, v0, ... ("", "none": off)
-_C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range
+_C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range (lo, hi) as fractions of the image, 0 < lo <= hi <= 1
 _C.AUG.HFLIP = 0.5  # horizontal flip probability
 _C.AUG.REPROB = 0.25  # random erasing probability
-_C.AUG.REMODE = "pixel"  # random erasing fill mode
+_C.AUG.REMODE = "pixel"  # random erasing fill mode (one of RANDOM_ERASING_MODES)
 _C.AUG.RECOUNT = 1  # random erasing boxes
 _C.AUG.MIXUP = 0.8  # mixup alpha (0 disables)
 _C.AUG.CUTMIX = 1.0  # cutmix alpha (0 disables)
 _C.AUG.MIXUP_PROB = 1.0  # probability of applying mixup or cutmix to a batch
 _C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of cutmix instead of mixup when both are on
-_C.AUG.MIXUP_MODE = "batch"  # mixup parameters per batch | pair | elem
+_C.AUG.MIXUP_MODE = "batch"  # mixup parameters per batch | pair | elem (odd DATA.BATCH_SIZE refused in all)
 
 _C.AMP = "fp16"  # autocast precision: bf16 | fp16 (with a GradScaler) | off
 _C.OUTPUT = "output"  # output root; the run writes to OUTPUT/MODEL.NAME/TAG
-_C.TAG = "default"  # run name (output sub-directory)
+_C.TAG = "default"  # run name: the output sub-directory, a folder name (no / or \)
 _C.SAVE_FREQ = 10  # keep a numbered checkpoint every N epochs (the latest/best ones are always written)
 _C.PRINT_FREQ = 10  # progress line every N steps
-_C.SEED = 0  # random seed (each process adds its rank for model randomness; data order uses SEED itself)
+_C.SEED = 0  # random seed, 0 to 2**32 - processes (each process adds its rank; data order uses SEED itself)
 _C.EVAL_MODE = False  # only evaluate
 _C.THROUGHPUT_MODE = False  # only measure throughput
 _C.THROUGHPUT_ITERS = 30  # timed forward passes of --throughput (after engine.THROUGHPUT_WARMUP_ITERS warm-up ones)
@@ -227,8 +231,12 @@ def _merge_yaml(cfg: CN, path: Path, chain: tuple[Path, ...]) -> None:
     if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
         raise ConfigError(f"{path}: BASE must be a yaml path or a list of them, got {bases!r}")
     for base in bases:
-        if base:
-            _merge_yaml(cfg, path.parent / base, chain=(*chain, resolved))
+        if not base:
+            continue
+        if not (path.parent / base).is_file():
+            raise ConfigError(f"config file {path}: its BASE entry {base!r} names {path.parent / base}, which does "
+                              f"not exist (BASE paths are relative to the file that holds them)")
+        _merge_yaml(cfg, path.parent / base, chain=(*chain, resolved))
     _merge_dict(cfg, overrides, str(path))
 
 
@@ -346,17 +354,70 @@ def _validate_ranges(cfg: CN) -> None:
     betas = tuple(cfg.TRAIN.OPTIMIZER.BETAS)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ConfigError(f"TRAIN.OPTIMIZER.BETAS must be two floats in [0, 1), got {betas}")
+    if not 0.0 <= cfg.TRAIN.EMA.DECAY < 1.0:  # 1 would freeze the EMA at the initial weights
+        raise ConfigError(f"TRAIN.EMA.DECAY must be in [0, 1), got {cfg.TRAIN.EMA.DECAY}")
+    scale = tuple(cfg.AUG.SCALE)
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"AUG.SCALE must be two floats lo, hi with 0 < lo <= hi <= 1 (the range of the "
+                          f"RandomResizedCrop area as a fraction of the image), got {scale}")
 
 
-def validate(cfg: CN) -> None:
-    """Checks values that a type check cannot (choices, ranges, consistency)."""
+def _validate_seed(seed: int, world_size: int) -> None:
+    """Checks that SEED + rank is a numpy seed for every rank."""
+    highest = NUMPY_SEED_LIMIT - world_size
+    if not 0 <= seed <= highest:
+        raise ConfigError(f"SEED must be in [0, {highest}] (each of the {world_size} process(es) seeds numpy with "
+                          f"SEED + rank, which must lie in [0, 2**32 - 1]), got {seed}")
+
+
+def _validate_other_family(cfg: CN) -> None:
+    """Refuses keys set in the section of the family that MODEL.TYPE does not build (they would be ignored)."""
+    for model_type, section in MODEL_SECTIONS.items():
+        if model_type == cfg.MODEL.TYPE:
+            continue
+        changed = [f"MODEL.{section}.{key}={value!r}" for key, value in cfg.MODEL[section].items()
+                   if value != _C.MODEL[section][key]]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)}: the MODEL.{section}.* keys only apply to MODEL.TYPE "
+                              f"{model_type!r}, but MODEL.TYPE is {cfg.MODEL.TYPE!r}, which reads MODEL."
+                              f"{MODEL_SECTIONS[cfg.MODEL.TYPE]}.*; remove them, or set MODEL.TYPE {model_type} "
+                              f"and a {model_type} MODEL.NAME")
+
+
+def _validate_training_run(cfg: CN) -> None:
+    """Checks what only a training run (neither EVAL_MODE nor THROUGHPUT_MODE) uses: the epochs and Mixup/CutMix."""
+    if cfg.TRAIN.START_EPOCH >= cfg.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.START_EPOCH {cfg.TRAIN.START_EPOCH} must be below TRAIN.EPOCHS {cfg.TRAIN.EPOCHS}: "
+                          f"the run would train no epoch")
+    # build_mixup applies timm's Mixup when either alpha is > 0; it asserts an even batch in every mode.
+    if (cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0) and cfg.DATA.BATCH_SIZE % 2:
+        raise ConfigError(f"DATA.BATCH_SIZE must be even with Mixup/CutMix on (AUG.MIXUP {cfg.AUG.MIXUP}, AUG.CUTMIX "
+                          f"{cfg.AUG.CUTMIX}: timm mixes each image with its mirror in the batch), got "
+                          f"{cfg.DATA.BATCH_SIZE}; use an even batch or set AUG.MIXUP and AUG.CUTMIX to 0")
+
+
+def validate(cfg: CN, world_size: int = 1) -> None:
+    """Checks values that a type check cannot (choices, ranges, consistency).
+
+    Args:
+        cfg: The merged config.
+        world_size: Number of processes of the run (bounds SEED).
+    """
     choices = {"AMP": (cfg.AMP, AMP_MODES), "MODEL.TYPE": (cfg.MODEL.TYPE, MODEL_TYPES),
                "MODEL.SCAN_BACKEND": (cfg.MODEL.SCAN_BACKEND, SCAN_BACKENDS),
-               "DATA.INTERPOLATION": (cfg.DATA.INTERPOLATION, INTERPOLATIONS)}
+               "DATA.INTERPOLATION": (cfg.DATA.INTERPOLATION, INTERPOLATIONS),
+               "AUG.REMODE": (cfg.AUG.REMODE, RANDOM_ERASING_MODES),
+               "AUG.MIXUP_MODE": (cfg.AUG.MIXUP_MODE, MIXUP_MODES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
     _validate_ranges(cfg)
+    if cfg.TAG in ("", ".", "..") or "/" in cfg.TAG or "\\" in cfg.TAG:  # OUTPUT/MODEL.NAME/TAG stays in OUTPUT
+        raise ConfigError(f"TAG (--tag) must be a folder name, without / or \\ and not . or .., got {cfg.TAG!r}")
+    _validate_seed(cfg.SEED, world_size)
+    _validate_other_family(cfg)
+    if not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE):
+        _validate_training_run(cfg)
     _validate_auto_augment(cfg.AUG.AUTO_AUGMENT)
     if cfg.EVAL_MODE and cfg.THROUGHPUT_MODE:
         raise ConfigError("EVAL_MODE (--eval) and THROUGHPUT_MODE (--throughput) are separate runs: give one of them")
@@ -413,7 +474,7 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
     merge_opts(cfg, list(getattr(args, "opts", None) or []))
     if cfg.AUG.AUTO_AUGMENT in AUTO_AUGMENT_OFF:
         cfg.AUG.AUTO_AUGMENT = ""  # the data pipeline disables auto-augment on "" only
-    validate(cfg)
+    validate(cfg, world_size)
     scale_learning_rates(cfg, world_size)
     cfg.freeze()
     return cfg

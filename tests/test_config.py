@@ -137,8 +137,9 @@ def test_wrong_type_names_key(tmp_path):
 def test_missing_yaml_names_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         get_config(_args(cfg=str(tmp_path / "nope.yaml")))
-    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
-        (tmp_path / "child.yaml").write_text("BASE: ['nope.yaml']\n")
+    (tmp_path / "child.yaml").write_text("BASE: ['nope.yaml']\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: its BASE entry 'nope\.yaml' names .*nope\.yaml, which does "
+                                          r"not exist \(BASE paths are relative to the file that holds them\)"):
         get_config(_args(cfg=str(tmp_path / "child.yaml")))
 
 
@@ -240,11 +241,62 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["MODEL.DAMAMBA.DEPTHS", "[1, 0, 1, 1]"], r"MODEL\.DAMAMBA\.DEPTHS must be >= 1 \(each entry\), got \[1, 0,"),
     (["MODEL.IN_CHANS", "1"], r"MODEL\.IN_CHANS must be 3 .*RGB.*got 1"),
     (["MODEL.IN_CHANS", "1", "EVAL_MODE", "True"], r"MODEL\.IN_CHANS must be 3"),
+    (["TAG", "../../escape"], r"TAG \(--tag\) must be a folder name, without / or \\ and not \. or \.\., got "),
+    (["TAG", ".."], r"TAG \(--tag\) must be a folder name"),
     (["EVAL_MODE", "True", "THROUGHPUT_MODE", "True"], r"--eval\) and THROUGHPUT_MODE \(--throughput\) are separate"),
+    (["SEED", "-1"], r"SEED must be in \[0, 4294967295\] .*got -1"),
+    (["SEED", "4294967296"], r"SEED must be in \[0, 4294967295\] .*got 4294967296"),
+    (["AUG.SCALE", "[0.5]"], r"AUG\.SCALE must be two floats lo, hi with 0 < lo <= hi <= 1 .*got \(0\.5,\)"),
+    (["AUG.SCALE", "[1.0, 0.5]"], r"AUG\.SCALE must be two floats .*got \(1\.0, 0\.5\)"),
+    (["AUG.SCALE", "[0.0, 1.0]"], r"AUG\.SCALE must be two floats .*got \(0\.0, 1\.0\)"),
+    (["AUG.SCALE", "[0.5, 1.5]"], r"AUG\.SCALE must be two floats .*got \(0\.5, 1\.5\)"),
+    (["AUG.MIXUP", "0.5", "DATA.BATCH_SIZE", "63"], r"DATA\.BATCH_SIZE must be even with Mixup/CutMix on .*got 63"),
+    (["AUG.MIXUP", "0.0", "AUG.MIXUP_PROB", "0.0", "AUG.MIXUP_MODE", "elem", "DATA.BATCH_SIZE", "3"],
+     r"DATA\.BATCH_SIZE must be even .*AUG\.CUTMIX 1\.0.*got 3"),  # timm asserts whatever the mode and probability
+    (["AUG.REMODE", "foo", "AUG.REPROB", "0.5"], r"AUG\.REMODE must be one of \('const', 'rand', 'pixel'\), got 'foo'"),
+    (["AUG.MIXUP_MODE", "half"], r"AUG\.MIXUP_MODE must be one of \('batch', 'pair', 'elem'\), got 'half'"),
+    (["TRAIN.EMA.DECAY", "2.0"], r"TRAIN\.EMA\.DECAY must be in \[0, 1\), got 2\.0"),
+    (["TRAIN.EMA.DECAY", "1.0"], r"TRAIN\.EMA\.DECAY must be in \[0, 1\), got 1\.0"),  # would freeze the EMA
+    (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "1"], r"TRAIN\.START_EPOCH 5 must be below TRAIN\.EPOCHS 1"),
+    (["MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]"],
+     r"MODEL\.DAMAMBA\.DIMS=\[16, 16, 16, 16\]: the MODEL\.DAMAMBA\.\* keys only apply to MODEL\.TYPE 'damamba', but "
+     r"MODEL\.TYPE is 'defmamba'"),
+    (["MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny", "MODEL.DEFMAMBA.D_STATE", "4",
+      "MODEL.DEFMAMBA.DEFORM_ORDER", "False"],
+     r"MODEL\.DEFMAMBA\.D_STATE=4, MODEL\.DEFMAMBA\.DEFORM_ORDER=False: .* MODEL\.TYPE is 'damamba'"),
 ])
 def test_invalid_value_names_key_value_and_allowed(opts, message):
     with pytest.raises(ConfigError, match=message):
         get_config(_args(opts=opts), world_size=1)
+
+
+def test_seed_bound_depends_on_the_number_of_processes():
+    highest = 2**32 - 8  # ranks 0..7 seed numpy with SEED + rank <= 2**32 - 1
+    assert get_config(_args(seed=highest), world_size=8).SEED == highest
+    with pytest.raises(ConfigError, match=rf"SEED must be in \[0, {highest}\] \(each of the 8 process\(es\)"):
+        get_config(_args(seed=highest + 1), world_size=8)
+
+
+def test_training_only_checks_leave_eval_and_throughput_alone():
+    for opts in (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "1"], ["DATA.BATCH_SIZE", "63"]):
+        for mode in ("EVAL_MODE", "THROUGHPUT_MODE"):
+            get_config(_args(opts=[*opts, mode, "True"]), world_size=1)
+    no_mix = get_config(_args(opts=["DATA.BATCH_SIZE", "63", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0"]), world_size=1)
+    assert no_mix.DATA.BATCH_SIZE == 63
+    assert get_config(_args(opts=["TRAIN.EMA.DECAY", "0.0"]), world_size=1).TRAIN.EMA.DECAY == 0.0
+
+
+def test_damamba_training_batch_of_one_is_refused_before_the_run():
+    from classification.models import resolve_model_config
+
+    # 32x32 ends in 1x1 maps in DAMamba's last stage, where BatchNorm needs more than one image.
+    opts = ["MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny", "DATA.IMG_SIZE", "32", "DATA.BATCH_SIZE", "1",
+            "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0"]
+    with pytest.raises(ConfigError, match=r"DATA\.BATCH_SIZE 1 with DATA\.IMG_SIZE 32 cannot train MODEL\.NAME "
+                                          r"'damamba_tiny': training with batch 1"):
+        resolve_model_config(get_config(_args(opts=opts), world_size=1))
+    resolve_model_config(get_config(_args(opts=opts, eval=True), world_size=1))  # eval mode: running statistics
+    resolve_model_config(get_config(_args(opts=[*opts, "DATA.IMG_SIZE", "64"]), world_size=1))  # 2x2 maps
 
 
 def test_accepted_augmentation_values_build_the_data_transforms():

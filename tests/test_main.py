@@ -1,5 +1,6 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,9 +28,10 @@ def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=2, train_per_class=4, val_per_class=3)
 
 
-def _run(data: Path, output: Path, *extra: str, opts: tuple[str, ...] = ()) -> int:
+def _run(data: Path, output: Path, *extra: str, opts: tuple[str, ...] = (),
+         model: tuple[str, ...] = tuple(TINY_DEFMAMBA)) -> int:
     return main.main(["--data-path", str(data), "--output", str(output), "--amp", "off", "--batch-size", "4",
-                      "--scan-backend", "torch", *extra, "--opts", *TINY_DEFMAMBA, *TINY_DATA, *opts])
+                      "--scan-backend", "torch", *extra, "--opts", *model, *TINY_DATA, *opts])
 
 
 def test_help_documents_every_flag(capsys):
@@ -169,18 +171,22 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
 
 
 def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
-    opts = ("MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny", "MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]",
-            "MODEL.DAMAMBA.DEPTHS", "[1, 1, 1, 1]", "MODEL.DAMAMBA.MLP_RATIOS", "[2.0, 2.0, 2.0, 2.0]",
-            "MODEL.DAMAMBA.LAYERSCALE", "[3]", "TRAIN.EPOCHS", "1", "TRAIN.MESA.WEIGHT", "1.0")
-    assert _run(data, tmp_path, opts=opts) == 0
+    damamba = ("MODEL.NUM_CLASSES", "2", "MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny",
+               "MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]", "MODEL.DAMAMBA.DEPTHS", "[1, 1, 1, 1]",
+               "MODEL.DAMAMBA.MLP_RATIOS", "[2.0, 2.0, 2.0, 2.0]", "MODEL.DAMAMBA.LAYERSCALE", "[3]")
+    # A DefMamba key on a DAMamba run would be refused (the family MODEL.TYPE does not build).
+    assert _run(data, tmp_path / "mixed", opts=damamba, model=tuple(TINY_DEFMAMBA)) == 2
+    run = functools.partial(_run, model=damamba)
+    opts = ("TRAIN.EPOCHS", "1", "TRAIN.MESA.WEIGHT", "1.0")
+    assert run(data, tmp_path, opts=opts) == 0
     run_dir = tmp_path / "damamba_tiny" / "default"
     record = json.loads((run_dir / "log.txt").read_text().splitlines()[-1])
     assert record["epoch"] == 0 and record["val_count"] == 6 and "ema_acc1" in record
     assert math.isfinite(record["train_loss"])
-    assert _run(data, tmp_path, opts=opts[:-4] + ("TRAIN.EPOCHS", "2")) == 0  # auto-resume: one more epoch
+    assert run(data, tmp_path, opts=opts[:-4] + ("TRAIN.EPOCHS", "2")) == 0  # auto-resume: one more epoch
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert len((run_dir / "log.txt").read_text().splitlines()) == 2
-    assert _run(data, tmp_path, "--eval", "--resume", str(run_dir / ckpt.BEST_NAME), opts=opts) == 0
+    assert run(data, tmp_path, "--eval", "--resume", str(run_dir / ckpt.BEST_NAME), opts=opts) == 0
     assert re.search(r"eval on 6 images: top-1 .* GFLOPs", _log(run_dir, "eval"))
 
 

@@ -167,3 +167,17 @@ def test_pretrained_cfg_gives_the_release_eval_transform(name):
     assert config["mean"] == IMAGENET_DEFAULT_MEAN and config["std"] == IMAGENET_DEFAULT_STD
     assert small_model(name).pretrained_cfg["classifier"] == "head.fc"
 
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("defmamba_tiny", dict(num_classes="10"), r"defmamba_tiny: num_classes must be int, got '10' \(str\)"),
+    ("defmamba_tiny", dict(depths=(1, "2", 1, 1)), r"depths must be tuple\[int, \.\.\.\], got \(1, '2', 1, 1\)"),
+    ("defmamba_tiny", dict(deform_points=1), r"deform_points must be bool, got 1 \(int\)"),
+    ("damamba_tiny", dict(drop_path_rate=None), r"damamba_tiny: drop_path_rate must be float, got None"),
+])
+def test_create_model_checks_override_types(name, overrides, message):
+    with pytest.raises(TypeError, match=message):
+        create_model(name, **overrides)
+    with torch.device("meta"):  # lists for tuples, ints for floats and None for an optional int are accepted
+        create_model(name, depths=[1, 1, 1, 1], drop_path_rate=0)
+        create_model("defmamba_tiny", dt_rank=None)

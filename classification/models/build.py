@@ -69,17 +69,32 @@ def build_model(config: CfgNode) -> nn.Module:
                           f"{err}") from err
 
 
+def _check_training_batch(model: nn.Module, config: CfgNode) -> None:
+    """Runs the model's own check of its input on a training batch of DATA.BATCH_SIZE x DATA.IMG_SIZE (a meta tensor:
+    shapes only), e.g. DAMamba's refusal of batch 1 when its last map is 1x1 (BatchNorm)."""
+    data = config.DATA
+    batch = torch.empty(data.BATCH_SIZE, config.MODEL.IN_CHANS, data.IMG_SIZE, data.IMG_SIZE, device="meta")
+    try:
+        model.train().check_input(batch)
+    except ValueError as err:
+        raise ConfigError(f"DATA.BATCH_SIZE {data.BATCH_SIZE} with DATA.IMG_SIZE {data.IMG_SIZE} cannot train "
+                          f"MODEL.NAME {config.MODEL.NAME!r}: {err}") from err
+
+
 def resolve_model_config(config: CfgNode) -> CfgNode:
     """``config`` with its ``MODEL.<TYPE>`` keys left at None set to the ``MODEL.NAME`` variant's values (frozen), so
     that the config a run writes (``config.yaml``, its checkpoints) spells out the architecture it trains; first runs
-    the model's own checks of the keys (:func:`build_model` on the meta device: shapes only, no memory), so that a
-    bad value is refused before anything is written.
+    the model's own checks of the keys (:func:`build_model` on the meta device: shapes only, no memory) and, for a
+    training run (neither EVAL_MODE nor THROUGHPUT_MODE), of a DATA.BATCH_SIZE x DATA.IMG_SIZE batch, so that a bad
+    value is refused before anything is written.
 
     Raises:
-        ConfigError: As :func:`build_model`.
+        ConfigError: As :func:`build_model`, or the model cannot train on such a batch.
     """
     with torch.device("meta"):
-        build_model(config)
+        model = build_model(config)
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        _check_training_batch(model, config)
     section, keys = _family_keys(config)
     resolved = config.clone()
     resolved.defrost()

@@ -9,6 +9,10 @@ defaults overridden by keyword arguments (``num_classes``, ``embed_dim``, ``dept
 The module that defines entrypoints must define its timm ``default_cfgs`` before them: timm reads the module's
 ``default_cfgs`` when an entrypoint is registered.
 """
+import inspect
+import numbers
+import types
+import typing
 from typing import Any, Callable, TypeVar
 
 import timm.models
@@ -17,6 +21,14 @@ from torch import nn
 EntrypointT = TypeVar("EntrypointT", bound=Callable[..., nn.Module])
 
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
+# What create_model accepts for a constructor argument annotated with one of these types (bool is no int or float).
+_SCALAR_CHECKS: dict[type, Callable[[Any], bool]] = {
+    type(None): lambda value: value is None,
+    bool: lambda value: isinstance(value, bool),
+    int: lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool),
+    float: lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool),
+    str: lambda value: isinstance(value, str),
+}
 
 
 def register_model(fn: EntrypointT) -> EntrypointT:
@@ -50,20 +62,49 @@ def is_model(name: str) -> bool:
     return name in _ENTRYPOINTS
 
 
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits ``annotation`` as far as a cheap check reads it: bool, int, float (an int too), str,
+    None, unions and ``tuple[T, ...]`` (a list too, each item checked); other annotations always pass."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(annotation))
+    if annotation is tuple or origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (tuple, list)):
+            return False
+        return not (len(args) == 2 and args[1] is Ellipsis) or all(_fits(item, args[0]) for item in value)
+    check = _SCALAR_CHECKS.get(annotation)
+    return check is None or check(value)
+
+
+def _check_override_types(name: str, overrides: dict[str, Any]) -> None:
+    """Checks ``overrides`` against the annotations of the constructor of the class ``name``'s entrypoint returns."""
+    model_cls = typing.get_type_hints(_ENTRYPOINTS[name]).get("return")
+    if not isinstance(model_cls, type):
+        return
+    hints = typing.get_type_hints(model_cls.__init__)
+    for argument, value in overrides.items():
+        if argument in hints and not _fits(value, hints[argument]):
+            raise TypeError(f"{name}: {argument} must be {inspect.formatannotation(hints[argument])}, got {value!r} "
+                            f"({type(value).__name__})")
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered variant.
 
     Args:
         name: A variant from :func:`list_models`.
-        **overrides: Keyword arguments of the variant's model class that replace the variant's defaults (passed
-            through to the typed constructor, which rejects unknown names).
+        **overrides: Keyword arguments of the variant's model class that replace the variant's defaults (checked
+            against the constructor's annotations, then passed to it; it rejects unknown names).
 
     Returns:
         The model, randomly initialised (load weights with :func:`classification.models.load_checkpoint`).
 
     Raises:
         ValueError: ``name`` is not registered; the message lists the registered names.
+        TypeError: An override does not have the type its constructor argument is annotated with.
     """
     if name not in _ENTRYPOINTS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models()) or '(none registered)'}")
+    _check_override_types(name, overrides)
     return _ENTRYPOINTS[name](**overrides)
