@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,6 +48,9 @@ from classification.utils.distributed import DistributedContext, all_gather_obje
 from classification.utils.distributed import init_distributed
 from classification.utils.flops import model_flops
 from classification.utils.logging import setup_logging
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter  # imported when training starts (slow)
 
 logger = logging.getLogger("main")
 
@@ -232,13 +236,15 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     """
     newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
     given = config.MODEL.RESUME
-    if not config.TRAIN.AUTO_RESUME and not given:
+    given_inside = bool(given) and Path(given).resolve().parent == output_dir.resolve()
+    if not config.TRAIN.AUTO_RESUME and not given_inside:
         earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
         if earlier:
             raise ConfigError(f"TRAIN.AUTO_RESUME is False, but {output_dir} holds the checkpoints of an earlier run "
-                              f"({', '.join(earlier)}), which a fresh start would overwrite and mix with its own: "
-                              "give another --tag, or resume (TRAIN.AUTO_RESUME True, or --resume FILE)")
-    if not given or newest is None or Path(given).resolve().parent == output_dir.resolve():
+                              f"({', '.join(earlier)}), which this run would overwrite and mix with its own: give "
+                              "another --tag, or continue that run (TRAIN.AUTO_RESUME True, or --resume one of its "
+                              "checkpoints)")
+    if not given or newest is None or given_inside:
         return given or (newest[0] if newest else "")
     own, own_position = newest
     try:
@@ -307,15 +313,19 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
 
 
 def read_json_log(path: Path) -> tuple[list[dict], int]:
-    """The records of a ``log.txt`` (none when it does not exist), and how many of its lines were not records (a line
-    cut short by a crash)."""
+    """The records of a ``log.txt`` (none when it does not exist), and how many of its lines are not records (a line
+    cut short by a crash, or edited into something without an integer ``epoch``)."""
     if not path.exists():
         return [], 0
     records, broken = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+        else:
             broken += 1
     return records, broken
 
@@ -328,18 +338,18 @@ def json_line(record: dict) -> str:
     return json.dumps(finite, allow_nan=False) + "\n"
 
 
-def keep_json_log_before(path: Path, epoch: int) -> None:
-    """Drops the records of ``epoch`` and later from ``log.txt``, which a run that starts at ``epoch`` writes again
-    (a fresh start, a fall-back to an older checkpoint, a ``--resume`` of an earlier one), and lines cut short by a
-    crash."""
+def write_json_record(path: Path, record: dict) -> None:
+    """Writes the record of epoch ``record["epoch"]`` into ``log.txt`` after the records of the epochs before it, as
+    an atomic rewrite of the file. Records of that epoch and later, from an earlier pass over those epochs (a run that
+    went back, a fresh start in the folder), and lines that are not records are dropped (logged)."""
+    epoch = record["epoch"]
     records, broken = read_json_log(path)
-    kept = [record for record in records if record.get("epoch", epoch) < epoch]
-    if len(kept) == len(records) and not broken:
-        return
-    dropped = sorted({record.get("epoch") for record in records if record not in kept})
-    logger.warning("%s: dropping %d lines that are not JSON and the records of epochs %s (this run starts at epoch "
-                   "%d and writes them again)", path, broken, dropped or "none", epoch)
-    ckpt.atomic_write_text("".join(json_line(record) for record in kept), path)
+    kept = [old for old in records if old["epoch"] < epoch]
+    if len(kept) < len(records) or broken:
+        replaced = sorted({old["epoch"] for old in records if old["epoch"] >= epoch})
+        logger.warning("%s: replacing the records of epochs %s and dropping %d lines that are not records (this run "
+                       "writes epoch %d again)", path, replaced, broken, epoch)
+    ckpt.atomic_write_text("".join(json_line(old) for old in [*kept, record]), path)
 
 
 def _saved_position(path: Path) -> tuple[int, int] | None:
@@ -358,43 +368,65 @@ def _saved_ema_epoch(path: Path) -> int | None:
         return None
 
 
+def _missing_epoch_outputs(output_dir: Path, epoch: int, outputs: dict, config: CfgNode,
+                           with_ema: bool) -> list[str]:
+    """Which of :func:`finish_epoch`'s outputs of ``epoch`` are missing or older than it (never one that is newer:
+    a run that went back leaves the files of the later epochs alone until it trains them again)."""
+    done = (epoch + 1, 0)
+    best, numbered = _saved_position(output_dir / ckpt.BEST_NAME), _saved_position(_numbered_path(output_dir, epoch))
+    ema_epoch = _saved_ema_epoch(output_dir / ckpt.EMA_NAME)
+    missing = {
+        "best": outputs["is_best"] and (best is None or best < done),
+        "numbered": _numbered_due(epoch, config) and (numbered is None or numbered < done),
+        "ema": with_ema and (ema_epoch is None or ema_epoch < epoch + 1),
+        "log": all(record["epoch"] != epoch for record in read_json_log(output_dir / JSON_LOG_NAME)[0]),
+    }
+    return [name for name, needed in missing.items() if needed]
+
+
+def _numbered_path(output_dir: Path, epoch: int) -> Path:
+    return output_dir / ckpt.EPOCH_NAME.format(epoch=epoch)
+
+
+def _numbered_due(epoch: int, config: CfgNode) -> bool:
+    """Whether ``epoch`` keeps a numbered checkpoint: every SAVE_FREQ epochs and the last one."""
+    return (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
+
+
 def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, save_kwargs: dict, config: CfgNode,
-                 ctx: DistributedContext, writer: object | None) -> None:
+                 ctx: DistributedContext, writer: "SummaryWriter | None", completing: bool) -> None:
     """Writes what a finished epoch leaves besides ``checkpoint_latest.pth``, which is saved first and holds
     ``outputs``: ``checkpoint_best.pth`` when the epoch was the best so far, its numbered checkpoint when one is due,
-    ``model_ema.pth``, its ``log.txt`` line and its TensorBoard scalars. Collective.
+    ``model_ema.pth``, its ``log.txt`` record and its TensorBoard scalars. Collective.
 
-    Each is written only where missing or older than the epoch, so a run resumed after a crash between these writes
-    calls this again (from ``checkpoint_latest.pth``) and completes them.
+    Args:
+        completing: A run resumed from an end-of-epoch checkpoint of its own folder: write only the outputs that
+            are missing or older than the epoch (a crash between these writes cut them short).
     """
-    done = (epoch + 1, 0)
-    numbered = output_dir / ckpt.EPOCH_NAME.format(epoch=epoch)
-    due = (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
-    stale = None
-    if ctx.is_main:
-        stale = {"best": outputs["is_best"] and _saved_position(output_dir / ckpt.BEST_NAME) != done,
-                 "numbered": due and _saved_position(numbered) != done}
-    stale = broadcast_object(stale)
-    for name, path in (("best", output_dir / ckpt.BEST_NAME), ("numbered", numbered)):
-        if stale[name]:
+    names = ["best", "numbered", "ema", "log"]
+    if completing:
+        missing = _missing_epoch_outputs(output_dir, epoch, outputs, config, save_kwargs["model_ema"] is not None)
+        names = broadcast_object(missing if ctx.is_main else None)
+        if names:
+            logger.warning("completing what a crash left unwritten of epoch %d: %s", epoch, ", ".join(names))
+    paths = {"best": output_dir / ckpt.BEST_NAME, "numbered": _numbered_path(output_dir, epoch)}
+    wanted = {"best": outputs["is_best"], "numbered": _numbered_due(epoch, config)}
+    for name, path in paths.items():
+        if name in names and wanted[name]:
             save_training_checkpoint(path, **position, epoch_outputs=outputs, **save_kwargs)
     if not ctx.is_main:
         return
     model_ema = save_kwargs["model_ema"]
-    ema_path = output_dir / ckpt.EMA_NAME
-    if model_ema is not None and _saved_ema_epoch(ema_path) != epoch + 1:
+    if "ema" in names and model_ema is not None:
         ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
-                         ema_path)
-    log_path = output_dir / JSON_LOG_NAME
-    if any(record.get("epoch") == epoch for record in read_json_log(log_path)[0]):
-        return
-    record = outputs["record"]
-    with open(log_path, "a", encoding="utf-8") as f:
-        f.write(json_line(record))
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch":
-            writer.add_scalar(key, value, epoch)
-    writer.flush()
+                         output_dir / ckpt.EMA_NAME)
+    if "log" in names:
+        record = outputs["record"]
+        write_json_record(output_dir / JSON_LOG_NAME, record)
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                writer.add_scalar(key, value, epoch)
+        writer.flush()
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -424,7 +456,6 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         for path in ckpt.remove_partial_saves(output_dir):
             logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)",
                            path)
-        keep_json_log_before(output_dir / JSON_LOG_NAME, start_epoch)
 
     save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
                        is_main=ctx.is_main)
@@ -449,7 +480,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
             finish_epoch(output_dir, start_epoch - 1, finished_outputs,
                          dict(epoch=start_epoch, step=0, num_updates=start_epoch * updates_per_epoch,
                               max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema),
-                         save_kwargs, config, ctx, writer)
+                         save_kwargs, config, ctx, writer, completing=True)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
@@ -482,7 +513,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                             max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
             # The position first: a crash after it loses nothing, the resumed run writes the rest (finish_epoch).
             save_training_checkpoint(latest_path, **position, epoch_outputs=outputs, **save_kwargs)
-            finish_epoch(output_dir, epoch, outputs, position, save_kwargs, config, ctx, writer)
+            finish_epoch(output_dir, epoch, outputs, position, save_kwargs, config, ctx, writer, completing=False)
     finally:
         if writer is not None:
             writer.close()

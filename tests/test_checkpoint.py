@@ -48,16 +48,26 @@ def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match=rf"could not write {re.escape(str(path))} .*GiB free on its "
-                       "file system. The file it would have replaced is intact"):
+                       "file system, make room. The file it would have replaced is intact"):
         ckpt.atomic_save(_training_checkpoint(2, 0), path)
     monkeypatch.undo()
     assert ckpt.load_training_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == [ckpt.LATEST_NAME]
 
 
+def test_another_failed_write_says_what_failed_without_blaming_the_space(tmp_path, monkeypatch):
+    path = tmp_path / ckpt.LATEST_NAME
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"could not write .*\(PermissionError: .*denied\)\. The file "
+                       "it would have replaced is intact") as raised:
+        ckpt.atomic_save({}, path)
+    assert "GiB free" not in str(raised.value)
+
+
 def test_partial_writes_left_by_a_crash_are_removed(tmp_path):
-    leftovers = [tmp_path / f"{ckpt.LATEST_NAME}.4242.tmp", tmp_path / "config.yaml.17.tmp"]
-    kept = [tmp_path / ckpt.LATEST_NAME, tmp_path / "notes.tmp", tmp_path / "a.b.tmp"]
+    leftovers = [tmp_path / f"{ckpt.LATEST_NAME}.4242.tmp", tmp_path / "config.yaml.17.tmp",
+                 tmp_path / "log.txt.5.tmp", tmp_path / f"{ckpt.EMA_NAME}.99.tmp"]
+    kept = [tmp_path / ckpt.LATEST_NAME, tmp_path / "notes.tmp", tmp_path / "a.b.tmp", tmp_path / "notes.2024.tmp"]
     for path in leftovers + kept:
         path.write_bytes(b"x")
     assert ckpt.remove_partial_saves(tmp_path) == sorted(leftovers)

@@ -135,10 +135,10 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     run_dir = tmp_path / "defmamba_tiny" / "default"
     finish_epoch = main.finish_epoch
 
-    def killed_at_epoch_1(output_dir, epoch, *args):
+    def killed_at_epoch_1(output_dir, epoch, *args, completing):
         if epoch == 1:
             raise Killed  # checkpoint_latest.pth holds epoch 2 step 0; best, numbered, EMA and log.txt are not written
-        finish_epoch(output_dir, epoch, *args)
+        finish_epoch(output_dir, epoch, *args, completing=completing)
 
     opts = ("TRAIN.EPOCHS", "2", "SAVE_FREQ", "1")
     monkeypatch.setattr(main, "finish_epoch", killed_at_epoch_1)
@@ -159,15 +159,31 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     assert (best["epoch"] == 2) == outputs["is_best"]
     assert best["max_accuracy"] <= latest["max_accuracy"]
     assert "training done" in _log(run_dir)
+    assert "completing what a crash left unwritten of epoch 1: " in _log(run_dir)
 
-    # Going back to epoch 1 on purpose: log.txt drops the records the run writes again, instead of repeating them.
-    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=opts) == 0
+    # Going back to epoch 1 on purpose (another learning rate): the retrained epoch replaces its record, its numbered
+    # checkpoint and the EMA instead of repeating or keeping the abandoned ones.
+    again = (*opts, "TRAIN.BASE_LR", "0.05")
+    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=again) == 0
     assert [record["epoch"] for record in main.read_json_log(run_dir / "log.txt")[0]] == [0, 1]
-    assert "dropping 0 lines that are not JSON and the records of epochs [1]" in _log(run_dir)
+    assert "log.txt: replacing the records of epochs [1] and dropping 0 lines" in _log(run_dir)
+    retrained = ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)
+    numbered = ckpt.load_training_checkpoint(run_dir / ckpt.EPOCH_NAME.format(epoch=1))
+    assert not torch.equal(retrained["model"]["head.fc.weight"], latest["model"]["head.fc.weight"])
+    assert torch.equal(numbered["model"]["head.fc.weight"], retrained["model"]["head.fc.weight"])
+    ema = torch.load(run_dir / ckpt.EMA_NAME, weights_only=True)["model"]
+    assert torch.equal(ema["head.fc.weight"], retrained["model_ema"]["head.fc.weight"])
 
-    # A fresh start over these checkpoints would overwrite them: refused.
-    assert _run(data, tmp_path, opts=(*opts, "TRAIN.AUTO_RESUME", "False")) == 2
-    assert "TRAIN.AUTO_RESUME is False, but" in _log(run_dir) and "give another --tag" in _log(run_dir)
+    # Going back without retraining (TRAIN.EPOCHS 1): completing epoch 0 rewinds none of the newer files.
+    newer = {name: (run_dir / name).read_bytes() for name in (ckpt.BEST_NAME, ckpt.EMA_NAME, "log.txt")}
+    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)),
+                opts=("TRAIN.EPOCHS", "1", "SAVE_FREQ", "1")) == 0
+    assert {name: (run_dir / name).read_bytes() for name in newer} == newer
+
+    # A fresh start, or a start from another run's checkpoint, over these checkpoints would overwrite them: refused.
+    for extra in ((), ("--resume", str(tmp_path / "elsewhere.pth"))):
+        assert _run(data, tmp_path, *extra, opts=(*opts, "TRAIN.AUTO_RESUME", "False")) == 2
+        assert "TRAIN.AUTO_RESUME is False, but" in _log(run_dir) and "give another --tag" in _log(run_dir)
 
 
 def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):

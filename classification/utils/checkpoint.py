@@ -35,7 +35,9 @@ RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESU
 TMP_SUFFIX = ".tmp"
 # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer that names one of these.
 ZIP_WRITER_ERROR_MARKERS = ("inline_container", "PytorchStreamWriter")
-PARTIAL_WRITE_NAME = re.compile(r".+\.\d+\.tmp")  # what _atomic_write names its temporary file: NAME.PID.tmp
+# The temporary files _atomic_write leaves when a crash cuts it short (NAME.PID.tmp), for the files a run writes.
+PARTIAL_WRITE_NAME = re.compile(r"(checkpoint_.+\.pth|model_ema\.pth|log\.txt|config\.yaml)\.\d+\.tmp")
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # What a truncated or garbled file raises from torch.load.
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
@@ -114,13 +116,14 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not any(marker in str(err) for marker in ZIP_WRITER_ERROR_MARKERS):
+        zip_writer = isinstance(err, RuntimeError) and any(marker in str(err) for marker in ZIP_WRITER_ERROR_MARKERS)
+        if isinstance(err, RuntimeError) and not zip_writer:
             raise  # not a failed write (e.g. an object torch.save cannot pickle)
-        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        raise CheckpointWriteError(
-            f"could not write {path} ({type(err).__name__}: {str(err).strip()}); {free / 2**30:.2f} GiB free on its "
-            "file system. The file it would have replaced is intact: make room (or give another --output) and "
-            "restart, which resumes") from err
+        reason = f"could not write {path} ({type(err).__name__}: {str(err).strip()})"
+        if zip_writer or err.errno in NO_SPACE_ERRNOS:
+            reason += f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free on its file system, make room"
+        raise CheckpointWriteError(f"{reason}. The file it would have replaced is intact: fix this (or give another "
+                                   "--output) and restart, which resumes") from err
     finally:
         if tmp.exists():
             tmp.unlink()

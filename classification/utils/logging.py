@@ -7,7 +7,7 @@ LOG_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d) %(levelname)s: %(
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def setup_logging(output_dir: str | Path | None, rank: int, log_name: str = "train.log") -> logging.Logger:
+def setup_logging(output_dir: str | Path | None, rank: int, log_name: str) -> logging.Logger:
     """Configures the root logger once per process.
 
     Args:
