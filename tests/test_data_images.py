@@ -30,9 +30,11 @@ def assert_grey_rgb(image: Image.Image, expected: np.ndarray) -> None:
 @pytest.mark.parametrize("mode, pixels, suffix", [
     ("I;16", gradient().astype(np.uint16) * UINT16_PER_UINT8, "png"),
     ("I", gradient().astype(np.int32) * UINT16_PER_UINT8, "tif"),
+    ("I", gradient().astype(np.int32), "tif"),
     ("F", gradient().astype(np.float32) / 255, "tif"),
     ("F", gradient().astype(np.float32), "tif"),
-], ids=["16-bit png", "int32 tiff", "float [0, 1] tiff", "float [0, 255] tiff"])
+], ids=["16-bit png", "int32 tiff of 16-bit levels", "int32 tiff of 8-bit levels", "float [0, 1] tiff",
+        "float [0, 255] tiff"])
 def test_high_bit_depth_files_load_as_their_8_bit_levels(tmp_path, mode, pixels, suffix):
     path = tmp_path / f"gradient.{suffix}"
     Image.fromarray(pixels).save(path)

@@ -4,8 +4,9 @@ Pillow's ``convert("RGB")`` clips 16-bit (``I;16*``), 32-bit integer (``I``) and
 which turns most 16-bit images into two levels. :func:`to_rgb` rescales them instead:
 
 - ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``: 0..65535 maps onto 0..255 (divided by 257, rounded).
-- ``I``: taken as 16-bit (as above) when its values lie in 0..65535 (Pillow opens 16-bit PGM files this way);
-  any other value range has no known scale and is rejected.
+- ``I``: values in 0..255 are taken as 8-bit levels (as ``convert("RGB")`` reads them); otherwise, when they lie in
+  0..65535, as 16-bit (as above; Pillow opens 16-bit PGM files this way); any other range has no known scale and is
+  rejected. The rule is per image: a 16-bit image whose maximum is at most 255 (nearly black) is read as 8-bit.
 - ``F``: values in [0, 1] are scaled by 255; otherwise values in [0, 255] are taken as 8-bit levels (rounded);
   negative, larger or non-finite values are rejected. The rule is per image: a 0..255 float image whose maximum is
   at most 1 (nearly black) is read as a [0, 1] image.
@@ -39,6 +40,8 @@ def _int_to_uint8(pixels: np.ndarray, mode: str, source: str) -> np.ndarray:
     if pixels.min() < 0 or pixels.max() > UINT16_MAX:
         raise ValueError(f"{source}: integer image (mode {mode}) with values {pixels.min()}..{pixels.max()}: only "
                          f"0..{UINT16_MAX} (16-bit) can be read as 8-bit levels")
+    if mode == INT32_MODE and pixels.max() <= UINT8_MAX:
+        return pixels.astype(np.uint8)
     return np.round(pixels.astype(np.float64) / UINT16_PER_UINT8).astype(np.uint8)
 
 
