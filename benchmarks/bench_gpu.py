@@ -165,6 +165,7 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, help="also write the tables into this markdown file")
     parser.add_argument("--skip-model", action="store_true", help="only the scan benchmark")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _time_is_up)  # from here on, a SIGTERM still writes what was measured
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
 
@@ -179,10 +180,9 @@ def main() -> int:
     ]
     if missing:
         lines.append(f"Backends not available here (not timed): {', '.join(missing)}.")
-    print("\n".join(lines), flush=True)
     status = 0
-    signal.signal(signal.SIGTERM, _time_is_up)
     try:
+        print("\n".join(lines), flush=True)
         lines.append("")
         bench_scans(lines, backends, bandwidth, args.repeats)
         if not args.skip_model:
@@ -191,6 +191,7 @@ def main() -> int:
     except TimeLimit:
         lines += ["", "**Cut short by the time limit: the rows above are all that was measured.**"]
         status = TIMED_OUT_STATUS
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the table is written whole (`timeout -k` still ends a hang)
     section = "\n".join(lines)
     print(section)
     if args.docs is not None:

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One-shot GPU verification on a GPU machine, from the repository root, within one device call (600 s at most):
 #   1. checks that the Python packages the tests and the benchmark import are there (before spending time building),
-#   2. builds the selective-scan extensions (CPU + CUDA) for this GPU's architecture, unless they already import
-#      (a second call on the same machine; FORCE_BUILD=1 rebuilds),
+#   2. builds the selective-scan extensions (CPU + CUDA) for this GPU's architecture, unless a build of the same
+#      kernel sources already imports (a second call on the same machine; FORCE_BUILD=1 rebuilds),
 #   3. runs the kernel tests against the float64 reference: the CUDA and Triton test files, and the backend tests of
 #      tests/test_selective_scan.py for cuda and triton (several chunks, NaN past the inputs' ends, on the GPU),
 #   4. runs benchmarks/bench_gpu.py, which writes its tables into docs/benchmarks.md (also when a test failed, and
 #      what it measured so far when its time runs out).
-# Every phase fits in BUDGET seconds from the start (default 570): the tests get at most TESTS_TIMEOUT (default 240)
-# of what is left after the build, the benchmark the rest. Logs go to $OUT (or ./output/gpu_verify) as build.log,
-# tests.log, bench.log, with a copy of docs/benchmarks.md. Exit status: the tests', else the benchmark's.
+# Every phase runs under `timeout` within BUDGET seconds from the start (default 570): the build gets what is left
+# but BUILD_RESERVE (default 150), the tests at most TESTS_TIMEOUT (default 240) and half of what is left, the
+# benchmark the rest; a phase left under MIN_PHASE seconds (default 20) is skipped, failing the run. Logs go to $OUT
+# (or ./output/gpu_verify) as build.log, tests.log, bench.log, with a copy of docs/benchmarks.md. Exit status: the
+# tests', else the benchmark's (124: cut by its timeout).
 #
 #   bash benchmarks/gpu_verify.sh            # PYTHON defaults to .venv/bin/python, else python3
 #
@@ -20,6 +22,16 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BUDGET="${BUDGET:-570}"
 elapsed() { echo $(( $(date +%s) - start )); }
+MIN_PHASE="${MIN_PHASE:-20}"
+# phase_limit WANTED: seconds a phase may take (WANTED, at most what is left of BUDGET); 0 when under MIN_PHASE.
+phase_limit() {
+  local left=$(( BUDGET - $(elapsed) )) limit="$1"
+  (( limit > left )) && limit=$left
+  (( limit < MIN_PHASE )) && limit=0
+  echo "$limit"
+}
+# A process that ignores SIGTERM gets SIGKILL this many seconds later.
+KILL_AFTER=10
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -47,32 +59,49 @@ export TORCH_CUDA_ARCH_LIST
 if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/local/cuda; fi
 
 # The extensions link torch's libraries without an rpath to them: torch is imported first.
-IMPORT_KERNELS="import torch, defmamba_scan_cpu, defmamba_scan_cuda; print('defmamba_scan_cuda:', defmamba_scan_cuda.__file__)"
-if [[ "${FORCE_BUILD:-0}" != 1 ]] && "$PYTHON" -c "$IMPORT_KERNELS" 2>/dev/null; then
-  echo "== extensions already built (FORCE_BUILD=1 rebuilds)"
+IMPORT_KERNELS="import torch, defmamba_scan_cpu, defmamba_scan_cuda; print('built:', defmamba_scan_cuda.__file__)"
+# The kernel sources' fingerprint, kept beside the build (build/ is git-ignored and stays on a warm machine).
+SOURCES_STAMP=kernels/selective_scan/build/gpu_verify.sources
+sources=$(find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
+  -o -name setup.py \) -not -path '*/build/*' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+if [[ "${FORCE_BUILD:-0}" != 1 && "$(cat "$SOURCES_STAMP" 2>/dev/null)" == "$sources" ]] \
+    && "$PYTHON" -c "$IMPORT_KERNELS" 2>/dev/null; then
+  echo "== extensions already built from these sources (FORCE_BUILD=1 rebuilds)"
 else
-  echo "== building the extensions for sm ${TORCH_CUDA_ARCH_LIST} (log: $LOGS/build.log)"
-  SELECTIVE_SCAN_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" \
+  build_timeout=$(phase_limit $(( BUDGET - ${BUILD_RESERVE:-150} )))
+  (( build_timeout > 0 )) || { echo "no time left to build"; exit 124; }
+  echo "== building the extensions for sm ${TORCH_CUDA_ARCH_LIST}, at most ${build_timeout} s (log: $LOGS/build.log)"
+  SELECTIVE_SCAN_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" timeout -k "$KILL_AFTER" "$build_timeout" \
     "$PYTHON" -m pip install -v --no-deps --no-build-isolation ./kernels/selective_scan \
-    > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
+    > "$LOGS/build.log" 2>&1 || { status=$?; tail -40 "$LOGS/build.log"; exit "$status"; }
+  mkdir -p "$(dirname "$SOURCES_STAMP")" && echo "$sources" > "$SOURCES_STAMP"
   echo "built in $(elapsed) s"
 fi
 "$PYTHON" -c "$IMPORT_KERNELS"
 
 left=$(( BUDGET - $(elapsed) ))
-tests_timeout=$(( ${TESTS_TIMEOUT:-240} < left / 2 ? ${TESTS_TIMEOUT:-240} : left / 2 ))
+tests_timeout=$(phase_limit $(( ${TESTS_TIMEOUT:-240} < left / 2 ? ${TESTS_TIMEOUT:-240} : left / 2 )))
 echo "== kernel tests, at most ${tests_timeout} s (log: $LOGS/tests.log)"
-tests_status=0
-timeout "$tests_timeout" "$PYTHON" -m pytest -q -rs --durations=10 tests/test_selective_scan_cuda.py \
-  tests/test_selective_scan_triton.py "tests/test_selective_scan.py::test_backend_matches_reference" \
-  "tests/test_selective_scan.py::test_nothing_past_the_inputs_is_read" -k "cuda or triton" \
-  2>&1 | tee "$LOGS/tests.log" || tests_status=$?
+tests_status=124  # unless they run
+(( tests_timeout > 0 )) || echo "skipped: under $MIN_PHASE s of BUDGET left"
+if (( tests_timeout > 0 )); then
+  tests_status=0
+  timeout -k "$KILL_AFTER" "$tests_timeout" "$PYTHON" -m pytest -q -rs --durations=10 \
+    tests/test_selective_scan_cuda.py tests/test_selective_scan_triton.py \
+    "tests/test_selective_scan.py::test_backend_matches_reference" \
+    "tests/test_selective_scan.py::test_nothing_past_the_inputs_is_read" -k "cuda or triton" \
+    2>&1 | tee "$LOGS/tests.log" || tests_status=$?
+fi
 
-bench_timeout=$(( BUDGET - $(elapsed) ))
+bench_timeout=$(phase_limit "$BUDGET")
 echo "== benchmark, at most ${bench_timeout} s (log: $LOGS/bench.log)"
-bench_status=0
-timeout "$bench_timeout" "$PYTHON" benchmarks/bench_gpu.py --docs docs/benchmarks.md 2>&1 | tee "$LOGS/bench.log" \
-  || bench_status=$?
+bench_status=124  # unless it runs
+(( bench_timeout > 0 )) || echo "skipped: under $MIN_PHASE s of BUDGET left"
+if (( bench_timeout > 0 )); then
+  bench_status=0
+  timeout -k "$KILL_AFTER" "$bench_timeout" "$PYTHON" benchmarks/bench_gpu.py --docs docs/benchmarks.md 2>&1 \
+    | tee "$LOGS/bench.log" || bench_status=$?
+fi
 cp docs/benchmarks.md "$LOGS/benchmarks.md"
 echo "== done in $(elapsed) s: tests status $tests_status, benchmark status $bench_status"
 exit $(( tests_status ? tests_status : bench_status ))
