@@ -4,7 +4,8 @@ Triton's interpreter, which runs the kernels in the CPU tests, checks neither ty
 compiler does (loop-carried values keep one type, every ``tl.*`` call lowers, ptxas accepts the result). This script
 compiles the forward and backward kernels through Triton's own compiler and bundled ptxas at the tiles the backend
 picks on a GPU, in float32 with every optional input on and off, and in float64 (which only the tests use) at
-DefMamba's tiles.
+DefMamba's tiles. Scalars equal to 1 (one group, N = 1) are compiled as constants, as Triton specialises them at
+launch; its divisibility-by-16 hints are not given, so the compiled code may vectorise less than the launched one.
 
     python tests/compile_triton_kernels.py [--arch 90]
 
@@ -26,17 +27,23 @@ from classification.ops import selective_scan_triton  # noqa: E402
 
 WARP_SIZE = 32
 DTYPES = {"float32": "fp32", "float64": "fp64"}  # Triton's pointer element names
-# (channels per group, N, L): DefMamba's stage 1 (N = 16), DAMamba's scan (N = 1), a wide state (N = 32).
-SHAPES = ((48, 16, 3136), (16, 1, 3136), (8, 32, 45))
+# (groups, channels per group, N, L): DefMamba's stage 1 (G = 3, N = 16), a one-group scan with N = 1 (DAMamba's
+# state size), a wide state (N = 32).
+SHAPES = ((3, 48, 16, 3136), (1, 16, 1, 3136), (2, 8, 32, 45))
 OPTIONAL_FLAGS = ("HAS_D", "HAS_BIAS", "SOFTPLUS")
 SAVE_STATES_FLAG = "SAVE_STATES"
 
 
-def compile_kernel(kernel: triton.JITFunction, dtype: str, constants: dict[str, object], target: GPUTarget) -> None:
-    """Compiles ``kernel`` with pointer arguments of ``dtype``, int32 scalars and the given constexpr values."""
+def compile_kernel(kernel: triton.JITFunction, dtype: str, constants: dict[str, object], scalars: dict[str, int],
+                   target: GPUTarget) -> None:
+    """Compiles ``kernel`` with pointer arguments of ``dtype``, int32 scalars and the given constexpr values.
+
+    A scalar equal to 1 is compiled as the constant 1, as Triton specialises it when the kernel is launched.
+    """
+    constants = {**constants, **{name: 1 for name, value in scalars.items() if value == 1}}
     signature = {}
     for param in kernel.params:
-        if param.is_constexpr:
+        if param.is_constexpr or param.name in constants:
             signature[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
             signature[param.name] = f"*{DTYPES[dtype]}"
@@ -61,13 +68,16 @@ def main() -> int:
     # float32 at every shape with the optional inputs on and off; float64 (only the tests use it) at DefMamba's.
     runs = [(shape, "float32", optional) for shape in SHAPES for optional in (True, False)]
     runs.append((SHAPES[0], "float64", True))
-    for (channels_per_group, state_size, length), dtype, optional in runs:
+    for (groups, channels_per_group, state_size, length), dtype, optional in runs:
         block_c, block_n, chunk = selective_scan_triton._tiles(channels_per_group, state_size, length)
+        scalars = dict(channels=groups * channels_per_group, channels_per_group=channels_per_group, groups=groups,
+                       dstate=state_size, L=length, n_chunks=-(-length // chunk),
+                       blocks_per_group=-(-channels_per_group // block_c))
         constants = dict(BLOCK_C=block_c, BLOCK_N=block_n, CHUNK=chunk, **dict.fromkeys(OPTIONAL_FLAGS, optional))
         variants = (("forward", selective_scan_triton._scan_fwd_kernel, {SAVE_STATES_FLAG: optional}),
                     ("backward", selective_scan_triton._scan_bwd_kernel, {}))
         for name, kernel, extra in variants:
-            compile_kernel(kernel, dtype, {**constants, **extra}, target)
+            compile_kernel(kernel, dtype, {**constants, **extra}, scalars, target)
             print(f"sm_{args.arch} {name} {dtype} tiles {block_c}x{block_n}x{chunk} optional inputs "
                   f"{'on' if optional else 'off'}: compiled", flush=True)
     return 0
