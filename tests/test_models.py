@@ -168,7 +168,6 @@ def test_pretrained_cfg_gives_the_release_eval_transform(name):
     assert small_model(name).pretrained_cfg["classifier"] == "head.fc"
 
 
-
 @pytest.mark.parametrize("name, overrides, message", [
     ("defmamba_tiny", dict(num_classes="10"), r"defmamba_tiny: num_classes must be int, got '10' \(str\)"),
     ("defmamba_tiny", dict(depths=(1, "2", 1, 1)), r"depths must be tuple\[int, \.\.\.\], got \(1, '2', 1, 1\)"),

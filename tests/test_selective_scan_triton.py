@@ -74,7 +74,6 @@ def test_triton_half_inputs_upcast() -> None:
     assert torch.equal(y, y_float)
 
 
-
 def test_triton_keeps_states_only_when_a_backward_can_follow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Evaluation (no_grad, inference_mode, inputs without grad) writes no chunk states; training does."""
     kernel, saved = selective_scan_triton._scan_fwd_kernel, []
