@@ -3,6 +3,8 @@ import argparse
 import csv
 import importlib.util
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +240,19 @@ def test_visualize_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         visualize.main(["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--output-dir", str(not_a_folder)])
     assert raised.value.code == 2
     assert f"--output-dir {not_a_folder}: exists and is not a folder" in capsys.readouterr().err
+
+
+def test_tools_end_a_usage_error_with_one_line_and_status_2(tmp_path):
+    """Run as scripts, both tools exit like main.py on a user mistake: the message on stderr, status 2."""
+    bad = _config_file(tmp_path, "bad", "MODEL: {DEFMAMBA: {EMBED_DIMS: 8}}")
+    for script, args in (("model_table.py", [bad, "--no-throughput"]),
+                         ("visualize.py", ["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--stage", "7",
+                                           "--output-dir", str(tmp_path)])):
+        result = subprocess.run([sys.executable, str(TOOLS / script), *args], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
+            f"{Path(script).stem}: "), result.stderr
 
 
 def test_points_figure_thins_large_maps(tmp_path):

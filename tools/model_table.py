@@ -33,6 +33,7 @@ from torch import nn
 from classification.config import AMP_DTYPES, AMP_MODES, ConfigError, get_config
 from classification.engine import describe_device, throughput
 from classification.models import build_model, create_model, is_model, list_models
+from classification.utils.cli import run_tool
 from classification.utils.flops import input_channels, model_flops
 
 logger = logging.getLogger("model_table")
@@ -201,4 +202,4 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main()
+    run_tool(main)

@@ -57,6 +57,7 @@ from classification.models import (
 )
 from classification.models.defmamba import ScanGeometry
 from classification.ops.deformable import pixel_grid
+from classification.utils.cli import run_tool
 from classification.utils.flops import input_channels
 
 logger = logging.getLogger("visualize")
@@ -434,4 +435,4 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    main()
+    run_tool(main)
