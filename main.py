@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("main")
 
 JSON_LOG_NAME = "log.txt"
+ABANDONED_DIR = "abandoned"  # where a run that goes back moves the later checkpoints and log records
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
@@ -236,7 +237,7 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     """
     newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
     given = config.MODEL.RESUME
-    given_inside = bool(given) and Path(given).resolve().parent == output_dir.resolve()
+    given_inside = bool(given) and Path(given).absolute().parent.resolve() == output_dir.resolve()
     if not config.TRAIN.AUTO_RESUME and not given_inside:
         earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
         if earlier:
@@ -318,7 +319,7 @@ def read_json_log(path: Path) -> tuple[list[dict], int]:
     if not path.exists():
         return [], 0
     records, broken = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -368,10 +369,43 @@ def _saved_ema_epoch(path: Path) -> int | None:
         return None
 
 
+def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None:
+    """Moves what the folder holds from beyond ``position``, where this run starts, into
+    ``abandoned/from_epochE_stepS_<time>/``: the checkpoints saved further along, a ``model_ema.pth`` of a later
+    epoch, and the ``log.txt`` records of epoch E and later (logged). A run that went back (``--resume`` of one of
+    its own earlier checkpoints, a fresh start) thus leaves no later file that auto-resume would pick after a crash,
+    or that would pass for its own output of the same epoch; nothing is deleted."""
+    epoch, step = position
+    later = [path for path in sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB))
+             if (saved := _saved_position(path)) is not None and saved > position]
+    ema_epoch = _saved_ema_epoch(output_dir / ckpt.EMA_NAME)
+    if ema_epoch is not None and ema_epoch > epoch:
+        later.append(output_dir / ckpt.EMA_NAME)
+    log_path = output_dir / JSON_LOG_NAME
+    records, _ = read_json_log(log_path)
+    later_records = [record for record in records if record["epoch"] >= epoch]
+    if not later and not later_records:
+        return
+    name = f"from_epoch{epoch}_step{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, count = output_dir / ABANDONED_DIR / name, 1
+    while folder.exists():  # twice within a second
+        count += 1
+        folder = output_dir / ABANDONED_DIR / f"{name}-{count}"
+    folder.mkdir(parents=True)
+    for path in later:
+        path.rename(folder / path.name)
+    if later_records:
+        ckpt.atomic_write_text("".join(json_line(record) for record in later_records), folder / JSON_LOG_NAME)
+        ckpt.atomic_write_text("".join(json_line(record) for record in records if record["epoch"] < epoch), log_path)
+    logger.warning("this run starts at epoch %d step %d, before what %s holds: moved %s and the log.txt records of "
+                   "epochs %s to %s", epoch, step, output_dir, [path.name for path in later] or "no file",
+                   sorted({record["epoch"] for record in later_records}) or "none", folder)
+
+
 def _missing_epoch_outputs(output_dir: Path, epoch: int, outputs: dict, config: CfgNode,
                            with_ema: bool) -> list[str]:
-    """Which of :func:`finish_epoch`'s outputs of ``epoch`` are missing or older than it (never one that is newer:
-    a run that went back leaves the files of the later epochs alone until it trains them again)."""
+    """Which of :func:`finish_epoch`'s outputs of ``epoch`` are missing or older than it (a newer one is not there:
+    :func:`set_aside_later_outputs` moved it when the run started)."""
     done = (epoch + 1, 0)
     best, numbered = _saved_position(output_dir / ckpt.BEST_NAME), _saved_position(_numbered_path(output_dir, epoch))
     ema_epoch = _saved_ema_epoch(output_dir / ckpt.EMA_NAME)
@@ -456,6 +490,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         for path in ckpt.remove_partial_saves(output_dir):
             logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)",
                            path)
+        set_aside_later_outputs(output_dir, (start_epoch, start_step))
 
     save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
                        is_main=ctx.is_main)

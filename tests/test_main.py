@@ -161,24 +161,38 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     assert "training done" in _log(run_dir)
     assert "completing what a crash left unwritten of epoch 1: " in _log(run_dir)
 
-    # Going back to epoch 1 on purpose (another learning rate): the retrained epoch replaces its record, its numbered
-    # checkpoint and the EMA instead of repeating or keeping the abandoned ones.
+    # Going back to epoch 1 on purpose (another learning rate), killed again after epoch 1's latest checkpoint: the
+    # files of the abandoned pass were moved aside, so the restart resumes the retrained epoch (not the abandoned
+    # epoch-2 files) and completes its own numbered checkpoint, EMA and record.
+    abandoned_bytes = {name: (run_dir / name).read_bytes()
+                       for name in (ckpt.EPOCH_NAME.format(epoch=1), ckpt.LATEST_NAME, ckpt.EMA_NAME)}
     again = (*opts, "TRAIN.BASE_LR", "0.05")
-    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=again) == 0
-    assert [record["epoch"] for record in main.read_json_log(run_dir / "log.txt")[0]] == [0, 1]
-    assert "log.txt: replacing the records of epochs [1] and dropping 0 lines" in _log(run_dir)
+    monkeypatch.setattr(main, "finish_epoch", killed_at_epoch_1)
+    with pytest.raises(Killed):
+        _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=again)
+    monkeypatch.setattr(main, "finish_epoch", finish_epoch)
+    (aside,) = (run_dir / main.ABANDONED_DIR).iterdir()
+    assert aside.name.startswith("from_epoch1_step0_")
+    assert {name: (aside / name).read_bytes() for name in abandoned_bytes} == abandoned_bytes
+    assert [record["epoch"] for record in main.read_json_log(aside / "log.txt")[0]] == [1]
+    assert _run(data, tmp_path, opts=again) == 0
+    assert "resumed from " + str(run_dir / ckpt.LATEST_NAME) + " at epoch 2 step 0" in _log(run_dir)
     retrained = ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)
     numbered = ckpt.load_training_checkpoint(run_dir / ckpt.EPOCH_NAME.format(epoch=1))
     assert not torch.equal(retrained["model"]["head.fc.weight"], latest["model"]["head.fc.weight"])
     assert torch.equal(numbered["model"]["head.fc.weight"], retrained["model"]["head.fc.weight"])
     ema = torch.load(run_dir / ckpt.EMA_NAME, weights_only=True)["model"]
     assert torch.equal(ema["head.fc.weight"], retrained["model_ema"]["head.fc.weight"])
+    records = main.read_json_log(run_dir / "log.txt")[0]
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert main.json_line(records[1]) == main.json_line(retrained[main.EPOCH_OUTPUTS_KEY]["record"])
 
-    # Going back without retraining (TRAIN.EPOCHS 1): completing epoch 0 rewinds none of the newer files.
-    newer = {name: (run_dir / name).read_bytes() for name in (ckpt.BEST_NAME, ckpt.EMA_NAME, "log.txt")}
+    # Going back without retraining (TRAIN.EPOCHS 1): the later files are moved aside as they are, none rewound.
+    later = {name: (run_dir / name).read_bytes() for name in (ckpt.LATEST_NAME, ckpt.EMA_NAME)}
     assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)),
                 opts=("TRAIN.EPOCHS", "1", "SAVE_FREQ", "1")) == 0
-    assert {name: (run_dir / name).read_bytes() for name in newer} == newer
+    newest_aside = max((run_dir / main.ABANDONED_DIR).iterdir(), key=lambda path: path.stat().st_mtime)
+    assert {name: (newest_aside / name).read_bytes() for name in later} == later
 
     # A fresh start, or a start from another run's checkpoint, over these checkpoints would overwrite them: refused.
     for extra in ((), ("--resume", str(tmp_path / "elsewhere.pth"))):
