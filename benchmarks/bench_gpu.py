@@ -165,7 +165,6 @@ def main() -> int:
     parser.add_argument("--docs", type=Path, help="also write the tables into this markdown file")
     parser.add_argument("--skip-model", action="store_true", help="only the scan benchmark")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _time_is_up)  # from here on, a SIGTERM still writes what was measured
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device")
 
@@ -181,6 +180,7 @@ def main() -> int:
     if missing:
         lines.append(f"Backends not available here (not timed): {', '.join(missing)}.")
     status = 0
+    signal.signal(signal.SIGTERM, _time_is_up)  # from here on, a SIGTERM still writes what was measured
     try:
         print("\n".join(lines), flush=True)
         lines.append("")

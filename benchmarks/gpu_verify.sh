@@ -23,11 +23,12 @@ start=$(date +%s)
 BUDGET="${BUDGET:-570}"
 elapsed() { echo $(( $(date +%s) - start )); }
 MIN_PHASE="${MIN_PHASE:-20}"
-# phase_limit WANTED: seconds a phase may take (WANTED, at most what is left of BUDGET); 0 when under MIN_PHASE.
+# phase_limit WANTED: seconds a phase may take: WANTED, at most what is left of BUDGET; 0 (skip the phase) when
+# under MIN_PHASE seconds of BUDGET are left.
 phase_limit() {
   local left=$(( BUDGET - $(elapsed) )) limit="$1"
   (( limit > left )) && limit=$left
-  (( limit < MIN_PHASE )) && limit=0
+  (( left < MIN_PHASE )) && limit=0
   echo "$limit"
 }
 # A process that ignores SIGTERM gets SIGKILL this many seconds later.
@@ -60,16 +61,19 @@ if [[ -z "${CUDA_HOME:-}" && -d /usr/local/cuda ]]; then export CUDA_HOME=/usr/l
 
 # The extensions link torch's libraries without an rpath to them: torch is imported first.
 IMPORT_KERNELS="import torch, defmamba_scan_cpu, defmamba_scan_cuda; print('built:', defmamba_scan_cuda.__file__)"
-# The kernel sources' fingerprint, kept beside the build (build/ is git-ignored and stays on a warm machine).
+# The fingerprint of the kernel sources, target architectures and torch version, kept beside the build (build/ is
+# git-ignored and stays on a warm machine).
 SOURCES_STAMP=kernels/selective_scan/build/gpu_verify.sources
-sources=$(find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
-  -o -name setup.py \) -not -path '*/build/*' | sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+sources=$( (find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \
+  -o -name setup.py \) -not -path '*/build/*' | sort | xargs sha256sum; echo "$TORCH_CUDA_ARCH_LIST";
+  "$PYTHON" -c "import torch; print(torch.__version__)") | sha256sum | cut -d' ' -f1)
 if [[ "${FORCE_BUILD:-0}" != 1 && "$(cat "$SOURCES_STAMP" 2>/dev/null)" == "$sources" ]] \
     && "$PYTHON" -c "$IMPORT_KERNELS" 2>/dev/null; then
   echo "== extensions already built from these sources (FORCE_BUILD=1 rebuilds)"
 else
-  build_timeout=$(phase_limit $(( BUDGET - ${BUILD_RESERVE:-150} )))
-  (( build_timeout > 0 )) || { echo "no time left to build"; exit 124; }
+  build_timeout=$(phase_limit $(( BUDGET - $(elapsed) - ${BUILD_RESERVE:-150} )))
+  (( build_timeout >= MIN_PHASE )) || { echo "no time left to build"; exit 124; }
+  rm -f "$SOURCES_STAMP"
   echo "== building the extensions for sm ${TORCH_CUDA_ARCH_LIST}, at most ${build_timeout} s (log: $LOGS/build.log)"
   SELECTIVE_SCAN_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}" timeout -k "$KILL_AFTER" "$build_timeout" \
     "$PYTHON" -m pip install -v --no-deps --no-build-isolation ./kernels/selective_scan \

@@ -48,7 +48,7 @@ def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match=rf"could not write {re.escape(str(path))} .*GiB free on its "
-                       "file system, make room. The file it would have replaced is intact"):
+                       "file system; if it is full, make room. The file it would have replaced is intact"):
         ckpt.atomic_save(_training_checkpoint(2, 0), path)
     monkeypatch.undo()
     assert ckpt.load_training_checkpoint(path)["epoch"] == 1

@@ -31,9 +31,10 @@ def assert_grey_rgb(image: Image.Image, expected: np.ndarray) -> None:
     ("I;16", gradient().astype(np.uint16) * UINT16_PER_UINT8, "png"),
     ("I", gradient().astype(np.int32) * UINT16_PER_UINT8, "tif"),
     ("I", gradient().astype(np.int32), "tif"),
+    ("I", gradient().astype(np.uint16) * UINT16_PER_UINT8, "pgm"),
     ("F", gradient().astype(np.float32) / 255, "tif"),
     ("F", gradient().astype(np.float32), "tif"),
-], ids=["16-bit png", "int32 tiff of 16-bit levels", "int32 tiff of 8-bit levels", "float [0, 1] tiff",
+], ids=["16-bit png", "int32 tiff of 16-bit levels", "int32 tiff of 8-bit levels", "16-bit pgm", "float [0, 1] tiff",
         "float [0, 255] tiff"])
 def test_high_bit_depth_files_load_as_their_8_bit_levels(tmp_path, mode, pixels, suffix):
     path = tmp_path / f"gradient.{suffix}"
@@ -41,6 +42,15 @@ def test_high_bit_depth_files_load_as_their_8_bit_levels(tmp_path, mode, pixels,
     with Image.open(path) as saved:
         assert saved.mode == mode  # the file really holds the mode under test
     assert_grey_rgb(load_rgb(path), gradient())
+
+
+def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
+    """Pillow opens a 16-bit PGM as mode I: its levels are 16-bit even when none exceeds 255."""
+    path = tmp_path / "dark.pgm"
+    Image.fromarray(gradient().astype(np.uint16)).save(path)  # 16-bit levels 0..255 of 65535: nearly black
+    with Image.open(path) as saved:
+        assert saved.mode == "I" and saved.format == "PPM"
+    assert_grey_rgb(load_rgb(path), np.round(gradient() / UINT16_PER_UINT8))
 
 
 def test_big_endian_16_bit_images_are_scaled():

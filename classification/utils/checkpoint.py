@@ -120,8 +120,12 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         if isinstance(err, RuntimeError) and not zip_writer:
             raise  # not a failed write (e.g. an object torch.save cannot pickle)
         reason = f"could not write {path} ({type(err).__name__}: {str(err).strip()})"
-        if zip_writer or err.errno in NO_SPACE_ERRNOS:
-            reason += f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free on its file system, make room"
+        if zip_writer or err.errno in NO_SPACE_ERRNOS:  # torch's zip writer reports a full disk so
+            try:
+                reason += f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free on its file system"
+            except OSError:
+                pass  # the folder itself is gone: the error above says enough
+            reason += "; if it is full, make room"
         raise CheckpointWriteError(f"{reason}. The file it would have replaced is intact: fix this (or give another "
                                    "--output) and restart, which resumes") from err
     finally:
