@@ -227,6 +227,11 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
                 result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"])
 
 
+def in_run_folder(path: str | Path, output_dir: Path) -> bool:
+    """Whether the file ``path`` lies in the run's folder (by its folder: a link to a file elsewhere counts as inside)."""
+    return Path(path).absolute().parent.resolve() == output_dir.resolve()
+
+
 def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> str:
     """The checkpoint training resumes from ('' for a fresh start).
 
@@ -237,7 +242,7 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     """
     newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
     given = config.MODEL.RESUME
-    given_inside = bool(given) and Path(given).absolute().parent.resolve() == output_dir.resolve()
+    given_inside = bool(given) and in_run_folder(given, output_dir)
     if not config.TRAIN.AUTO_RESUME and not given_inside:
         earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
         if earlier:
@@ -510,7 +515,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
     try:
-        own_checkpoint = bool(resume_path) and Path(resume_path).resolve().parent == output_dir.resolve()
+        own_checkpoint = bool(resume_path) and in_run_folder(resume_path, output_dir)
         if finished_outputs is not None and own_checkpoint:  # what a crash after its latest save may have left
             finish_epoch(output_dir, start_epoch - 1, finished_outputs,
                          dict(epoch=start_epoch, step=0, num_updates=start_epoch * updates_per_epoch,
