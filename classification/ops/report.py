@@ -6,16 +6,8 @@ import platform
 
 import torch
 
-from . import selective_scan_cpu, selective_scan_cuda
+from . import selective_scan_cpu, selective_scan_cuda, selective_scan_triton
 from .selective_scan import AUTO_ORDER, BACKENDS, backend_unavailable_reason, kernel_module, resolve_backend
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
 
 
 def _cuda_extension_arch_status(device: torch.device) -> str:
@@ -37,7 +29,7 @@ def backend_report() -> list[str]:
     """Versions, devices, and for each device type the available backends and what ``backend='auto'`` picks."""
     lines = [
         f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
-        f"triton {_triton_version()}",
+        f"triton {selective_scan_triton.installed_version()}",
     ]
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

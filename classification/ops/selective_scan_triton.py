@@ -31,8 +31,13 @@ from .selective_scan import refuse_double_backward, residuals_needed
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the backend reports itself unavailable
+
+    _IMPORT_ERROR = None
+except Exception as error:
+    # Not installed, or installed but failing at import (e.g. a triton built for another torch): the backend reports
+    # itself unavailable with the reason, rather than `import classification.ops` failing where it may not be used.
     triton = None
+    _IMPORT_ERROR = error
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +49,7 @@ MAX_BLOCK_CHANNELS = 4
 MAX_TILE_ELEMENTS = MAX_BLOCK_CHANNELS * 16 * MAX_CHUNK  # a wider state (N > 16) gets shorter chunks
 INTERPRETER_MAX_CHUNK = 8
 MIN_TILE = 2  # smallest tile side used for the channel, state and time axes
+NOT_INSTALLED = "not installed"
 
 
 def is_available() -> bool:
@@ -51,10 +57,22 @@ def is_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def installed_version() -> str:
+    """triton's version, else :data:`NOT_INSTALLED` or ``fails to import (the error)``."""
+    if triton is not None:
+        return triton.__version__
+    if isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name == "triton":
+        return NOT_INSTALLED
+    return f"fails to import ({type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR})"
+
+
 def unavailable_reason() -> str:
     """One line saying why the backend is unavailable and what to do about it."""
     if triton is None:
-        return "triton is not installed: `.venv/bin/pip install -r requirements.txt` (it pins triton on Linux)"
+        state = installed_version()
+        problem = "triton is not installed" if state == NOT_INSTALLED else f"triton {state}"
+        return (f"{problem}: `.venv/bin/pip install -r requirements.txt` (it pins the triton that goes with our torch, "
+                "on Linux)")
     return "triton needs a CUDA device, or TRITON_INTERPRET=1 set before import to run it (slowly) on the CPU"
 
 
