@@ -198,15 +198,15 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
         A copy of ``model`` holding the checkpoint's EMA weights when TRAIN.EMA.ENABLE is set and it has them, else
         None.
     """
-    path = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    path, picked = config.MODEL.RESUME or config.MODEL.PRETRAINED, False
     if not path:
         newest = newest_checkpoint(output_dir, ctx)
         if newest is None:
             raise ConfigError(f"--eval needs weights: give --resume CHECKPOINT or --pretrained WEIGHTS (the run's "
                               f"output {output_dir} holds no checkpoint)")
-        path = newest[0]
+        path, picked = newest[0], True
         logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, check_crc=not picked)  # the pick's records were just checked
     load_weights(model, checkpoint, path)
     logger.info("loaded weights from %s", path)
     if not config.TRAIN.EMA.ENABLE:
@@ -228,12 +228,13 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
 
 
 def in_run_folder(path: str | Path, output_dir: Path) -> bool:
-    """Whether the file ``path`` lies in the run's folder (by its folder: a link to a file elsewhere counts as inside)."""
+    """Whether the file ``path`` lies in the run's folder (by its folder: a link to a file elsewhere is inside)."""
     return Path(path).absolute().parent.resolve() == output_dir.resolve()
 
 
-def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> str:
-    """The checkpoint training resumes from ('' for a fresh start).
+def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> tuple[str, bool]:
+    """The checkpoint training resumes from ('' for a fresh start), and whether it is the run's own newest checkpoint,
+    whose records :func:`newest_checkpoint` has just checked.
 
     Without MODEL.RESUME: the run's newest valid checkpoint (TRAIN.AUTO_RESUME). With a MODEL.RESUME outside the
     run's output directory, the run's own newest checkpoint wins when it is at least as far along: re-running the same
@@ -250,34 +251,40 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
                               f"({', '.join(earlier)}), which this run would overwrite and mix with its own: give "
                               "another --tag, or continue that run (TRAIN.AUTO_RESUME True, or --resume one of its "
                               "checkpoints)")
-    if not given or newest is None or given_inside:
-        return given or (newest[0] if newest else "")
+    if given and (newest is None or given_inside):
+        return given, False
+    if newest is None:
+        return "", False
     own, own_position = newest
+    if not given:
+        return own, True
     try:
         given_position = ckpt.checkpoint_position(given)
     except ckpt.TrainingCheckpointError as err:  # e.g. deleted since the run started from it
         logger.warning("MODEL.RESUME: %s; resuming from this run's own %s", err, own)
-        return own
+        return own, True
     if own_position < given_position:
-        return given
+        return given, False
     logger.warning("MODEL.RESUME %s (epoch %d step %d) is outside this run's output directory, which holds the run's "
                    "own progress: resuming from %s (epoch %d step %d); use another --tag to start again from %s",
                    given, *given_position, own, *own_position, given)
-    return own
+    return own, True
 
 
 def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
                     model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler: Scheduler,
-                    scaler: torch.amp.GradScaler, updates_per_epoch: int) -> tuple[int, int, float, float, dict | None]:
-    """Restores a training checkpoint. Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from, and
-    the outputs of the epoch it ends (:func:`finish_epoch`; None for a checkpoint from the middle of an epoch).
+                    scaler: torch.amp.GradScaler, updates_per_epoch: int,
+                    check_crc: bool = True) -> tuple[int, int, float, float, dict | None]:
+    """Restores a training checkpoint (its records checked against their CRC-32 unless ``check_crc`` is False: the
+    caller has just checked them). Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from, and the
+    outputs of the epoch it ends (:func:`finish_epoch`; None for a checkpoint from the middle of an epoch).
 
     The run continues with the current config, and every key that differs from the checkpoint's run is logged: the
     optimizer keeps its moment estimates but takes the config's hyperparameters (weight decay, betas, eps), and the
     learning-rate schedule is the config's at the update count of the resumed position (epoch x updates per epoch
     + updates done in the epoch, as the training loop counts).
     """
-    checkpoint = ckpt.load_training_checkpoint(path)
+    checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = ckpt.saved_config(checkpoint)
     ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
@@ -485,10 +492,11 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
 
     start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
     finished_outputs = None  # of the epoch a resumed end-of-epoch checkpoint ends
-    resume_path = choose_resume_checkpoint(config, ctx, output_dir)
+    resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
     if resume_path:
         start_epoch, start_step, max_accuracy, max_accuracy_ema, finished_outputs = resume_training(
-            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch)
+            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch,
+            check_crc=not records_checked)
     if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")

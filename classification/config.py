@@ -430,15 +430,18 @@ def validate(cfg: CN, world_size: int = 1) -> None:
         raise ConfigError(f"DATA.CROP_PCT must be in (0, 1], got {cfg.DATA.CROP_PCT}")
 
 
+SCALED_LR_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")  # scaled to the total batch in the frozen config
+
+
 def scale_learning_rates(cfg: CN, world_size: int) -> None:
-    """Scales BASE_LR, WARMUP_LR and MIN_LR by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release)."""
+    """Scales :data:`SCALED_LR_KEYS` by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release)."""
     if cfg.TRAIN.LR_REFERENCE_BATCH <= 0:
         return
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH
-    cfg.TRAIN.BASE_LR *= factor
-    cfg.TRAIN.WARMUP_LR *= factor
-    cfg.TRAIN.MIN_LR *= factor
+    for key in SCALED_LR_KEYS:
+        section, name = key.split(".")
+        cfg[section][name] *= factor
 
 
 def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:

@@ -192,7 +192,7 @@ def test_config_differences_name_changed_keys_but_not_where_the_run_is():
     current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
     # The saved side comes back from the checkpoint's yaml text, where tuples are lists.
     assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), current) == [
-        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
+        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR} (scaled to the total batch)",
         f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
     ]
     assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), saved) == []

@@ -237,13 +237,21 @@ def _log(run_dir: Path, mode: str = "train") -> str:
     return (run_dir / main.TEXT_LOG_NAMES[mode]).read_text()
 
 
-def test_resume_follows_a_changed_schedule_and_names_the_changes(data, tmp_path, isolated_logging):
+def test_resume_follows_a_changed_schedule_and_names_the_changes(data, tmp_path, isolated_logging, monkeypatch):
     run_dir = tmp_path / "defmamba_tiny" / "default"
     assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    crc_checked = []  # the files whose records were read for their CRC-32
+    monkeypatch.setattr(ckpt, "first_crc_mismatch", lambda path, check=ckpt.first_crc_mismatch: (
+        crc_checked.append(Path(path).name), check(path))[1])
     assert _run(data, tmp_path, "--model-ema", opts=("TRAIN.EPOCHS", "2", "TRAIN.BASE_LR", "0.01")) == 0
+    # Auto-resume's pick is checked once, not again when loaded; so is --eval's.
+    assert len(crc_checked) == 1 and f"resumed from {run_dir / crc_checked[0]} at epoch 1" in _log(run_dir)
+    crc_checked.clear()
+    assert _run(data, tmp_path, "--eval") == 0
+    assert len(crc_checked) == 1 and f"newest checkpoint, {run_dir / crc_checked[0]}" in _log(run_dir, "eval")
     log = _log(run_dir)
-    assert re.search(r"resuming from \S+ with a config that differs from its run's: .*TRAIN.BASE_LR \S+ -> \S+; "
-                     r"TRAIN.EMA.ENABLE False -> True; TRAIN.EPOCHS 1 -> 2", log)
+    assert re.search(r"resuming from \S+ with a config that differs from its run's: .*TRAIN.BASE_LR \S+ -> \S+ "
+                     r"\(scaled to the total batch\); TRAIN.EMA.ENABLE False -> True; TRAIN.EPOCHS 1 -> 2", log)
     assert "holds no EMA weights: the EMA starts from its model weights" in log
     # The second epoch's learning rate is the new schedule's at its last update (2 updates per epoch).
     config = main.CfgNode.load_cfg((run_dir / "config.yaml").read_text())

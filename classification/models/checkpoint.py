@@ -89,8 +89,9 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
                            f"({err})")
 
 
-def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
-    """``torch.load`` of a checkpoint file on the CPU, with errors that name the file.
+def read_checkpoint(path: str | PathLike, weights_only: bool = False, check_crc: bool = True) -> object:
+    """``torch.load`` of a checkpoint file on the CPU, with errors that name the file; its records are checked against
+    their CRC-32 first (``verify_records``) unless ``check_crc`` is False (the caller has just checked them).
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
@@ -103,7 +104,8 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False) -> object:
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
-        verify_records(path)
+        if check_crc:
+            verify_records(path)
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except DamagedCheckpointError as err:
         raise CheckpointError(str(err)) from err

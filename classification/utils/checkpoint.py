@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from yacs.config import CfgNode
 
+from classification.config import SCALED_LR_KEYS
+
 logger = logging.getLogger(__name__)
 
 LATEST_NAME = "checkpoint_latest.pth"
@@ -38,12 +40,12 @@ ZIP_WRITER_ERROR_MARKERS = ("inline_container", "PytorchStreamWriter")
 # The temporary files _atomic_write leaves when a crash cuts it short (NAME.PID.tmp), for the files a run writes.
 PARTIAL_WRITE_NAME = re.compile(r"(checkpoint_.+\.pth|model_ema\.pth|log\.txt|config\.yaml)\.\d+\.tmp")
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# What a truncated or garbled file raises from torch.load.
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
 MSDOS_DIRECTORY_ATTRIBUTE = 0x10  # external-attribute bit of a zip record that is a folder
 # What reading a damaged record raises: a bad header or CRC, a size past the data, a garbled or unknown compression.
 RECORD_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
+# What a truncated or garbled file raises from torch.load.
 LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
@@ -251,12 +253,14 @@ def saved_config(checkpoint: dict) -> CfgNode:
 
 def config_differences(saved: CfgNode, config: CfgNode) -> list[str]:
     """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config ``saved``,
-    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``."""
+    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``. Both configs hold the
+    learning rates scaled to their run's total batch (``SCALED_LR_KEYS``), and say so."""
     saved, current = _flat_items(saved), _flat_items(config)
     absent = "(absent)"
     keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
-    return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}" for key in keys
-            if saved.get(key, absent) != current.get(key, absent)]
+    return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}"
+            + (" (scaled to the total batch)" if key in SCALED_LR_KEYS else "")
+            for key in keys if saved.get(key, absent) != current.get(key, absent)]
 
 
 def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.PathLike, config: CfgNode,
