@@ -404,6 +404,8 @@ def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None
         count += 1
         folder = output_dir / ABANDONED_DIR / f"{name}-{count}"
     folder.mkdir(parents=True)
+    if later_records and (output_dir / TENSORBOARD_DIR).exists():
+        later.append(output_dir / TENSORBOARD_DIR)  # open_tensorboard rebuilds it from the records kept
     for path in later:
         path.rename(folder / path.name)
     if later_records:
@@ -412,6 +414,29 @@ def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None
     logger.warning("this run starts at epoch %d step %d, before what %s holds: moved %s and the log.txt records of "
                    "epochs %s to %s", epoch, step, output_dir, [path.name for path in later] or "no file",
                    sorted({record["epoch"] for record in later_records}) or "none", folder)
+
+
+def add_record_scalars(writer: "SummaryWriter", record: dict) -> None:
+    """The numbers of an epoch's ``log.txt`` record as TensorBoard scalars at step ``epoch``."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
+
+
+def open_tensorboard(output_dir: Path) -> "SummaryWriter":
+    """The writer of the run's TensorBoard scalars, which mirror ``log.txt``: a run without a ``tensorboard/`` folder
+    (deleted, or moved aside with the records of a later pass by :func:`set_aside_later_outputs`) first writes the
+    scalars of the records ``log.txt`` holds, so an epoch trained again shows its new values only."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
+
+    folder = output_dir / TENSORBOARD_DIR
+    rebuild = not folder.exists()
+    writer = SummaryWriter(str(folder))
+    if rebuild:
+        for record in read_json_log(output_dir / JSON_LOG_NAME)[0]:
+            add_record_scalars(writer, record)
+    return writer
 
 
 def _missing_epoch_outputs(output_dir: Path, epoch: int, outputs: dict, config: CfgNode,
@@ -467,12 +492,8 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, sa
         ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
                          output_dir / ckpt.EMA_NAME)
     if "log" in names:
-        record = outputs["record"]
-        write_json_record(output_dir / JSON_LOG_NAME, record)
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "epoch":
-                writer.add_scalar(key, value, epoch)
-        writer.flush()
+        write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
+        add_record_scalars(writer, outputs["record"])
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -515,10 +536,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
             save_training_checkpoint(latest_path, epoch=epoch, step=steps_done, num_updates=num_updates,
                                      max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, **save_kwargs)
 
-    writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
-        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
+    writer = open_tensorboard(output_dir) if ctx.is_main else None
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()

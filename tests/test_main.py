@@ -130,6 +130,26 @@ class Killed(Exception):
     """Stands for a SIGKILL: nothing after the point it is raised runs."""
 
 
+def _tensorboard_scalars(folder: Path) -> dict[tuple[str, int], list[float]]:
+    """(tag, step) -> every value the event files of ``folder`` hold for it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                scalars.setdefault((tag, event.step), []).append(event.value)
+    return scalars
+
+
+def _record_scalars(records: list[dict]) -> dict[tuple[str, int], list[float]]:
+    """What :func:`_tensorboard_scalars` should find for these ``log.txt`` records (float32, as event files store)."""
+    return {(key, record["epoch"]): [float(torch.tensor(value, dtype=torch.float32))] for record in records
+            for key, value in record.items() if isinstance(value, (int, float)) and key != "epoch"}
+
+
 def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tmp_path, isolated_logging,
                                                                         monkeypatch):
     run_dir = tmp_path / "defmamba_tiny" / "default"
@@ -186,6 +206,10 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     records = main.read_json_log(run_dir / "log.txt")[0]
     assert [record["epoch"] for record in records] == [0, 1]
     assert main.json_line(records[1]) == main.json_line(retrained[main.EPOCH_OUTPUTS_KEY]["record"])
+    # TensorBoard shows what log.txt says: the abandoned pass's scalars were moved aside with its records.
+    assert _tensorboard_scalars(run_dir / main.TENSORBOARD_DIR) == _record_scalars(records)
+    assert _tensorboard_scalars(aside / main.TENSORBOARD_DIR) == _record_scalars(
+        main.read_json_log(aside / "log.txt")[0] + records[:1])
 
     # Going back without retraining (TRAIN.EPOCHS 1): the later files are moved aside as they are, none rewound.
     later = {name: (run_dir / name).read_bytes() for name in (ckpt.LATEST_NAME, ckpt.EMA_NAME)}
