@@ -123,15 +123,23 @@ def test_released_checkpoint_formats_load(release, wrapper):
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()  # ours pass through
 
 
-def test_timm_pretrained_file_goes_through_the_filter(release, tmp_path):
+def test_timm_pretrained_file_goes_through_the_filter_and_the_crc_check(release, tmp_path, flip_record_bit):
     path = tmp_path / "released.pth"
     torch.save({"model": release["state_dict"], "epoch": 299}, path)
-    model = timm.create_model(
-        "damamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), num_classes=10,
-        dims=(32, 48, 96, 144), depths=(1, 1, 2, 1), layerscale=(2, 3),
-    ).double().eval()
+
+    def create():
+        return timm.create_model(
+            "damamba_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+            num_classes=10, dims=(32, 48, 96, 144), depths=(1, 1, 2, 1), layerscale=(2, 3),
+        )
+
+    model = create().double().eval()
     with torch.no_grad():
         assert relative_error(model(release["input"]), release["logits_fp64"]) < LOGITS_RTOL
+    # timm's own loader (torch.load) would take a bit flip as a weight: the records are checked first.
+    flip_record_bit(path, "data/0")
+    with pytest.raises(CheckpointError, match=r"released.pth is corrupt: its record \S+/data/0 fails the CRC-32"):
+        create()
 
 
 def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, fixtures_dir):

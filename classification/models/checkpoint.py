@@ -89,14 +89,12 @@ def _unreadable(path: Path, err: Exception) -> CheckpointError:
                            f"({err})")
 
 
-def read_checkpoint(path: str | PathLike, weights_only: bool = False, check_crc: bool = True) -> object:
-    """``torch.load`` of a checkpoint file on the CPU, with errors that name the file; its records are checked against
-    their CRC-32 first (``verify_records``) unless ``check_crc`` is False (the caller has just checked them).
+def check_checkpoint_file(path: str | PathLike) -> None:
+    """Checks that ``path`` is a file whose records pass their CRC-32 (``verify_records``), before a ``torch.load``.
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
-        CheckpointError: it is corrupt (a damaged record, see ``verify_records``) or truncated, or, with
-            ``weights_only``, holds objects the restricted unpickler refuses.
+        CheckpointError: it is a folder, or corrupt (a damaged record) or truncated.
     """
     path = Path(path)
     if path.is_dir():
@@ -104,11 +102,29 @@ def read_checkpoint(path: str | PathLike, weights_only: bool = False, check_crc:
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
-        if check_crc:
-            verify_records(path)
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        verify_records(path)
     except DamagedCheckpointError as err:
         raise CheckpointError(str(err)) from err
+    except (OSError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from err
+
+
+def read_checkpoint(path: str | PathLike, weights_only: bool = False, check_crc: bool = True) -> object:
+    """``torch.load`` of a checkpoint file on the CPU, with errors that name the file; its records are checked against
+    their CRC-32 first (:func:`check_checkpoint_file`) unless ``check_crc`` is False (the caller has just checked them).
+
+    Raises:
+        CheckpointNotFoundError (a FileNotFoundError): the file does not exist.
+        CheckpointError: it is corrupt (a damaged record, see ``verify_records``) or truncated, or, with
+            ``weights_only``, holds objects the restricted unpickler refuses.
+    """
+    path = Path(path)
+    if check_crc:
+        check_checkpoint_file(path)
+    elif not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if weights_only:  # its records pass their CRC-32: what failed is the restricted unpickler, not the file
             raise CheckpointError(

@@ -23,10 +23,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import build_model_with_cfg, generate_default_cfgs, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import check_checkpoint_file
 
 SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
@@ -273,6 +275,11 @@ def create_backbone(
         checkpoint_filter: The family's released-key converter.
         model_args: Constructor keyword arguments (the variant's, updated with the caller's overrides).
     """
+    if pretrained:  # timm reads a pretrained file with torch.load, which checks no CRC-32: check its records first
+        source = resolve_pretrained_cfg(variant, model_args.get("pretrained_cfg"),
+                                        model_args.get("pretrained_cfg_overlay"))
+        if source.file:
+            check_checkpoint_file(source.file)
     num_stages = len(model_args["depths"])
     return build_model_with_cfg(
         model_cls, variant, pretrained,
