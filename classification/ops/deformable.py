@@ -70,7 +70,13 @@ def bilinear_sample(features: Tensor, points: Tensor) -> Tensor:
 
 
 def bilinear_sample_ref(features: Tensor, points: Tensor) -> Tensor:
-    """Reference twin of :func:`bilinear_sample` (same signature): explicit four-neighbour gathers."""
+    """Reference twin of :func:`bilinear_sample` (same signature): explicit four-neighbour gathers.
+
+    At a point exactly on a pixel's row or column the bilinear map has a kink; the derivative taken there is the
+    right-hand one (the ``floor`` neighbours), while ``grid_sample``'s coordinate normalisation may round such a
+    point to either side. Model points are never exactly there (offsets start random, DefMamba's grid is shifted half
+    a pixel), and the tests compare the two away from kinks.
+    """
     groups, group_channels = _check_inputs(features, points)
     height, width = features.shape[-2:]
     out_height, out_width = points.shape[2:4]
