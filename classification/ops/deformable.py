@@ -155,7 +155,9 @@ def sort_tokens_straight_through_ref(features: Tensor, positions: Tensor) -> tup
 
     The straight-through rule comes from two terms whose value is exactly zero: ``(p - p.detach()) / C`` placed at
     sorted index ``l`` contributes ``mean_c g_s[:, :, l]`` to the gradient of ``p[l]``; the same term gathered in sorted
-    order (raster index ``order[j]`` at sorted index ``j``) and subtracted contributes ``-mean_c g_o[:, :, l]``.
+    order (raster index ``order[j]`` at sorted index ``j``) and subtracted contributes ``-mean_c g_o[:, :, l]``. A NaN
+    position makes those terms NaN, and with them the tokens they are added to, where the op's output stays the
+    gathered features (NaN positions only come from a network that has already diverged).
     """
     _check_sort_inputs(features, positions)
     order = scan_order(positions.detach())
