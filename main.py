@@ -9,7 +9,6 @@ of an epoch when TRAIN.SAVE_STEPS is set.
 """
 import argparse
 import copy
-import json
 import logging
 import math
 import os
@@ -17,12 +16,10 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,21 +40,24 @@ from classification.models import (
 from classification.ops import resolve_backend
 from classification.ops.report import backend_report
 from classification.optim import build_optimizer
+from classification.run_folder import (
+    choose_resume_checkpoint,
+    finish_epoch,
+    in_run_folder,
+    load_weights,
+    newest_checkpoint,
+    open_tensorboard,
+    resume_training,
+    save_training_checkpoint,
+    set_aside_later_outputs,
+)
 from classification.utils import checkpoint as ckpt
-from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, cleanup
-from classification.utils.distributed import init_distributed
+from classification.utils.distributed import DistributedContext, cleanup, init_distributed
 from classification.utils.flops import model_flops
 from classification.utils.logging import setup_logging
 
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter  # imported when training starts (slow)
-
 logger = logging.getLogger("main")
 
-JSON_LOG_NAME = "log.txt"
-ABANDONED_DIR = "abandoned"  # where a run that goes back moves the later checkpoints and log records
-TENSORBOARD_DIR = "tensorboard"
-EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
@@ -135,27 +135,6 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
-                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
-                             num_updates: int, max_accuracy: float, max_accuracy_ema: float, config: CfgNode,
-                             is_main: bool, epoch_outputs: dict | None = None) -> None:
-    """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically.
-
-    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``. ``epoch_outputs``
-    (end-of-epoch checkpoints): what :func:`finish_epoch` writes from, so that a resumed run can complete it.
-    """
-    rng_states = all_gather_objects(ckpt.capture_rng_state())
-    if not is_main:
-        return
-    ckpt.atomic_save({
-        "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-        "num_updates": num_updates, "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema,
-        "rng_states": rng_states, "config": config.dump(), EPOCH_OUTPUTS_KEY: epoch_outputs,
-    }, path)
-    logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
-
-
 def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
              ema_model: nn.Module | None) -> None:
     """``--eval``: top-1/top-5 on val (also of the EMA weights when given), params and GFLOPs."""
@@ -173,21 +152,6 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
         ema_metrics = evaluate(ema_model, loader, ctx.device, amp_dtype)
         logger.info("eval of the EMA weights: top-1 %.2f%% top-5 %.2f%% loss %.4f", ema_metrics["acc1"],
                     ema_metrics["acc5"], ema_metrics["loss"])
-
-
-def load_weights(model: nn.Module, checkpoint: dict, path: str, use_ema: bool = False) -> None:
-    """``load_checkpoint`` of an already read checkpoint, with errors that name its file."""
-    try:
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
-    except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from err
-
-
-def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> tuple[str, tuple[int, int]] | None:
-    """Rank 0's pick of the newest valid checkpoint in ``output_dir`` and its (epoch, step) position, or None; the
-    same on every rank."""
-    found = ckpt.find_resume_checkpoint(output_dir) if ctx.is_main else None
-    return broadcast_object((str(found[0]), found[1]) if found else None)
 
 
 def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> nn.Module | None:
@@ -225,275 +189,6 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
                         amp_dtype, iters=config.THROUGHPUT_ITERS)
     logger.info("throughput: %.1f images/s (batch %d, %dx%d, amp %s) on %s", result["images_per_sec"],
                 result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"])
-
-
-def in_run_folder(path: str | Path, output_dir: Path) -> bool:
-    """Whether the file ``path`` lies in the run's folder (by its folder: a link to a file elsewhere is inside)."""
-    return Path(path).absolute().parent.resolve() == output_dir.resolve()
-
-
-def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> tuple[str, bool]:
-    """The checkpoint training resumes from ('' for a fresh start), and whether it is the run's own newest checkpoint,
-    whose records :func:`newest_checkpoint` has just checked.
-
-    Without MODEL.RESUME: the run's newest valid checkpoint (TRAIN.AUTO_RESUME). With a MODEL.RESUME outside the
-    run's output directory, the run's own newest checkpoint wins when it is at least as far along: re-running the same
-    command after a crash continues the run instead of going back. A MODEL.RESUME inside the run's directory is taken
-    as given (going back on purpose).
-    """
-    newest = newest_checkpoint(output_dir, ctx) if config.TRAIN.AUTO_RESUME else None
-    given = config.MODEL.RESUME
-    given_inside = bool(given) and in_run_folder(given, output_dir)
-    if not config.TRAIN.AUTO_RESUME and not given_inside:
-        earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
-        if earlier:
-            raise ConfigError(f"TRAIN.AUTO_RESUME is False, but {output_dir} holds the checkpoints of an earlier run "
-                              f"({', '.join(earlier)}), which this run would overwrite and mix with its own: give "
-                              "another --tag, or continue that run (TRAIN.AUTO_RESUME True, or --resume one of its "
-                              "checkpoints)")
-    if given and (newest is None or given_inside):
-        return given, False
-    if newest is None:
-        return "", False
-    own, own_position = newest
-    if not given:
-        return own, True
-    try:
-        given_position = ckpt.checkpoint_position(given)
-    except ckpt.TrainingCheckpointError as err:  # e.g. deleted since the run started from it
-        logger.warning("MODEL.RESUME: %s; resuming from this run's own %s", err, own)
-        return own, True
-    if own_position < given_position:
-        return given, False
-    logger.warning("MODEL.RESUME %s (epoch %d step %d) is outside this run's output directory, which holds the run's "
-                   "own progress: resuming from %s (epoch %d step %d); use another --tag to start again from %s",
-                   given, *given_position, own, *own_position, given)
-    return own, True
-
-
-def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
-                    model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler: Scheduler,
-                    scaler: torch.amp.GradScaler, updates_per_epoch: int,
-                    check_crc: bool = True) -> tuple[int, int, float, float, dict | None]:
-    """Restores a training checkpoint (its records checked against their CRC-32 unless ``check_crc`` is False: the
-    caller has just checked them). Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from, and the
-    outputs of the epoch it ends (:func:`finish_epoch`; None for a checkpoint from the middle of an epoch).
-
-    The run continues with the current config, and every key that differs from the checkpoint's run is logged: the
-    optimizer keeps its moment estimates but takes the config's hyperparameters (weight decay, betas, eps), and the
-    learning-rate schedule is the config's at the update count of the resumed position (epoch x updates per epoch
-    + updates done in the epoch, as the training loop counts).
-    """
-    checkpoint = ckpt.load_training_checkpoint(path, check_crc)
-    saved = ckpt.saved_config(checkpoint)
-    ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
-    epoch, step = checkpoint["epoch"], checkpoint["step"]
-    num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
-    differences = ckpt.config_differences(saved, config)
-    if differences:
-        logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
-                       "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
-                       num_updates)
-    load_weights(model, checkpoint, path)
-    if model_ema is not None:
-        if has_ema_weights(checkpoint):
-            load_weights(model_ema.module, checkpoint, path, use_ema=True)
-        else:
-            model_ema.module.load_state_dict(model.state_dict())
-            logger.warning("%s holds no EMA weights: the EMA starts from its model weights", path)
-    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
-                       for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as err:  # torch: the saved parameter groups do not match this run's
-        raise ckpt.TrainingCheckpointError(
-            f"{path}: its optimizer state does not fit this run's parameter groups ({err}); keep the settings that "
-            "form the groups (TRAIN.NO_DECAY_SSM, the model) as saved, or start a new run from its weights with "
-            "--pretrained") from err
-    for group, values in zip(optimizer.param_groups, hyperparameters):
-        group.update(values)  # the saved state brings back the saved settings: the config's win
-    lr_scheduler.step_update(num_updates=num_updates)
-    scaler.load_state_dict(checkpoint["scaler"])
-    rng_states = checkpoint.get("rng_states") or []
-    if len(rng_states) == ctx.world_size:
-        ckpt.restore_rng_state(rng_states[ctx.rank])
-    else:
-        logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
-                       len(rng_states), ctx.world_size)
-    logger.info("resumed from %s at epoch %d step %d", path, epoch, step)
-    return (epoch, step, checkpoint.get("max_accuracy", 0.0), checkpoint.get("max_accuracy_ema", 0.0),
-            checkpoint.get(EPOCH_OUTPUTS_KEY))
-
-
-def read_json_log(path: Path) -> tuple[list[dict], int]:
-    """The records of a ``log.txt`` (none when it does not exist), and how many of its lines are not records (a line
-    cut short by a crash, or edited into something without an integer ``epoch``)."""
-    if not path.exists():
-        return [], 0
-    records, broken = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-        else:
-            broken += 1
-    return records, broken
-
-
-def json_line(record: dict) -> str:
-    """One strict JSON line: a NaN or infinite value (a diverged loss) is written as null, which every JSON reader
-    takes (``NaN`` is Python's extension)."""
-    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-              for key, value in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
-
-
-def write_json_record(path: Path, record: dict) -> None:
-    """Writes the record of epoch ``record["epoch"]`` into ``log.txt`` after the records of the epochs before it, as
-    an atomic rewrite of the file. Records of that epoch and later, from an earlier pass over those epochs (a run that
-    went back, a fresh start in the folder), and lines that are not records are dropped (logged)."""
-    epoch = record["epoch"]
-    records, broken = read_json_log(path)
-    kept = [old for old in records if old["epoch"] < epoch]
-    if len(kept) < len(records) or broken:
-        replaced = sorted({old["epoch"] for old in records if old["epoch"] >= epoch})
-        logger.warning("%s: replacing the records of epochs %s and dropping %d lines that are not records (this run "
-                       "writes epoch %d again)", path, replaced, broken, epoch)
-    ckpt.atomic_write_text("".join(json_line(old) for old in [*kept, record]), path)
-
-
-def _saved_position(path: Path) -> tuple[int, int] | None:
-    """(epoch, step) of the training checkpoint at ``path``; None when it is missing or unreadable."""
-    try:
-        return ckpt.checkpoint_position(path)
-    except ckpt.TrainingCheckpointError:
-        return None
-
-
-def _saved_ema_epoch(path: Path) -> int | None:
-    """The epoch count of a ``model_ema.pth``; None when it is missing or unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    except (*ckpt.LOAD_ERRORS, TypeError):
-        return None
-
-
-def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None:
-    """Moves what the folder holds from beyond ``position``, where this run starts, into
-    ``abandoned/from_epochE_stepS_<time>/``: the checkpoints saved further along, a ``model_ema.pth`` of a later
-    epoch, and the ``log.txt`` records of epoch E and later (logged). A run that went back (``--resume`` of one of
-    its own earlier checkpoints, a fresh start) thus leaves no later file that auto-resume would pick after a crash,
-    or that would pass for its own output of the same epoch; nothing is deleted."""
-    epoch, step = position
-    later = [path for path in sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB))
-             if (saved := _saved_position(path)) is not None and saved > position]
-    ema_epoch = _saved_ema_epoch(output_dir / ckpt.EMA_NAME)
-    if ema_epoch is not None and ema_epoch > epoch:
-        later.append(output_dir / ckpt.EMA_NAME)
-    log_path = output_dir / JSON_LOG_NAME
-    records, _ = read_json_log(log_path)
-    later_records = [record for record in records if record["epoch"] >= epoch]
-    if not later and not later_records:
-        return
-    name = f"from_epoch{epoch}_step{step}_{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, count = output_dir / ABANDONED_DIR / name, 1
-    while folder.exists():  # twice within a second
-        count += 1
-        folder = output_dir / ABANDONED_DIR / f"{name}-{count}"
-    folder.mkdir(parents=True)
-    if later_records and (output_dir / TENSORBOARD_DIR).exists():
-        later.append(output_dir / TENSORBOARD_DIR)  # open_tensorboard rebuilds it from the records kept
-    for path in later:
-        path.rename(folder / path.name)
-    if later_records:
-        ckpt.atomic_write_text("".join(json_line(record) for record in later_records), folder / JSON_LOG_NAME)
-        ckpt.atomic_write_text("".join(json_line(record) for record in records if record["epoch"] < epoch), log_path)
-    logger.warning("this run starts at epoch %d step %d, before what %s holds: moved %s and the log.txt records of "
-                   "epochs %s to %s", epoch, step, output_dir, [path.name for path in later] or "no file",
-                   sorted({record["epoch"] for record in later_records}) or "none", folder)
-
-
-def add_record_scalars(writer: "SummaryWriter", record: dict) -> None:
-    """The numbers of an epoch's ``log.txt`` record as TensorBoard scalars at step ``epoch``."""
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch":
-            writer.add_scalar(key, value, record["epoch"])
-    writer.flush()
-
-
-def open_tensorboard(output_dir: Path) -> "SummaryWriter":
-    """The writer of the run's TensorBoard scalars, which mirror ``log.txt``: a run without a ``tensorboard/`` folder
-    (deleted, or moved aside with the records of a later pass by :func:`set_aside_later_outputs`) first writes the
-    scalars of the records ``log.txt`` holds, so an epoch trained again shows its new values only."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
-
-    folder = output_dir / TENSORBOARD_DIR
-    rebuild = not folder.exists()
-    writer = SummaryWriter(str(folder))
-    if rebuild:
-        for record in read_json_log(output_dir / JSON_LOG_NAME)[0]:
-            add_record_scalars(writer, record)
-    return writer
-
-
-def _missing_epoch_outputs(output_dir: Path, epoch: int, outputs: dict, config: CfgNode,
-                           with_ema: bool) -> list[str]:
-    """Which of :func:`finish_epoch`'s outputs of ``epoch`` are missing or older than it (a newer one is not there:
-    :func:`set_aside_later_outputs` moved it when the run started)."""
-    done = (epoch + 1, 0)
-    best, numbered = _saved_position(output_dir / ckpt.BEST_NAME), _saved_position(_numbered_path(output_dir, epoch))
-    ema_epoch = _saved_ema_epoch(output_dir / ckpt.EMA_NAME)
-    missing = {
-        "best": outputs["is_best"] and (best is None or best < done),
-        "numbered": _numbered_due(epoch, config) and (numbered is None or numbered < done),
-        "ema": with_ema and (ema_epoch is None or ema_epoch < epoch + 1),
-        "log": all(record["epoch"] != epoch for record in read_json_log(output_dir / JSON_LOG_NAME)[0]),
-    }
-    return [name for name, needed in missing.items() if needed]
-
-
-def _numbered_path(output_dir: Path, epoch: int) -> Path:
-    return output_dir / ckpt.EPOCH_NAME.format(epoch=epoch)
-
-
-def _numbered_due(epoch: int, config: CfgNode) -> bool:
-    """Whether ``epoch`` keeps a numbered checkpoint: every SAVE_FREQ epochs and the last one."""
-    return (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
-
-
-def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, save_kwargs: dict, config: CfgNode,
-                 ctx: DistributedContext, writer: "SummaryWriter | None", completing: bool) -> None:
-    """Writes what a finished epoch leaves besides ``checkpoint_latest.pth``, which is saved first and holds
-    ``outputs``: ``checkpoint_best.pth`` when the epoch was the best so far, its numbered checkpoint when one is due,
-    ``model_ema.pth``, its ``log.txt`` record and its TensorBoard scalars. Collective.
-
-    Args:
-        completing: A run resumed from an end-of-epoch checkpoint of its own folder: write only the outputs that
-            are missing or older than the epoch (a crash between these writes cut them short).
-    """
-    names = ["best", "numbered", "ema", "log"]
-    if completing:
-        missing = _missing_epoch_outputs(output_dir, epoch, outputs, config, save_kwargs["model_ema"] is not None)
-        names = broadcast_object(missing if ctx.is_main else None)
-        if names:
-            logger.warning("completing what a crash left unwritten of epoch %d: %s", epoch, ", ".join(names))
-    paths = {"best": output_dir / ckpt.BEST_NAME, "numbered": _numbered_path(output_dir, epoch)}
-    wanted = {"best": outputs["is_best"], "numbered": _numbered_due(epoch, config)}
-    for name, path in paths.items():
-        if name in names and wanted[name]:
-            save_training_checkpoint(path, **position, epoch_outputs=outputs, **save_kwargs)
-    if not ctx.is_main:
-        return
-    model_ema = save_kwargs["model_ema"]
-    if "ema" in names and model_ema is not None:
-        ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
-                         output_dir / ckpt.EMA_NAME)
-    if "log" in names:
-        write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
-        add_record_scalars(writer, outputs["record"])
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,

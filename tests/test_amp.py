@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-import main
 from classification.config import get_config
 from classification.engine import train_one_epoch
 from classification.lr_scheduler import build_scheduler
 from classification.models.registry import create_model
 from classification.ops import selective_scan_fn
 from classification.optim import build_optimizer
+from classification.run_folder import save_training_checkpoint
 from classification.utils import checkpoint as ckpt
 from scan_cases import CASES, cast_inputs, make_inputs, relative_error
 
@@ -155,7 +155,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_p
     def after_update(epoch: int, steps_done: int, num_updates: int) -> None:
         weights.append(model.weight.detach().clone())
         seen.append((steps_done, num_updates, scaler.get_scale(), optimizer.param_groups[0]["lr"]))
-        main.save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
+        save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
             tmp_path / f"update{num_updates}.pth", model=model, model_ema=None, optimizer=optimizer,
             scaler=scaler, epoch=epoch, step=steps_done, num_updates=num_updates,
             max_accuracy=0.0, max_accuracy_ema=0.0, config=config, is_main=True)

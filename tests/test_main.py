@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 import main
+from classification import run_folder
 from classification.ops import resolve_backend
 from classification.utils import checkpoint as ckpt
 from test_data import make_image_folder
@@ -121,7 +122,7 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_
 
 
 def test_log_lines_are_strict_json():
-    line = main.json_line({"epoch": 3, "ema_loss": math.nan, "val_loss": -math.inf, "val_acc1": 12.5})
+    line = run_folder.json_line({"epoch": 3, "ema_loss": math.nan, "val_loss": -math.inf, "val_acc1": 12.5})
     assert json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}")) == {
         "epoch": 3, "ema_loss": None, "val_loss": None, "val_acc1": 12.5}
 
@@ -165,13 +166,13 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     with pytest.raises(Killed):
         _run(data, tmp_path, opts=opts)
     assert not (run_dir / ckpt.EPOCH_NAME.format(epoch=1)).exists()
-    assert [record["epoch"] for record in main.read_json_log(run_dir / "log.txt")[0]] == [0]
+    assert [record["epoch"] for record in run_folder.read_json_log(run_dir / "log.txt")[0]] == [0]
     monkeypatch.setattr(main, "finish_epoch", finish_epoch)
 
     assert _run(data, tmp_path, opts=opts) == 0  # nothing left to train: the resumed run completes epoch 1's writes
     latest = ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)
-    outputs = latest[main.EPOCH_OUTPUTS_KEY]
-    assert main.read_json_log(run_dir / "log.txt")[0] == [main.read_json_log(run_dir / "log.txt")[0][0],
+    outputs = latest[run_folder.EPOCH_OUTPUTS_KEY]
+    assert run_folder.read_json_log(run_dir / "log.txt")[0] == [run_folder.read_json_log(run_dir / "log.txt")[0][0],
                                                          outputs["record"]]
     assert ckpt.checkpoint_position(run_dir / ckpt.EPOCH_NAME.format(epoch=1)) == (2, 0)
     assert torch.load(run_dir / ckpt.EMA_NAME, weights_only=True)["epoch"] == 2
@@ -191,10 +192,10 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     with pytest.raises(Killed):
         _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)), opts=again)
     monkeypatch.setattr(main, "finish_epoch", finish_epoch)
-    (aside,) = (run_dir / main.ABANDONED_DIR).iterdir()
+    (aside,) = (run_dir / run_folder.ABANDONED_DIR).iterdir()
     assert aside.name.startswith("from_epoch1_step0_")
     assert {name: (aside / name).read_bytes() for name in abandoned_bytes} == abandoned_bytes
-    assert [record["epoch"] for record in main.read_json_log(aside / "log.txt")[0]] == [1]
+    assert [record["epoch"] for record in run_folder.read_json_log(aside / "log.txt")[0]] == [1]
     assert _run(data, tmp_path, opts=again) == 0
     assert "resumed from " + str(run_dir / ckpt.LATEST_NAME) + " at epoch 2 step 0" in _log(run_dir)
     retrained = ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)
@@ -203,19 +204,19 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     assert torch.equal(numbered["model"]["head.fc.weight"], retrained["model"]["head.fc.weight"])
     ema = torch.load(run_dir / ckpt.EMA_NAME, weights_only=True)["model"]
     assert torch.equal(ema["head.fc.weight"], retrained["model_ema"]["head.fc.weight"])
-    records = main.read_json_log(run_dir / "log.txt")[0]
+    records = run_folder.read_json_log(run_dir / "log.txt")[0]
     assert [record["epoch"] for record in records] == [0, 1]
-    assert main.json_line(records[1]) == main.json_line(retrained[main.EPOCH_OUTPUTS_KEY]["record"])
+    assert run_folder.json_line(records[1]) == run_folder.json_line(retrained[run_folder.EPOCH_OUTPUTS_KEY]["record"])
     # TensorBoard shows what log.txt says: the abandoned pass's scalars were moved aside with its records.
-    assert _tensorboard_scalars(run_dir / main.TENSORBOARD_DIR) == _record_scalars(records)
-    assert _tensorboard_scalars(aside / main.TENSORBOARD_DIR) == _record_scalars(
-        main.read_json_log(aside / "log.txt")[0] + records[:1])
+    assert _tensorboard_scalars(run_dir / run_folder.TENSORBOARD_DIR) == _record_scalars(records)
+    assert _tensorboard_scalars(aside / run_folder.TENSORBOARD_DIR) == _record_scalars(
+        run_folder.read_json_log(aside / "log.txt")[0] + records[:1])
 
     # Going back without retraining (TRAIN.EPOCHS 1): the later files are moved aside as they are, none rewound.
     later = {name: (run_dir / name).read_bytes() for name in (ckpt.LATEST_NAME, ckpt.EMA_NAME)}
     assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.EPOCH_NAME.format(epoch=0)),
                 opts=("TRAIN.EPOCHS", "1", "SAVE_FREQ", "1")) == 0
-    newest_aside = max((run_dir / main.ABANDONED_DIR).iterdir(), key=lambda path: path.stat().st_mtime)
+    newest_aside = max((run_dir / run_folder.ABANDONED_DIR).iterdir(), key=lambda path: path.stat().st_mtime)
     assert {name: (newest_aside / name).read_bytes() for name in later} == later
 
     # A fresh start, or a start from another run's checkpoint, over these checkpoints would overwrite them: refused.
@@ -349,13 +350,13 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
 
     saved_config, model, optimizer, _ = setup(["TRAIN.EPOCHS", "2", "DATA.BATCH_SIZE", "4"], 2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    main.save_training_checkpoint(tmp_path / "c.pth", model=model, model_ema=None, optimizer=optimizer, scaler=scaler,
-                                  epoch=1, step=0, num_updates=2, max_accuracy=0.0, max_accuracy_ema=0.0,
-                                  config=saved_config, is_main=True)
+    run_folder.save_training_checkpoint(tmp_path / "c.pth", model=model, model_ema=None, optimizer=optimizer,
+                                        scaler=scaler, epoch=1, step=0, num_updates=2, max_accuracy=0.0,
+                                        max_accuracy_ema=0.0, config=saved_config, is_main=True)
     new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
     config, model, optimizer, scheduler = setup(new_opts, 4)
-    position = main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None, optimizer,
-                                    scheduler, scaler, updates_per_epoch=4)
+    position = run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
+                                          optimizer, scheduler, scaler, updates_per_epoch=4)
     assert position == (1, 0, 0.0, 0.0, None)  # None: saved without the outputs of a finished epoch
     *_, expected = setup(new_opts, 4)
     expected.step_update(num_updates=4)  # epoch 1 starts after 4 updates of batch 2
@@ -366,5 +367,5 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     # Settings that regroup the parameters cannot take the saved optimizer state: one clear error.
     config, model, optimizer, scheduler = setup([*new_opts, "TRAIN.NO_DECAY_SSM", "True"], 4)
     with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
-        main.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
-                             main.build_optimizer(config, model), scheduler, scaler, updates_per_epoch=4)
+        run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
+                                   main.build_optimizer(config, model), scheduler, scaler, updates_per_epoch=4)
