@@ -223,6 +223,9 @@ def _merge_yaml(cfg: CN, path: Path, chain: tuple[Path, ...]) -> None:
             overrides = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid yaml: {err}") from err
+        except UnicodeDecodeError as err:  # e.g. a checkpoint given as the config
+            raise ConfigError(f"config file {path} is not a yaml text file (not UTF-8: byte {err.start} is "
+                              f"{err.object[err.start:err.start + 1]!r}); give the run's .yaml config") from err
     if not isinstance(overrides, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(overrides).__name__}")
     bases = overrides.pop(YAML_BASE_KEY, None) or []

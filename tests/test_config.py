@@ -123,6 +123,14 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path):
         get_config(_args(cfg=str(path)))
 
 
+def test_a_file_that_is_not_yaml_text_is_named(tmp_path):
+    """A checkpoint given as --cfg (binary, not UTF-8): one ConfigError, not a UnicodeDecodeError traceback."""
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ConfigError, match=r"checkpoint_best\.pth is not a yaml text file \(not UTF-8: byte \d+ is "):
+        get_config(_args(cfg=str(path)))
+
+
 def test_wrong_type_names_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("TRAIN:\n  EPOCHS: many\n")
