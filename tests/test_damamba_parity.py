@@ -147,7 +147,8 @@ def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, f
     defmamba = torch.load(fixtures_dir / "official_defmamba_dev.pt", weights_only=False)["state_dict"]
     # The likely cause comes first, then the key listings; our checkpoints' config names the model they trained.
     with pytest.raises(CheckpointError, match=r"does not fit DAMamba: it holds only 0 of the model's .* keys: a "
-                       r"checkpoint of another model family\?; .*unexpected keys \[patch_embed\.0\.weight"):
+                       r"checkpoint of another model family, or of other widths or depths\?; .*unexpected keys "
+                       r"\[patch_embed\.0\.weight"):
         load_checkpoint(model, defmamba)
     trained = {"model": defmamba, "config": "MODEL:\n  NAME: defmamba_tiny\n  TYPE: defmamba\n"}
     with pytest.raises(CheckpointError, match=r"another model family \(its config says MODEL\.NAME defmamba_tiny\)"):
@@ -164,6 +165,11 @@ def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, f
     with pytest.raises(CheckpointError, match=r"unexpected keys \[stages\.2\.blocks\.1\.") as error:
         load_checkpoint(shallower, deeper.state_dict())  # our own names, one block too many
     assert "another model family" not in str(error.value)
+    # Fewer than half the keys, from a run of the same family: its config names a DAMamba, so widths or depths differ.
+    much_deeper = DAMamba(num_classes=10, dims=(32, 48, 96, 144), depths=(3, 3, 9, 3), layerscale=(2, 3))
+    with pytest.raises(CheckpointError, match=r"its config says MODEL\.NAME damamba_tiny, a DAMamba like this model "
+                       r"but of other widths or depths: build the model from that run's config"):
+        load_checkpoint(much_deeper, {"model": deeper.state_dict(), "config": "MODEL:\n  NAME: damamba_tiny\n"})
     no_layerscale = DAMamba(num_classes=10, dims=(32, 48, 96, 144), depths=(1, 1, 2, 1))
     with pytest.raises(CheckpointError, match=r"unexpected keys \[stages\.2\.blocks\.0\.ls1\.gamma"):
         load_checkpoint(no_layerscale, release["state_dict"])

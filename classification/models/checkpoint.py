@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from classification.utils.checkpoint import LATEST_NAME, DamagedCheckpointError, verify_records
 
+from .registry import model_class
+
 _logger = logging.getLogger(__name__)
 
 CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
@@ -194,6 +196,19 @@ def _trained_model_name(checkpoint: object) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _likely_mismatch(checkpoint: object, model: nn.Module) -> str:
+    """Why a checkpoint shares few of ``model``'s keys: by the model its config names (ours carry one), another model
+    family, or the same family in other widths or depths; without a config, either."""
+    trained_as = _trained_model_name(checkpoint)
+    if trained_as is None:
+        return "a checkpoint of another model family, or of other widths or depths?"
+    trained_class = model_class(trained_as)
+    if trained_class is not None and isinstance(model, trained_class):
+        return (f"its config says MODEL.NAME {trained_as}, a {trained_class.__name__} like this model but of other "
+                "widths or depths: build the model from that run's config (its config.yaml, e.g. --cfg)")
+    return f"a checkpoint of another model family (its config says MODEL.NAME {trained_as})"
+
+
 def _listing(keys: list[str]) -> str:
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
     more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
@@ -259,9 +274,8 @@ def load_checkpoint(
     if problems:
         shared = len(expected) - len(missing)
         if shared < len(expected) * MOSTLY_FOREIGN_FRACTION:  # the likely cause first, the key listings after it
-            trained_as = _trained_model_name(checkpoint)
-            problems.insert(0, f"it holds only {shared} of the model's {len(expected)} keys: a checkpoint of another "
-                               "model family" + (f" (its config says MODEL.NAME {trained_as})" if trained_as else "?"))
+            problems.insert(0, f"it holds only {shared} of the model's {len(expected)} keys: "
+                               + _likely_mismatch(checkpoint, model))
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
         _logger.warning(

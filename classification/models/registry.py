@@ -77,10 +77,19 @@ def _fits(value: Any, annotation: Any) -> bool:
     return check is None or check(value)
 
 
+def model_class(name: str) -> type | None:
+    """The class the entrypoint of variant ``name`` returns (its return annotation); None for an unregistered name or
+    an entrypoint without one."""
+    if name not in _ENTRYPOINTS:
+        return None
+    model_cls = typing.get_type_hints(_ENTRYPOINTS[name]).get("return")
+    return model_cls if isinstance(model_cls, type) else None
+
+
 def _check_override_types(name: str, overrides: dict[str, Any]) -> None:
     """Checks ``overrides`` against the annotations of the constructor of the class ``name``'s entrypoint returns."""
-    model_cls = typing.get_type_hints(_ENTRYPOINTS[name]).get("return")
-    if not isinstance(model_cls, type):
+    model_cls = model_class(name)
+    if model_cls is None:
         return
     hints = typing.get_type_hints(model_cls.__init__)
     for argument, value in overrides.items():
