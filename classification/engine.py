@@ -59,7 +59,8 @@ def describe_device(device: torch.device) -> str:
     """A human-readable device name (GPU model, or CPU architecture and thread count)."""
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} {'thread' if threads == 1 else 'threads'})"
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

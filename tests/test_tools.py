@@ -240,6 +240,22 @@ def test_visualize_output_dir_that_is_a_file_is_a_usage_error(tmp_path, capsys):
         visualize.main(["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--output-dir", str(not_a_folder)])
     assert raised.value.code == 2
     assert f"--output-dir {not_a_folder}: exists and is not a folder" in capsys.readouterr().err
+    # A folder in --prefix would only fail when the first PNG is written, after all the work: refused first.
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--output-dir", str(tmp_path),
+                        "--prefix", "no_such_folder/x_"])
+    assert raised.value.code == 2
+    assert "--prefix no_such_folder/x_: a prefix of the file names, not a path" in capsys.readouterr().err
+
+
+def test_visualize_a_figure_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(visualize, "plot_scan_orders", full_disk)
+    with pytest.raises(SystemExit, match=r"visualize: cannot write \S+scan_order\.png: No space left on device"):
+        visualize.main(["--cfg", _config_file(tmp_path, "de", TINY_DEFMAMBA), "--figures", "scan_order",
+                        "--output-dir", str(tmp_path)])
 
 
 def test_tools_end_a_usage_error_with_one_line_and_status_2(tmp_path):
@@ -276,6 +292,24 @@ def test_model_table_rejects_bad_devices(device, message, capsys):
         model_table.main(["defmamba_tiny", "--no-throughput", "--device", device])
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_config_naming_a_gpu_backend_runs_in_the_tools_on_the_cpu(tmp_path, capsys):
+    """A GPU run's config.yaml names its backend (here cuda): the tools replace it (--scan-backend, default auto), and
+    a backend forced onto a device that cannot run it is one usage line."""
+    gpu_run = TINY_DEFMAMBA.replace("NUM_CLASSES: 5,", "NUM_CLASSES: 5, SCAN_BACKEND: cuda,")
+    cfg = _config_file(tmp_path, "gpu_run", gpu_run)
+    rows = model_table.main([cfg, "--device", "cpu", "--img-size", str(IMG_SIZE), "--batch-size", "1", "--warmup", "0",
+                             "--iters", "1"])
+    assert rows[0].images_per_sec > 0
+    model, _ = visualize.build(visualize.parse_args(["--cfg", cfg]))
+    assert {module.scan_backend for module in model.modules() if hasattr(module, "scan_backend")} == {"auto"}
+    assert visualize.main(["--cfg", cfg, "--figures", "scan_order", "--output-dir", str(tmp_path), "--dpi", str(DPI)])
+    for tool, argv in ((model_table, [cfg, "--device", "cpu", "--no-throughput"]), (visualize, ["--cfg", cfg])):
+        with pytest.raises(SystemExit) as raised:
+            tool.main([*argv, "--scan-backend", "cuda"])
+        assert raised.value.code == 2
+        assert "--scan-backend cuda: backend 'cuda' runs on cuda tensors, not cpu" in capsys.readouterr().err
 
 
 def test_model_table_yaml_with_other_channel_count(tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 from classification.config import AMP_DTYPES, AMP_MODES, ConfigError, get_config
 from classification.engine import describe_device, throughput
 from classification.models import build_model, create_model, is_model, list_models
-from classification.utils.cli import run_tool
+from classification.utils.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels, model_flops
 
 logger = logging.getLogger("model_table")
@@ -62,8 +62,9 @@ class Row:
     images_per_sec: float | None
 
 
-def build(spec: str) -> tuple[nn.Module, int]:
-    """The model named by ``spec`` (registry name or yaml path) and its input channels.
+def build(spec: str, scan_backend: str) -> tuple[nn.Module, int]:
+    """The model named by ``spec`` (registry name or yaml path), running its scans on ``scan_backend``, and its input
+    channels.
 
     Raises:
         ValueError: ``spec`` is neither a registered model nor an existing yaml file.
@@ -73,10 +74,10 @@ def build(spec: str) -> tuple[nn.Module, int]:
         if not path.is_file():
             raise ValueError(f"config file {spec} does not exist")
         # As main.py --throughput: random input, so MODEL.IN_CHANS need not be the data pipeline's 3 (RGB).
-        config = get_config(argparse.Namespace(cfg=spec, throughput=True), world_size=1)
+        config = get_config(argparse.Namespace(cfg=spec, throughput=True, scan_backend=scan_backend), world_size=1)
         return build_model(config), config.MODEL.IN_CHANS
     if is_model(spec):
-        model = create_model(spec)
+        model = create_model(spec, scan_backend=scan_backend)
         return model, input_channels(model)
     raise ValueError(f"{spec!r} is neither a registered model ({', '.join(list_models())}) nor a yaml config "
                      f"path ({' / '.join(YAML_SUFFIXES)})")
@@ -102,11 +103,11 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
-def measure(spec: str, img_size: int, device: torch.device, batch_size: int, warmup: int, iters: int,
-            amp_dtype: torch.dtype | None, with_throughput: bool, flops_all: bool) -> Row:
+def measure(spec: str, scan_backend: str, img_size: int, device: torch.device, batch_size: int, warmup: int,
+            iters: int, amp_dtype: torch.dtype | None, with_throughput: bool, flops_all: bool) -> Row:
     """Builds ``spec`` and measures one row (FLOPs on the CPU in float32, throughput on ``device``)."""
     torch.manual_seed(0)
-    model, in_chans = build(spec)
+    model, in_chans = build(spec, scan_backend)
     params = sum(param.numel() for param in model.parameters())
     include = True if flops_all else None  # None: the family's convention
     flops = model_flops(model, img_size, include_scan=include, include_sampling=include)
@@ -159,6 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--flops-all", action="store_true",
                         help="count the scan and the sampling for every family (default: each family's convention)")
     parser.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    add_scan_backend_option(parser)
     args = parser.parse_args(argv)
     for name in ("img_size", "batch_size", "iters"):
         if getattr(args, name) < 1:
@@ -169,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = parse_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    check_scan_backend(parser, args.scan_backend, args.device)
     for spec in args.models:
         if Path(spec).suffix in YAML_SUFFIXES and not Path(spec).is_file():
             parser.error(f"config file {spec} does not exist")
@@ -183,8 +186,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     device = args.device
     with_throughput = not args.no_throughput
     try:
-        rows = [measure(spec, args.img_size, device, args.batch_size, args.warmup, args.iters, AMP_DTYPES[args.amp],
-                        with_throughput, args.flops_all) for spec in args.models]
+        rows = [measure(spec, args.scan_backend, args.img_size, device, args.batch_size, args.warmup, args.iters,
+                        AMP_DTYPES[args.amp], with_throughput, args.flops_all) for spec in args.models]
     except ConfigError as err:
         raise SystemExit(f"model_table: {err}") from err
     device_name = describe_device(device) if with_throughput else None

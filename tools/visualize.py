@@ -57,7 +57,7 @@ from classification.models import (
 )
 from classification.models.defmamba import ScanGeometry
 from classification.ops.deformable import pixel_grid
-from classification.utils.cli import run_tool
+from classification.utils.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels
 
 logger = logging.getLogger("visualize")
@@ -275,7 +275,7 @@ def plot_points(point_set: PointSet, image: np.ndarray, title: str, path: Path, 
     axes.scatter(deformed[:, 0], deformed[:, 1], s=POINT_MARKER_SIZE, c="red", linewidths=0)
     axes.set_xlim(-0.5, image.shape[1] - 0.5)
     axes.set_ylim(image.shape[0] - 0.5, -0.5)
-    thinned = f", every {step}th token" if step > 1 else ""
+    thinned = f", one token in {step} per side" if step > 1 else ""
     axes.set_title(f"{title}{thinned}\nreference (white) -> deformed (red)", fontsize=9)
     axes.set_axis_off()
     figure.savefig(path, dpi=dpi)
@@ -324,12 +324,13 @@ def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
     """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), and the image size."""
-    config = get_config(argparse.Namespace(cfg=args.cfg), world_size=1) if args.cfg else None
+    config = get_config(argparse.Namespace(cfg=args.cfg, scan_backend=args.scan_backend), world_size=1) if args.cfg \
+        else None
     torch.manual_seed(args.seed)
     if config is not None:
         model, img_size = build_model(config), config.DATA.IMG_SIZE
     else:
-        model, img_size = create_model(args.model), DEFAULT_IMG_SIZE
+        model, img_size = create_model(args.model, scan_backend=args.scan_backend), DEFAULT_IMG_SIZE
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint, weights_only=False)
         if args.use_ema and not (isinstance(checkpoint, dict) and has_ema_weights(checkpoint)):
@@ -366,13 +367,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
                         help=f"pixels per inch; a panel is {PANEL_INCHES:g} x {PANEL_INCHES:g} inches")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    add_scan_backend_option(parser)
     args = parser.parse_args(argv)
+    check_scan_backend(parser, args.scan_backend, torch.device("cpu"))
     if args.model and not is_model(args.model):
         parser.error(f"--model {args.model!r} is not registered; choose from {', '.join(list_models())}")
     if args.img_size is not None and args.img_size < 1 or args.dpi < 1 or args.arrows_per_side < 1:
         parser.error("--img-size, --dpi and --arrows-per-side must be >= 1")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output-dir {args.output_dir}: exists and is not a folder")
+    if Path(args.prefix).name != args.prefix:
+        parser.error(f"--prefix {args.prefix}: a prefix of the file names, not a path; give the folder as --output-dir")
     return args
 
 
@@ -420,14 +425,17 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     written = {}
     for name in figures:
         path = output_dir / f"{args.prefix}{name}.png"
-        if name == POINTS:
-            group = f", group {args.group}" if isinstance(model, DAMamba) else ""
-            plot_points(data[name], image, f"{type(model).__name__} {where}{group}", path, args.dpi,
-                        args.arrows_per_side)
-        elif name == ORDER:
-            plot_scan_orders(data[name], map_size, image, where, path, args.dpi)
-        else:
-            plot_erf(data[name], position, map_size, f"{where}, token {position}", path, args.dpi)
+        try:
+            if name == POINTS:
+                group = f", group {args.group}" if isinstance(model, DAMamba) else ""
+                plot_points(data[name], image, f"{type(model).__name__} {where}{group}", path, args.dpi,
+                            args.arrows_per_side)
+            elif name == ORDER:
+                plot_scan_orders(data[name], map_size, image, where, path, args.dpi)
+            else:
+                plot_erf(data[name], position, map_size, f"{where}, token {position}", path, args.dpi)
+        except OSError as err:  # e.g. no permission to write there, a full disk
+            raise SystemExit(f"visualize: cannot write {path}: {err.strerror or err}") from err
         logger.info("wrote %s", path)
         written[name] = (path, data[name])
     return written
