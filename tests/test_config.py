@@ -114,6 +114,11 @@ def test_a_run_config_spells_out_the_variants_architecture():
     assert (tiny.EMBED_DIM, tiny.DEPTHS, tiny.DROP_PATH_RATE) == (48, [2, 2, 5, 2], 0.2)
     with pytest.raises(ConfigError, match="scan_branches must be"):  # the model's checks run first
         resolve_model_config(get_config(_args(opts=["MODEL.DEFMAMBA.SCAN_BRANCHES", "[zigzag]"]), world_size=1))
+    # Widths that leave a layer without channels: named, not a torch error from deep inside a constructor.
+    for opts, message in ((["MODEL.DEFMAMBA.EMBED_DIM", "1"], r"embed_dim must be >= 2 \(the stem's first conv"),
+                          (["MODEL.DEFMAMBA.SSM_RATIO", "0.01"], r"ssm_ratio 0\.01 leaves no SSM channel at width")):
+        with pytest.raises(ConfigError, match=message):
+            resolve_model_config(get_config(_args(opts=opts), world_size=1))
 
 
 def test_unknown_yaml_key_names_key_and_file(tmp_path):

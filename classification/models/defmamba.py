@@ -68,6 +68,7 @@ CHANNEL_ATTENTION_REDUCTION = 16
 OFFSET_BIAS_TABLE_SIZE = 7
 OFFSET_BIAS_TABLE_STD = 0.01
 LAYER_NORM_EPS = 1e-5
+MIN_EMBED_DIM = 2  # the stem's first conv has embed_dim // 2 channels
 
 
 class Stem(nn.Module):
@@ -631,6 +632,12 @@ class DefMamba(Backbone):
                                    offset_channel_attention)
         if len(depths) != NUM_STAGES or len(offset_kernel_sizes) != NUM_STAGES:
             raise ValueError(f"depths {depths} and offset_kernel_sizes {offset_kernel_sizes} need {NUM_STAGES} entries")
+        if embed_dim < MIN_EMBED_DIM:
+            raise ValueError(f"embed_dim must be >= {MIN_EMBED_DIM} (the stem's first conv has embed_dim // 2 "
+                             f"channels), got {embed_dim}")
+        if int(ssm_ratio * embed_dim) < 1:
+            raise ValueError(f"ssm_ratio {ssm_ratio} leaves no SSM channel at width {embed_dim} (int(ssm_ratio x "
+                             "width) must be >= 1)")
         dims = [embed_dim * DOWNSAMPLE_STRIDE ** stage for stage in range(NUM_STAGES)]
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = dims[-1]
