@@ -215,7 +215,7 @@ def test_visualize_damamba_sampling_points_are_the_models(tmp_path):
     (["--figures", "erf"], "DAMamba has no erf figure"),
     (["--group", "5"], "sampling groups 0..0"),
     (["--checkpoint", "no_such.pth"], "checkpoint file not found: no_such.pth"),
-    (["--image", "no_such.png"], "no_such.png"),
+    (["--image", "no_such.png"], "--image no_such.png: no such file"),
 ])
 def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     cfg = _config_file(tmp_path, "da", TINY_DAMAMBA)

@@ -76,7 +76,7 @@ ERF_LOG_FLOOR = 1e-4  # the ERF maps are drawn on a log colour scale from this f
 BRANCH_TITLES = {"forward": "raster", "backward": "reversed raster", "deformable": "deformable",
                  "continuous": "continuous (snake)", "local": "local windows"}
 RASTER, DEFORMABLE = "forward", "deformable"
-# What opening or decoding a file that is not a (whole) image raises (FileNotFoundError is reported as such).
+# What opening or decoding a file that is not a (whole) image raises (a missing file, an OSError too, is told apart).
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -101,8 +101,7 @@ def load_image(path: str | None, size: int) -> np.ndarray:
     """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        UsageError: ``path`` is not a readable image (the message names it).
+        UsageError: ``path`` does not exist or is not a readable image (the message names it).
     """
     def fit(image: Image.Image) -> np.ndarray:
         return np.array(ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC))
@@ -112,8 +111,8 @@ def load_image(path: str | None, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return fit(to_rgb(image, path))  # as the datasets read it: 16-bit images scaled, not clipped
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as err:
+        raise UsageError(f"--image {path}: no such file") from err
     except IMAGE_ERRORS as err:
         raise UsageError(f"--image {path}: not a readable image ({type(err).__name__}: {err})") from err
 
@@ -390,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     try:
         model, img_size = build(args)
         image = load_image(args.image, img_size)
-    except (ConfigError, CheckpointError, FileNotFoundError, UsageError) as err:
+    except (ConfigError, CheckpointError, UsageError) as err:
         raise SystemExit(f"visualize: {err}") from err
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
