@@ -7,7 +7,9 @@ Builds nothing: build the CUDA extension first (``benchmarks/gpu_verify.sh`` doe
   as in training), forward and forward+backward, each against its memory-bandwidth floor: the bytes the op must move
   at least (every input read once, every output written once) divided by the measured bandwidth;
 * a whole DefMamba-T training step (images/s, batch 128, AMP bfloat16, AdamW) and inference throughput (batch 128,
-  AMP bfloat16, no grad) for every scan backend.
+  AMP bfloat16, no grad) for every scan backend;
+* last, ``triton`` at the stage-1 shapes under each of ``ALTERNATIVE_TILE_CAPS`` (more channels per program, shorter
+  chunks), to compare with its default tiling in the first table.
 
 Prints a markdown table, and with ``--docs docs/benchmarks.md`` also writes it into that file between the markers
 ``<!-- gpu-results:start -->`` and ``<!-- gpu-results:end -->``. Ended by SIGTERM (``timeout``, as gpu_verify.sh
@@ -28,7 +30,7 @@ import torch
 from _common import write_between_markers  # benchmarks/ is on sys.path when run as a script
 from bench_model import step_functions
 from classification.models import create_model
-from classification.ops import selective_scan_fn
+from classification.ops import selective_scan_fn, selective_scan_triton
 from classification.ops.selective_scan import available_backends
 
 BATCH = 128
@@ -159,6 +161,21 @@ def bench_model(table: list[str], backends: list[str], repeats: int) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_triton_tilings(table: list[str], bandwidth: float, repeats: int) -> None:
+    """Appends the stage-1 rows of ``triton`` under each alternative tiling to ``table``, row by row."""
+    table += [
+        "| model, triton tiles (channels x chunk caps) | stage | (G·D, L) | backend | fwd ms | fwd floor ms "
+        "| fwd / floor | fwd+bwd ms | fwd+bwd floor ms | fwd+bwd / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for caps in selective_scan_triton.ALTERNATIVE_TILE_CAPS:
+        with selective_scan_triton.tile_caps(caps):
+            for model, width in STAGE1_WIDTH.items():
+                bench_scan_shape(table, f"{model}, {caps.block_channels} x {caps.chunk}", 0, GROUPS * width,
+                                 STAGE_LENGTHS[0], ["triton"], bandwidth, repeats)
+                torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per measurement (median)")
@@ -188,6 +205,9 @@ def main() -> int:
         if not args.skip_model:
             lines.append("")
             bench_model(lines, backends, max(3, args.repeats // 2))
+        if "triton" in backends:
+            lines.append("")
+            bench_triton_tilings(lines, bandwidth, args.repeats)
     except TimeLimit:
         lines += ["", "**Cut short by the time limit: the rows above are all that was measured.**"]
         status = TIMED_OUT_STATUS

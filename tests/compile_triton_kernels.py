@@ -9,17 +9,23 @@ launch; its divisibility-by-16 hints are not given, so the compiled code may vec
 
     python tests/compile_triton_kernels.py [--arch 90]
 
-``TRITON_INTERPRET`` must be unset (the kernels are compiled, not interpreted). Prints one line per kernel; exits
-non-zero with the compiler's message on the first failure. tests/test_selective_scan_triton_compile.py runs it.
+``TRITON_INTERPRET`` must be unset (the kernels are compiled, not interpreted). Prints one line per kernel with its
+tiles and ptxas's register and stack use (``REG:n STACK:m``; a stack means spilled registers), also for the
+alternative tilings benchmarks/bench_gpu.py times; exits non-zero with the compiler's message on the first failure.
+tests/test_selective_scan_triton_compile.py runs it.
 """
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's package, run as a script
 
 import triton  # noqa: E402
+import triton.backends.nvidia  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -35,8 +41,9 @@ SAVE_STATES_FLAG = "SAVE_STATES"
 
 
 def compile_kernel(kernel: triton.JITFunction, dtype: str, constants: dict[str, object], scalars: dict[str, int],
-                   target: GPUTarget) -> None:
-    """Compiles ``kernel`` with pointer arguments of ``dtype``, int32 scalars and the given constexpr values.
+                   target: GPUTarget) -> bytes:
+    """Compiles ``kernel`` with pointer arguments of ``dtype``, int32 scalars and the given constexpr values; returns
+    the cubin.
 
     A scalar equal to 1 is compiled as the constant 1, as Triton specialises it when the kernel is launched.
     """
@@ -55,7 +62,20 @@ def compile_kernel(kernel: triton.JITFunction, dtype: str, constants: dict[str, 
         raise ValueError(f"{kernel.__name__}: no value for the constexpr parameters {missing}")
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()})
-    triton.compile(source, target=target)
+    return triton.compile(source, target=target).asm["cubin"]
+
+
+def resource_usage(cubin: bytes, scratch: Path) -> str:
+    """ptxas's register and stack (spill) use of a compiled kernel, as ``REG:n STACK:m``, read by the cuobjdump that
+    Triton bundles; ``unknown`` without it."""
+    tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return "unknown"
+    path = scratch / "kernel.cubin"
+    path.write_bytes(cubin)
+    listing = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:\d+ STACK:\d+", listing)
+    return found.group(0) if found else "unknown"
 
 
 def main() -> int:
@@ -65,11 +85,16 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     target = GPUTarget("cuda", args.arch, WARP_SIZE)
+    scratch = Path(tempfile.mkdtemp())
     # float32 at every shape with the optional inputs on and off; float64 (only the tests use it) at DefMamba's.
-    runs = [(shape, "float32", optional) for shape in SHAPES for optional in (True, False)]
-    runs.append((SHAPES[0], "float64", True))
-    for (groups, channels_per_group, state_size, length), dtype, optional in runs:
-        block_c, block_n, chunk = selective_scan_triton._tiles(channels_per_group, state_size, length)
+    # The alternative tilings the GPU benchmark times, at DefMamba's shape in float32.
+    default_caps = selective_scan_triton.TileCaps()
+    runs = [(shape, "float32", optional, default_caps) for shape in SHAPES for optional in (True, False)]
+    runs.append((SHAPES[0], "float64", True, default_caps))
+    runs += [(SHAPES[0], "float32", True, caps) for caps in selective_scan_triton.ALTERNATIVE_TILE_CAPS]
+    for (groups, channels_per_group, state_size, length), dtype, optional, caps in runs:
+        with selective_scan_triton.tile_caps(caps):
+            block_c, block_n, chunk = selective_scan_triton._tiles(channels_per_group, state_size, length)
         scalars = dict(channels=groups * channels_per_group, channels_per_group=channels_per_group, groups=groups,
                        dstate=state_size, L=length, n_chunks=-(-length // chunk),
                        blocks_per_group=-(-channels_per_group // block_c))
@@ -77,9 +102,9 @@ def main() -> int:
         variants = (("forward", selective_scan_triton._scan_fwd_kernel, {SAVE_STATES_FLAG: optional}),
                     ("backward", selective_scan_triton._scan_bwd_kernel, {}))
         for name, kernel, extra in variants:
-            compile_kernel(kernel, dtype, {**constants, **extra}, scalars, target)
+            cubin = compile_kernel(kernel, dtype, {**constants, **extra}, scalars, target)
             print(f"sm_{args.arch} {name} {dtype} tiles {block_c}x{block_n}x{chunk} optional inputs "
-                  f"{'on' if optional else 'off'}: compiled", flush=True)
+                  f"{'on' if optional else 'off'}: compiled, {resource_usage(cubin, scratch)}", flush=True)
     return 0
 
 

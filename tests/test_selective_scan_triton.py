@@ -53,6 +53,36 @@ def test_triton_matches_ref_float32() -> None:
     _check_against_ref(TRITON_CASES[1], torch.float32)
 
 
+@pytest.mark.parametrize("caps, tiles", [
+    (selective_scan_triton.TileCaps(block_channels=2, chunk=4), (2, 4)),  # 3 channel blocks per group
+    (selective_scan_triton.TileCaps(block_channels=8, chunk=2), (8, 2)),  # one block of 8 for the group's 6 channels
+], ids=str)
+def test_triton_other_tile_caps_match_ref(caps: selective_scan_triton.TileCaps, tiles: tuple[int, int]) -> None:
+    """The tilings benchmarks/bench_gpu.py compares compute the same scan: more or fewer channel blocks per group
+    (partial dB / dC copies), longer or shorter chunks; the launches use the caps' tiles (channels, chunk)."""
+    case = ScanCase(batch=1, channels=12, length=13, state_size=2, groups=2)
+    launched = []
+    kernel = selective_scan_triton._scan_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((kwargs["BLOCK_C"], kwargs["CHUNK"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    with selective_scan_triton.tile_caps(caps), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selective_scan_triton, "_scan_bwd_kernel", Spy())
+        _check_against_ref(case, torch.float64)
+    assert launched == [tiles]
+
+
+def test_tile_caps_are_powers_of_two() -> None:
+    with pytest.raises(ValueError, match="powers of two"):
+        with selective_scan_triton.tile_caps(selective_scan_triton.TileCaps(block_channels=3, chunk=8)):
+            pass
+
+
 def test_triton_softplus_threshold_and_strong_decay() -> None:
     """delta + bias above softplus's threshold (20) on one channel: dt is taken as is, the state decays to ~0."""
     case = ScanCase(batch=1, channels=4, length=7, state_size=2, groups=2)

@@ -21,8 +21,10 @@ and ddelta_bias over the batch.
 ``TRITON_INTERPRET=1`` must be set before this module is imported to run the kernels on the CPU (the tests do).
 """
 import contextlib
+import dataclasses
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -42,14 +44,46 @@ except Exception as error:
 _log = logging.getLogger(__name__)
 
 ACCEPTS_HALF_INPUTS = False
-# Tile caps (powers of two). A program holds (channels, N, chunk) tiles: 4 x 16 x 32 keeps the backward's live tiles
-# in registers on a GPU. The interpreter runs associative scans element by element in Python, so its chunks are small.
-MAX_CHUNK = 32
-MAX_BLOCK_CHANNELS = 4
-MAX_TILE_ELEMENTS = MAX_BLOCK_CHANNELS * 16 * MAX_CHUNK  # a wider state (N > 16) gets shorter chunks
-INTERPRETER_MAX_CHUNK = 8
+INTERPRETER_MAX_CHUNK = 8  # the interpreter runs associative scans element by element in Python: short chunks
 MIN_TILE = 2  # smallest tile side used for the channel, state and time axes
+CAPPED_STATE_TILE = 16  # the state tile (N rounded up to a power of two) the chunk cap is given for
 NOT_INSTALLED = "not installed"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileCaps:
+    """Largest tiles a program takes (powers of two): it holds (channels, N, chunk) tiles.
+
+    4 x 16 x 32 keeps the backward's live tiles in registers on a GPU (244 registers a thread in the sm_90 build, no
+    spill); a wider state (N > 16) gets proportionally shorter chunks. More channels per program means fewer dB / dC
+    partial copies to write and sum (one per program of a group). benchmarks/bench_gpu.py times alternatives.
+    """
+
+    block_channels: int = 4
+    chunk: int = 32
+
+    @property
+    def tile_elements(self) -> int:
+        return self.block_channels * CAPPED_STATE_TILE * self.chunk
+
+
+_tile_caps = TileCaps()
+# Tilings of as many elements with more channels per program (fewer dB / dC partials, shorter chunks), which
+# benchmarks/bench_gpu.py times against the default: 182 and 254 registers a thread in the sm_90 build, no spill.
+ALTERNATIVE_TILE_CAPS = (TileCaps(block_channels=8, chunk=16), TileCaps(block_channels=16, chunk=8))
+
+
+@contextlib.contextmanager
+def tile_caps(caps: TileCaps) -> Iterator[None]:
+    """Scans launched inside the block use ``caps`` (benchmarks and tests compare tilings; the results agree)."""
+    global _tile_caps
+    if any(side < MIN_TILE or side & (side - 1) for side in (caps.block_channels, caps.chunk)):
+        raise ValueError(f"tile caps must be powers of two >= {MIN_TILE}, got {caps}")
+    saved, _tile_caps = _tile_caps, caps
+    try:
+        yield
+    finally:
+        _tile_caps = saved
 
 
 def is_available() -> bool:
@@ -254,11 +288,12 @@ def _on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _tiles(channels_per_group: int, dstate: int, seqlen: int) -> tuple[int, int, int]:
-    """(channels per program, state tile, chunk length), all powers of two."""
-    block_c = max(MIN_TILE, min(MAX_BLOCK_CHANNELS, triton.next_power_of_2(channels_per_group)))
+    """(channels per program, state tile, chunk length), all powers of two, within the current :class:`TileCaps`."""
+    caps = _tile_caps
+    block_c = max(MIN_TILE, min(caps.block_channels, triton.next_power_of_2(channels_per_group)))
     block_n = max(MIN_TILE, triton.next_power_of_2(dstate))
-    max_chunk = INTERPRETER_MAX_CHUNK if os.environ.get("TRITON_INTERPRET") == "1" else MAX_CHUNK
-    chunk = max(MIN_TILE, min(max_chunk, MAX_TILE_ELEMENTS // (block_c * block_n), triton.next_power_of_2(seqlen)))
+    max_chunk = min(INTERPRETER_MAX_CHUNK, caps.chunk) if os.environ.get("TRITON_INTERPRET") == "1" else caps.chunk
+    chunk = max(MIN_TILE, min(max_chunk, caps.tile_elements // (block_c * block_n), triton.next_power_of_2(seqlen)))
     return block_c, block_n, chunk
 
 
