@@ -5,7 +5,8 @@
 ...``. An unknown key, a value of the wrong type, out of range or not among the allowed ones, a key of the model
 family that MODEL.TYPE does not build, a missing yaml or a ``BASE`` cycle raises :class:`ConfigError` naming the key or
 the files, before any work starts. The learning rates in the frozen config are scaled linearly by ``total batch /
-TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch x processes x accumulation steps).
+TRAIN.LR_REFERENCE_BATCH`` (total batch = per-process batch x processes x accumulation steps), which then becomes the
+total batch.
 """
 import argparse
 import ast
@@ -437,7 +438,9 @@ SCALED_LR_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")  # scaled 
 
 
 def scale_learning_rates(cfg: CN, world_size: int) -> None:
-    """Scales :data:`SCALED_LR_KEYS` by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release)."""
+    """Scales :data:`SCALED_LR_KEYS` by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release), and makes
+    the total batch the reference: the config then states the rates it trains with at the batch it trains with, so a
+    run's ``config.yaml`` given as ``--cfg`` again trains with the same rates (rescaled only for another batch)."""
     if cfg.TRAIN.LR_REFERENCE_BATCH <= 0:
         return
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
@@ -445,6 +448,7 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
     for key in SCALED_LR_KEYS:
         section, name = key.split(".")
         cfg[section][name] *= factor
+    cfg.TRAIN.LR_REFERENCE_BATCH = total_batch
 
 
 def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:

@@ -68,6 +68,19 @@ def test_release_recipe_lr_scaling():
     assert unscaled.TRAIN.BASE_LR == pytest.approx(5e-4)
 
 
+def test_a_runs_config_given_again_trains_with_the_same_learning_rates(tmp_path):
+    """The frozen config states its rates at its own total batch: its dump (a run's config.yaml) as --cfg gives the
+    same rates at the same batch, and rescales them linearly for another one."""
+    cfg = get_config(_args(cfg=str(REPO / "configs/demo/digits.yaml")), world_size=2)
+    assert cfg.TRAIN.LR_REFERENCE_BATCH == 2 * cfg.DATA.BATCH_SIZE
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    again = get_config(_args(cfg=str(tmp_path / "config.yaml")), world_size=2)
+    rates = ("BASE_LR", "WARMUP_LR", "MIN_LR")
+    assert [again.TRAIN[key] for key in rates] == [cfg.TRAIN[key] for key in rates]
+    one_process = get_config(_args(cfg=str(tmp_path / "config.yaml")), world_size=1)
+    assert one_process.TRAIN.BASE_LR == pytest.approx(cfg.TRAIN.BASE_LR / 2)
+
+
 def test_recipes_build_the_released_variants():
     """A family yaml builds its variant: the parameter counts of the released models (spec tables)."""
     from classification.models import build_model
