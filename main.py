@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from classification.run_folder import (
     resume_training,
     save_training_checkpoint,
     set_aside_later_outputs,
+    trained_classes,
 )
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, cleanup, init_distributed
@@ -135,10 +137,20 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+class EvalWeights(NamedTuple):
+    """What ``--eval`` scores besides the model: its EMA copy, and the class list of the weights' checkpoint."""
+
+    ema_model: nn.Module | None  # the checkpoint's EMA weights when TRAIN.EMA.ENABLE is set and it has them
+    classes: list[str] | None  # training class names in label order (our checkpoints); None for released weights
+
+
 def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
-             ema_model: nn.Module | None) -> None:
-    """``--eval``: top-1/top-5 on val (also of the EMA weights when given), params and GFLOPs."""
-    loader = build_eval_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+             weights: EvalWeights) -> None:
+    """``--eval``: top-1/top-5 on val, labelled by the weights' class list (also of the EMA weights when given),
+    params and GFLOPs."""
+    loader = build_eval_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda",
+                               trained_classes=weights.classes)
+    ema_model = weights.ema_model
     metrics = evaluate(model, loader, ctx.device, amp_dtype)
     released = model_flops(model, config.DATA.IMG_SIZE)
     complete = model_flops(model, config.DATA.IMG_SIZE, include_scan=True, include_sampling=True)
@@ -154,14 +166,9 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
                     ema_metrics["acc5"], ema_metrics["loss"])
 
 
-def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> nn.Module | None:
+def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> EvalWeights:
     """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED, else the run's newest
-    checkpoint; an error when there is none.
-
-    Returns:
-        A copy of ``model`` holding the checkpoint's EMA weights when TRAIN.EMA.ENABLE is set and it has them, else
-        None.
-    """
+    checkpoint; an error when there is none."""
     path, picked = config.MODEL.RESUME or config.MODEL.PRETRAINED, False
     if not path:
         newest = newest_checkpoint(output_dir, ctx)
@@ -173,14 +180,15 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
     checkpoint = read_checkpoint(path, check_crc=not picked)  # the pick's records were just checked
     load_weights(model, checkpoint, path)
     logger.info("loaded weights from %s", path)
+    classes = trained_classes(checkpoint)
     if not config.TRAIN.EMA.ENABLE:
-        return None
+        return EvalWeights(None, classes)
     if not has_ema_weights(checkpoint):
         logger.info("%s holds no EMA weights: only its model weights are evaluated", path)
-        return None
+        return EvalWeights(None, classes)
     ema_model = copy.deepcopy(model)
     load_weights(ema_model, checkpoint, path, use_ema=True)
-    return ema_model
+    return EvalWeights(ema_model, classes)
 
 
 def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
@@ -222,7 +230,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         set_aside_later_outputs(output_dir, (start_epoch, start_step))
 
     save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
-                       is_main=ctx.is_main)
+                       classes=data.train_set.classes, is_main=ctx.is_main)
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 

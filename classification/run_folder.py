@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,16 +35,19 @@ JSON_LOG_NAME = "log.txt"
 ABANDONED_DIR = "abandoned"  # where a run that goes back moves the later checkpoints and log records
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
+CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
 
 
 def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
                              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
                              num_updates: int, max_accuracy: float, max_accuracy_ema: float, config: CfgNode,
-                             is_main: bool, epoch_outputs: dict | None = None) -> None:
+                             classes: list[str], is_main: bool, epoch_outputs: dict | None = None) -> None:
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically.
 
-    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``. ``epoch_outputs``
-    (end-of-epoch checkpoints): what :func:`finish_epoch` writes from, so that a resumed run can complete it.
+    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``. ``classes``: the
+    training set's class names in label order (:data:`CLASSES_KEY`; ``--eval`` labels the val images by them).
+    ``epoch_outputs`` (end-of-epoch checkpoints): what :func:`finish_epoch` writes from, so that a resumed run can
+    complete it.
     """
     rng_states = all_gather_objects(ckpt.capture_rng_state())
     if not is_main:
@@ -52,9 +56,18 @@ def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEm
         "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
         "num_updates": num_updates, "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema,
-        "rng_states": rng_states, "config": config.dump(), EPOCH_OUTPUTS_KEY: epoch_outputs,
+        "rng_states": rng_states, "config": config.dump(), CLASSES_KEY: classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
     }, path)
     logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
+
+
+def trained_classes(checkpoint: object) -> list[str] | None:
+    """The training class names, in label order, that a checkpoint of ours carries (:data:`CLASSES_KEY`); None for
+    a file without them (released weights, a bare state dict)."""
+    classes = checkpoint.get(CLASSES_KEY) if isinstance(checkpoint, Mapping) else None
+    if isinstance(classes, list) and all(isinstance(name, str) for name in classes):
+        return classes
+    return None
 
 
 def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> tuple[str, tuple[int, int]] | None:
@@ -334,8 +347,8 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, sa
         return
     model_ema = save_kwargs["model_ema"]
     if "ema" in names and model_ema is not None:
-        ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump()},
-                         output_dir / ckpt.EMA_NAME)
+        ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump(),
+                          CLASSES_KEY: save_kwargs["classes"]}, output_dir / ckpt.EMA_NAME)
     if "log" in names:
         write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
         add_record_scalars(writer, outputs["record"])

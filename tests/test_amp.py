@@ -158,7 +158,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_p
         save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
             tmp_path / f"update{num_updates}.pth", model=model, model_ema=None, optimizer=optimizer,
             scaler=scaler, epoch=epoch, step=steps_done, num_updates=num_updates,
-            max_accuracy=0.0, max_accuracy_ema=0.0, config=config, is_main=True)
+            max_accuracy=0.0, max_accuracy_ema=0.0, config=config, classes=["a", "b", "c"], is_main=True)
 
     stats = train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
                             0, 1, clip_grad=5.0, amp_dtype=torch.float16, print_freq=100, step_hook=after_update)

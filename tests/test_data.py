@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from PIL import Image
 
 from classification.config import get_config
 from classification.data.build import (
-    DatasetError, ResumableDistributedSampler, ShardSampler, build_datasets, build_loader, build_transform,
+    DatasetError, ResumableDistributedSampler, ShardSampler, build_datasets, build_eval_loader, build_loader,
+    build_transform,
 )
 from classification.data.digits import build_digits
 
@@ -57,6 +59,29 @@ def test_missing_empty_and_mismatched_folders(tmp_path):
     (root / "val" / "class1").rename(root / "val" / "other")
     with pytest.raises(ValueError, match=r"only in train \['class1'\], only in val \['other'\]"):
         build_datasets(tiny_config(root))
+
+
+def test_eval_labels_val_images_by_the_trained_class_list(tmp_path):
+    """ImageFolder numbers the folders it finds: a val/ without class1 of 3 would label class2's images 1. With the
+    trained class list each folder keeps its trained label; a class the weights never saw, or (without a list) a
+    class count other than the model's, is an error."""
+    root = make_image_folder(tmp_path / "data", classes=3, train_per_class=1, val_per_class=2)
+    trained = ["class0", "class1", "class2"]
+    config = tiny_config(root, "MODEL.NUM_CLASSES", "3")
+    full = build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained).dataset
+    assert [target for _, target in full.samples] == [0, 0, 1, 1, 2, 2]
+    shutil.rmtree(root / "val" / "class1")
+    subset = build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained)
+    assert [target for _, target in subset.dataset.samples] == [0, 0, 2, 2]
+    assert [int(target) for _, targets, _ in subset for target in targets] == [0, 0, 2, 2]
+    with pytest.raises(DatasetError, match=r"holds 2 class folders and the model has 3 outputs; without the class "
+                                           r"list"):
+        build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=None)
+    (root / "val" / "class1").mkdir()
+    shutil.copy(root / "val" / "class0" / "0.png", root / "val" / "class1" / "0.png")
+    (root / "val" / "class1").rename(root / "val" / "zebra")
+    with pytest.raises(DatasetError, match=r"holds classes the weights were not trained on: \['zebra'\] \(1 of 3"):
+        build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained)
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):

@@ -74,6 +74,14 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert re.search(r"eval on 6 images: top-1 \d+\.\d+% top-5 100\.00% .*params \d+ \| GFLOPs \d", log)
     assert re.search(r"eval of the EMA weights: top-1 \d+\.\d+%", log)
     assert (run_dir / "config.yaml").read_text() == trained  # the eval run left the training config alone
+    # A val/ with one of the two classes: its images keep their trained label (not relabelled 0 by ImageFolder).
+    one_class = tmp_path / "one_class"
+    shutil.copytree(data / "val" / "class1", one_class / "val" / "class1")
+    assert _run(one_class, tmp_path, "--eval", "--no-model-ema") == 0
+    log = _log(run_dir, "eval")
+    assert "holds 1 of the 2 classes the weights were trained on: labelled by the trained class list" in log
+    assert re.search(r"eval on 3 images: top-1 \d+\.\d+% top-5 100\.00%", log)
+    assert ckpt.load_training_checkpoint(run_dir / ckpt.LATEST_NAME)[run_folder.CLASSES_KEY] == ["class0", "class1"]
     assert _run(data, tmp_path, "--eval", "--tag", "pretrained", "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 0
     log = _log(tmp_path / "defmamba_tiny" / "pretrained", "eval")
     assert f"loaded weights from {run_dir / ckpt.LATEST_NAME}" in log and "eval of the EMA weights" in log
@@ -352,7 +360,8 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     run_folder.save_training_checkpoint(tmp_path / "c.pth", model=model, model_ema=None, optimizer=optimizer,
                                         scaler=scaler, epoch=1, step=0, num_updates=2, max_accuracy=0.0,
-                                        max_accuracy_ema=0.0, config=saved_config, is_main=True)
+                                        max_accuracy_ema=0.0, config=saved_config, classes=["a", "b"],
+                                        is_main=True)
     new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
     config, model, optimizer, scheduler = setup(new_opts, 4)
     position = run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,

@@ -11,7 +11,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ VAL_SPLIT = "val"
 # What opening or decoding a bad image file raises.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 NUMPY_SEED_MODULUS = 2**32
+MAX_LISTED_CLASSES = 5  # class names an error lists
 
 SampleKey = tuple[int, int]
 
@@ -283,9 +284,46 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
 
 
-def build_eval_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) -> DataLoader:
-    """The validation loader alone (``--eval`` needs no train/ folder)."""
+def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence[str] | None, num_classes: int) -> None:
+    """Gives the val images the labels the weights were trained with, in place.
+
+    ImageFolder numbers the class folders it finds in sorted order, so a val/ without some class (or with other
+    classes) would shift every later label. With the class list our checkpoints carry, each folder gets its trained
+    index (val/ may hold a subset); without one (released weights), val/ must hold exactly ``num_classes`` folders.
+
+    Raises:
+        DatasetError: val/ holds a class the weights were not trained on, or (without a class list) another number of
+            classes than the model's outputs; the message says which.
+    """
+    root = val_set.root
+    if trained_classes is None:
+        if len(val_set.classes) != num_classes:
+            raise DatasetError(
+                f"{root} holds {len(val_set.classes)} class folders and the model has {num_classes} outputs; without "
+                "the class list our checkpoints carry (these weights have none), the sorted folder names are the "
+                f"labels, so evaluate on a folder with all {num_classes} classes")
+        return
+    index = {name: label for label, name in enumerate(trained_classes)}
+    unknown = [name for name in val_set.classes if name not in index]
+    if unknown:
+        raise DatasetError(f"{root} holds classes the weights were not trained on: {unknown[:MAX_LISTED_CLASSES]}"
+                           f"{' ...' if len(unknown) > MAX_LISTED_CLASSES else ''} ({len(unknown)} of "
+                           f"{len(val_set.classes)}; they were trained on {len(trained_classes)} classes)")
+    if val_set.classes != list(trained_classes):
+        logger.info("%s holds %d of the %d classes the weights were trained on: labelled by the trained class list",
+                    root, len(val_set.classes), len(trained_classes))
+    relabel = [index[name] for name in val_set.classes]
+    val_set.samples = [(path, relabel[target]) for path, target in val_set.samples]
+    val_set.targets = [target for _, target in val_set.samples]
+    val_set.class_to_idx = {name: index[name] for name in val_set.classes}
+
+
+def build_eval_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool,
+                      trained_classes: Sequence[str] | None) -> DataLoader:
+    """The validation loader alone (``--eval`` needs no train/ folder), labelled by ``trained_classes`` (the class
+    list of the weights' checkpoint, None when it has none; see :func:`label_by_trained_classes`)."""
     root = dataset_root(config) / VAL_SPLIT
     check_image_folder(root)
     val_set = SafeImageFolder(str(root), build_transform(config, is_train=False), replace_unreadable=False)
+    label_by_trained_classes(val_set, trained_classes, config.MODEL.NUM_CLASSES)
     return _val_loader(config, val_set, rank, world_size, pin_memory)
