@@ -1,4 +1,5 @@
-"""Two gloo processes on the CPU: identical weights on both ranks, equal to one process over the same global batch.
+"""Two gloo processes on the CPU: identical weights on both ranks, equal to one process over the same global batch;
+identical BatchNorm statistics too, as saved.
 
 Run as a script, this file is the driver: it trains through ``main.train`` and saves this rank's weights.
 """
@@ -18,13 +19,21 @@ GLOBAL_BATCH = 8
 WORLD_SIZE = 2
 
 
-def _main_args(data: Path, output: Path, batch_size: int) -> list[str]:
-    # Tiny DefMamba (LayerNorm only, so batch statistics cannot differ between ranks); no dropout, drop path or
-    # Mixup (their generators are per process); crops and random erasing use per-sample seeds, shared by all ranks.
+# Tiny DefMamba: LayerNorm only, so batch statistics cannot differ between ranks.
+TINY_DEFMAMBA = ["MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]",
+                 "MODEL.DEFMAMBA.DROP_PATH_RATE", "0.0"]
+# Tiny DAMamba: BatchNorm layers, whose running statistics each rank tracks from its own batches.
+TINY_DAMAMBA = ["MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny", "MODEL.DAMAMBA.DIMS", "[16, 32, 48, 64]",
+                "MODEL.DAMAMBA.DEPTHS", "[1, 1, 1, 1]", "MODEL.DAMAMBA.MLP_RATIOS", "[2.0, 2.0, 2.0, 2.0]",
+                "MODEL.DAMAMBA.DROP_PATH_RATE", "0.0"]
+
+
+def _main_args(data: Path, output: Path, batch_size: int, model: list[str] = TINY_DEFMAMBA) -> list[str]:
+    # No dropout, drop path or Mixup (their generators are per process); crops and random erasing use per-sample
+    # seeds, shared by all ranks.
     return ["--data-path", str(data), "--output", str(output), "--amp", "off", "--deterministic", "--scan-backend",
-            "torch", "--batch-size", str(batch_size), "--opts", "MODEL.NUM_CLASSES", "2",
-            "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]", "MODEL.DEFMAMBA.DROP_PATH_RATE",
-            "0.0", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "AUG.AUTO_AUGMENT", "''", "AUG.MIXUP", "0.0",
+            "torch", "--batch-size", str(batch_size), "--opts", "MODEL.NUM_CLASSES", "2", *model,
+            "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0", "AUG.AUTO_AUGMENT", "''", "AUG.MIXUP", "0.0",
             "AUG.CUTMIX", "0.0", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.BASE_LR", "1e-3",
             "TRAIN.MIN_LR", "1e-3", "TRAIN.LR_REFERENCE_BATCH", str(GLOBAL_BATCH), "PRINT_FREQ", "10"]
 
@@ -79,6 +88,31 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):
     assert two_record["val_count"] == 6  # evaluation counted every val image once across the ranks
     # The logged training loss is over both ranks' images, as one process's is over the whole batch.
     assert math.isclose(two_record["train_loss"], one_record["train_loss"], rel_tol=1e-4)
+
+
+def test_two_ranks_evaluate_and_save_the_same_batchnorm_statistics(tmp_path, start_run):
+    """DAMamba's BatchNorm running statistics are per process; averaged before evaluation and saving, both ranks end
+    with the same buffers, which the checkpoint holds: the logged accuracy is that of the saved weights."""
+    from test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=3)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run, log = start_run(
+        "damamba", [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+                    str(Path(__file__).resolve()), str(tmp_path),
+                    *_main_args(data, tmp_path / "run", GLOBAL_BATCH // WORLD_SIZE, TINY_DAMAMBA)], env)
+    assert run.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(log)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in range(WORLD_SIZE))
+    statistics = [key for key in rank0 if key.endswith(("running_mean", "running_var"))]
+    assert statistics, "no BatchNorm in the model"
+    initial = torch.load(tmp_path / "initial_rank0_of2.pt")
+    assert any(not torch.equal(rank0[key], initial[key]) for key in statistics), "the statistics never moved"
+    saved = torch.load(tmp_path / "run" / "damamba_tiny" / "default" / "checkpoint_latest.pth",
+                       weights_only=False)["model"]
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+        assert torch.equal(rank0[key], saved[key]), f"{key} differs from the checkpoint"
 
 
 if __name__ == "__main__":

@@ -75,6 +75,23 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_batchnorm_statistics(model: torch.nn.Module) -> None:
+    """Averages the BatchNorm running means and variances over processes, in place (a no-op in one process).
+
+    DDP keeps the parameters equal on every process, but each BatchNorm layer tracks the statistics of its own
+    process's batches: averaged before an evaluation and a checkpoint, every process evaluates the weights that rank 0
+    saves.
+    """
+    if not is_distributed():
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for statistic in (module.running_mean, module.running_var):
+                dist.all_reduce(statistic, op=dist.ReduceOp.SUM)
+                statistic.div_(world_size)
+
+
 def all_gather_objects(obj: object) -> list:
     """Gathers one picklable object per process, ordered by rank."""
     if not is_distributed():
