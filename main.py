@@ -54,7 +54,12 @@ from classification.run_folder import (
     trained_classes,
 )
 from classification.utils import checkpoint as ckpt
-from classification.utils.distributed import DistributedContext, cleanup, init_distributed
+from classification.utils.distributed import (
+    DistributedContext,
+    average_batchnorm_statistics,
+    cleanup,
+    init_distributed,
+)
 from classification.utils.flops import model_flops
 from classification.utils.logging import setup_logging
 
@@ -217,13 +222,22 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
     finished_outputs = None  # of the epoch a resumed end-of-epoch checkpoint ends
     resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
+    own_checkpoint = bool(resume_path) and in_run_folder(resume_path, output_dir)
     if resume_path:
         start_epoch, start_step, max_accuracy, max_accuracy_ema, finished_outputs = resume_training(
             resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch,
             check_crc=not records_checked)
+    if resume_path and not own_checkpoint:  # e.g. fine-tuning: checkpoint_best.pth is this run's best
+        logger.info("best accuracy counted from this run on (%s's run reached %.2f%%)", resume_path, max_accuracy)
+        max_accuracy = max_accuracy_ema = 0.0
+    nothing_to_train = start_epoch >= config.TRAIN.EPOCHS
+    if nothing_to_train:
+        logger.warning("nothing left to train: %s ends epoch %d and TRAIN.EPOCHS is %d (raise it to train on); the "
+                       "run's config.yaml is left as it was", resume_path, start_epoch - 1, config.TRAIN.EPOCHS)
     if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
         output_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
+        if not nothing_to_train:
+            ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
         for path in ckpt.remove_partial_saves(output_dir):
             logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)",
                            path)
@@ -234,8 +248,14 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 
+    def average_statistics() -> None:  # every process then evaluates, and rank 0 saves, the same BatchNorm statistics
+        average_batchnorm_statistics(model_without_ddp)
+        if model_ema is not None:
+            average_batchnorm_statistics(model_ema.module)
+
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
         if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
+            average_statistics()
             save_training_checkpoint(latest_path, epoch=epoch, step=steps_done, num_updates=num_updates,
                                      max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, **save_kwargs)
 
@@ -244,7 +264,6 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
     try:
-        own_checkpoint = bool(resume_path) and in_run_folder(resume_path, output_dir)
         if finished_outputs is not None and own_checkpoint:  # what a crash after its latest save may have left
             finish_epoch(output_dir, start_epoch - 1, finished_outputs,
                          dict(epoch=start_epoch, step=0, num_updates=start_epoch * updates_per_epoch,
@@ -265,6 +284,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                 logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
                 return 1
             start_step = 0
+            average_statistics()
             val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
             ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
             is_best = val_stats["acc1"] > max_accuracy

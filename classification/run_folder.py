@@ -167,7 +167,7 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
         raise ckpt.TrainingCheckpointError(
             f"{path}: its optimizer state does not fit this run's parameter groups ({err}); keep the settings that "
             "form the groups (TRAIN.NO_DECAY_SSM, the model) as saved, or start a new run from its weights with "
-            "--pretrained") from err
+            "--pretrained and another --tag (this folder resumes its own checkpoints)") from err
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)  # the saved state brings back the saved settings: the config's win
     lr_scheduler.step_update(num_updates=num_updates)

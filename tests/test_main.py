@@ -313,6 +313,14 @@ def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail
     assert re.search(rf"is outside this run's output directory, which holds the run's own progress: resuming from "
                      rf"{re.escape(str(second))}/checkpoint_\w+\.pth \(epoch 2 step 0\)", _log(second))
     assert [json.loads(line)["epoch"] for line in (second / "log.txt").read_text().splitlines()] == [1, 2]
+    # Its best accuracy is its own (the first run's does not carry over): it keeps a checkpoint_best.pth.
+    assert "best accuracy counted from this run on (" in _log(second)
+    assert ckpt.load_training_checkpoint(second / ckpt.BEST_NAME)["epoch"] >= 2
+    # Nothing left to train (TRAIN.EPOCHS below where the run is): said so, and config.yaml is left alone.
+    trained_config = (second / "config.yaml").read_text()
+    assert _run(data, tmp_path, "--tag", "second", "--no-model-ema", opts=("TRAIN.EPOCHS", "2")) == 0
+    assert "nothing left to train: " in _log(second) and "and TRAIN.EPOCHS is 2 (raise it to train on)" in _log(second)
+    assert (second / "config.yaml").read_text() == trained_config
 
     # A checkpoint of another width: one line naming the file and the mismatched keys, exit status 2.
     assert _run(data, tmp_path, "--tag", "wide", "--resume", outside, "--no-model-ema",
