@@ -67,6 +67,7 @@ logger = logging.getLogger("main")
 
 TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, ckpt.CheckpointWriteError)
@@ -197,11 +198,13 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
 
 
 def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None) -> None:
-    """``--throughput``: inference images/s at DATA.BATCH_SIZE after warm-up."""
+    """``--throughput``: inference images/s at DATA.BATCH_SIZE after warm-up (under torchrun every process measures
+    its own device at once, and rank 0 logs its figure)."""
     result = throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE, config.MODEL.IN_CHANS, ctx.device,
                         amp_dtype, iters=config.THROUGHPUT_ITERS)
-    logger.info("throughput: %.1f images/s (batch %d, %dx%d, amp %s) on %s", result["images_per_sec"],
-                result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"])
+    per_process = f", rank 0 of {ctx.world_size} processes measuring at once" if ctx.world_size > 1 else ""
+    logger.info("throughput: %.1f images/s (batch %d, %dx%d, amp %s) on %s%s", result["images_per_sec"],
+                result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"], per_process)
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
@@ -338,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
         logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted%s", "; the same command resumes from the run's last checkpoint"
+                     if run_mode(config) == "train" else "")
+        return INTERRUPTED_STATUS
     finally:
         cleanup()
 

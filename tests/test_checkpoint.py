@@ -177,8 +177,12 @@ def test_a_compressed_copy_of_a_checkpoint_is_not_called_corrupt(tmp_path):
 
 def test_checkpoint_without_training_state_is_rejected(tmp_path):
     torch.save({"model": {}}, tmp_path / "checkpoint_weights.pth")
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match=r"lacks \[.*'optimizer'.*\]: a weights file\? --pretrained loads weights"):
         ckpt.load_training_checkpoint(tmp_path / "checkpoint_weights.pth")
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"notes\.txt is not a training checkpoint: not a file "
+                                                           r"torch\.save wrote"):
+        ckpt.load_training_checkpoint(tmp_path / "notes.txt")
     assert ckpt.find_resume_checkpoint(tmp_path) is None
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"is a folder: give a checkpoint file, e\.g\. .*latest"):
         ckpt.load_training_checkpoint(tmp_path)

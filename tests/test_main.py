@@ -129,6 +129,16 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_
     assert error.count("\n") == 1
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_logging, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main, "train", interrupted)
+    assert _run(data, tmp_path) == main.INTERRUPTED_STATUS
+    assert "ERROR: interrupted; the same command resumes from the run's last checkpoint" in _log(
+        tmp_path / "defmamba_tiny" / "default")
+
+
 def test_log_lines_are_strict_json():
     line = run_folder.json_line({"epoch": 3, "ema_loss": math.nan, "val_loss": -math.inf, "val_acc1": 12.5})
     assert json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}")) == {

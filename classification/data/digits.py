@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--root", default="data/digits", help="output folder (gets train/ and val/)")
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="side of the upscaled RGB images")
     args = parser.parse_args()
+    if args.image_size < 1:
+        parser.error(f"--image-size must be >= 1, got {args.image_size}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         build_digits(args.root, args.image_size)

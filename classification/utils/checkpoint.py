@@ -220,12 +220,17 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
                                         "and restart (not resuming from an older checkpoint)") from err
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
+        if not zipfile.is_zipfile(path):  # torch's own message would suggest re-saving it with another option
+            raise TrainingCheckpointError(f"{path} is not a training checkpoint: not a file torch.save wrote (a zip "
+                                          "archive), or one cut short at its start") from err
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict):
         raise TrainingCheckpointError(f"checkpoint {path} is not a dict")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise TrainingCheckpointError(f"checkpoint {path} lacks {missing}")
+        hint = ": a weights file? --pretrained loads weights, --resume takes a training checkpoint of main.py" if (
+            "optimizer" in missing) else ""
+        raise TrainingCheckpointError(f"checkpoint {path} lacks {missing}{hint}")
     return checkpoint
 
 
