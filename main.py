@@ -42,6 +42,7 @@ from classification.ops import resolve_backend
 from classification.ops.report import backend_report
 from classification.optim import build_optimizer
 from classification.run_folder import (
+    RunFolderBusyError,
     choose_resume_checkpoint,
     finish_epoch,
     in_run_folder,
@@ -49,6 +50,7 @@ from classification.run_folder import (
     newest_checkpoint,
     open_tensorboard,
     resume_training,
+    run_folder_lock,
     save_training_checkpoint,
     set_aside_later_outputs,
     trained_classes,
@@ -70,7 +72,8 @@ CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, ckpt.CheckpointWriteError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, ckpt.CheckpointWriteError,
+               RunFolderBusyError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,7 +212,15 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
           output_dir: Path) -> int:
-    """The epoch loop with resume, evaluation, checkpoints and logs. Returns the process exit status."""
+    """The epoch loop with resume, evaluation, checkpoints and logs, holding the run folder's lock (another run
+    training there is an error). Returns the process exit status."""
+    with run_folder_lock(output_dir, ctx):
+        return _train(config, ctx, model, amp_dtype, output_dir)
+
+
+def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
+           output_dir: Path) -> int:
+    """:func:`train` once the folder is locked."""
     data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     model_without_ddp = model
     if ctx.distributed:

@@ -7,13 +7,16 @@ record and whether it was the best); :func:`finish_epoch` then writes the best a
 crash cut short; a run that starts before what its folder holds first moves the later files aside
 (:func:`set_aside_later_outputs`), so that nothing of an abandoned pass is resumed or taken for the new one.
 """
+import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 from timm.scheduler.scheduler import Scheduler
@@ -26,6 +29,11 @@ from classification.models import CheckpointError, has_ema_weights, load_checkpo
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object
 
+try:
+    import fcntl
+except ImportError:  # Windows: lock_run_folder takes no lock
+    fcntl = None
+
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter  # imported when training starts (slow)
 
@@ -36,6 +44,57 @@ ABANDONED_DIR = "abandoned"  # where a run that goes back moves the later checkp
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
+LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_folder)
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another process holds the lock of the run's folder (it trains there); the message names it."""
+
+
+def lock_run_folder(output_dir: Path) -> BinaryIO | None:
+    """Takes the exclusive lock of a training run's folder (``flock`` on :data:`LOCK_NAME`) and returns the open file
+    that holds it; the lock lasts until the file is closed or the process ends, however it ends. Two runs writing one
+    folder would overwrite each other's checkpoints: a requeued job whose predecessor still runs (say, workers
+    orphaned by a killed torchrun). None where ``fcntl`` does not exist (Windows): no lock there.
+
+    Raises:
+        RunFolderBusyError: Another process holds the lock.
+    """
+    if fcntl is None:
+        return None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(output_dir / LOCK_NAME, "a+b")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "another process"
+        lock.close()
+        raise RunFolderBusyError(f"{output_dir} is in use by another training run ({holder}): wait for it to end or "
+                                 "stop it, or give this run another --tag") from err
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    lock.flush()
+    return lock
+
+
+@contextlib.contextmanager
+def run_folder_lock(output_dir: Path, ctx: DistributedContext) -> Iterator[None]:
+    """Rank 0 holds :func:`lock_run_folder` for the block; every rank raises its error when the folder is busy."""
+    lock, busy = None, None
+    if ctx.is_main:
+        try:
+            lock = lock_run_folder(output_dir)
+        except RunFolderBusyError as err:
+            busy = str(err)
+    busy = broadcast_object(busy)
+    if busy:
+        raise RunFolderBusyError(busy)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,

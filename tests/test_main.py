@@ -139,6 +139,21 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_log
         tmp_path / "defmamba_tiny" / "default")
 
 
+def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging):
+    """Say a requeued job starts while its predecessor (orphaned workers of a killed torchrun) still trains: it would
+    overwrite the same checkpoints. The lock says who holds the folder; once released, the run trains."""
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    holder = run_folder.lock_run_folder(run_dir)
+    try:
+        assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 2
+        assert re.search(rf"{re.escape(str(run_dir))} is in use by another training run \(pid {os.getpid()} on "
+                         r"\S+\): wait for it to end or stop it, or give this run another --tag", _log(run_dir))
+        assert not list(run_dir.glob("checkpoint_*.pth"))
+    finally:
+        holder.close()
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+
+
 def test_log_lines_are_strict_json():
     line = run_folder.json_line({"epoch": 3, "ema_loss": math.nan, "val_loss": -math.inf, "val_acc1": 12.5})
     assert json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}")) == {
