@@ -87,6 +87,8 @@ def run_folder_lock(output_dir: Path, ctx: DistributedContext) -> Iterator[None]
             lock = lock_run_folder(output_dir)
         except RunFolderBusyError as err:
             busy = str(err)
+        except OSError as err:  # every rank must hear of it: the others wait in the broadcast
+            busy = f"cannot lock {output_dir / LOCK_NAME} ({type(err).__name__}: {err.strerror or err})"
     busy = broadcast_object(busy)
     if busy:
         raise RunFolderBusyError(busy)
