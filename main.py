@@ -42,7 +42,9 @@ from classification.ops import resolve_backend
 from classification.ops.report import backend_report
 from classification.optim import build_optimizer
 from classification.run_folder import (
+    Position,
     RunFolderBusyError,
+    TrainingState,
     choose_resume_checkpoint,
     finish_epoch,
     in_run_folder,
@@ -257,8 +259,7 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                            path)
         set_aside_later_outputs(output_dir, (start_epoch, start_step))
 
-    save_kwargs = dict(model=model_without_ddp, model_ema=model_ema, optimizer=optimizer, scaler=scaler, config=config,
-                       classes=data.train_set.classes, is_main=ctx.is_main)
+    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes)
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 
@@ -270,8 +271,9 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
         if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
             average_statistics()
-            save_training_checkpoint(latest_path, epoch=epoch, step=steps_done, num_updates=num_updates,
-                                     max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, **save_kwargs)
+            save_training_checkpoint(latest_path, state,
+                                     Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema),
+                                     ctx.is_main)
 
     writer = open_tensorboard(output_dir) if ctx.is_main else None
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
@@ -280,9 +282,8 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     try:
         if finished_outputs is not None and own_checkpoint:  # what a crash after its latest save may have left
             finish_epoch(output_dir, start_epoch - 1, finished_outputs,
-                         dict(epoch=start_epoch, step=0, num_updates=start_epoch * updates_per_epoch,
-                              max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema),
-                         save_kwargs, config, ctx, writer, completing=True)
+                         Position(start_epoch, 0, start_epoch * updates_per_epoch, max_accuracy, max_accuracy_ema),
+                         state, ctx, writer, completing=True)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
@@ -312,17 +313,25 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                       **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
                       "n_parameters": count_parameters(model_without_ddp)}
             outputs = {"record": record, "is_best": is_best}
-            position = dict(epoch=epoch + 1, step=0, num_updates=(epoch + 1) * updates_per_epoch,
-                            max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema)
+            position = Position(epoch + 1, 0, (epoch + 1) * updates_per_epoch, max_accuracy, max_accuracy_ema)
             # The position first: a crash after it loses nothing, the resumed run writes the rest (finish_epoch).
-            save_training_checkpoint(latest_path, **position, epoch_outputs=outputs, **save_kwargs)
-            finish_epoch(output_dir, epoch, outputs, position, save_kwargs, config, ctx, writer, completing=False)
+            save_training_checkpoint(latest_path, state, position, ctx.is_main, epoch_outputs=outputs)
+            finish_epoch(output_dir, epoch, outputs, position, state, ctx, writer, completing=False)
     finally:
         if writer is not None:
             writer.close()
     logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
                 f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
     return 0
+
+
+def how_to_continue(config: CfgNode, output_dir: Path) -> str:
+    """What continues an interrupted training run: the same command, unless it goes back on purpose (a MODEL.RESUME
+    inside the run's folder) or does not auto-resume."""
+    given = config.MODEL.RESUME
+    if config.TRAIN.AUTO_RESUME and not (given and in_run_folder(given, output_dir)):
+        return "the same command resumes from the run's newest checkpoint"
+    return f"to continue, resume with --resume {output_dir / ckpt.LATEST_NAME} (the same command would not)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted%s", "; the same command resumes from the run's last checkpoint"
-                     if run_mode(config) == "train" else "")
+        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir)}" if run_mode(config) == "train" else "")
         return INTERRUPTED_STATUS
     finally:
         cleanup()

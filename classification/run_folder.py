@@ -8,15 +8,18 @@ crash cut short; a run that starts before what its folder holds first moves the 
 (:func:`set_aside_later_outputs`), so that nothing of an abandoned pass is resumed or taken for the new one.
 """
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import torch
 from timm.scheduler.scheduler import Scheduler
@@ -24,7 +27,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
-from classification.config import ConfigError
+from classification.config import SCALED_LR_KEYS, ConfigError
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object
@@ -45,6 +48,8 @@ TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
 LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_folder)
+# What flock raises on a file system without locks (NFS without lockd, Lustre mounted noflock, ...).
+LOCKS_UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 class RunFolderBusyError(RuntimeError):
@@ -72,6 +77,13 @@ def lock_run_folder(output_dir: Path) -> BinaryIO | None:
         lock.close()
         raise RunFolderBusyError(f"{output_dir} is in use by another training run ({holder}): wait for it to end or "
                                  "stop it, or give this run another --tag") from err
+    except OSError as err:
+        lock.close()
+        if err.errno not in LOCKS_UNSUPPORTED_ERRNOS:
+            raise
+        logger.warning("%s: the file system takes no locks (%s): training without one, so nothing stops a second run "
+                       "in this folder", output_dir, err.strerror or err)
+        return None
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
     lock.flush()
@@ -99,27 +111,46 @@ def run_folder_lock(output_dir: Path, ctx: DistributedContext) -> Iterator[None]
             lock.close()
 
 
-def save_training_checkpoint(path: Path, *, model: nn.Module, model_ema: ModelEmaV3 | None,
-                             optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
-                             num_updates: int, max_accuracy: float, max_accuracy_ema: float, config: CfgNode,
-                             classes: list[str], is_main: bool, epoch_outputs: dict | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class TrainingState:
+    """What the training checkpoints save besides the position: the objects being trained and what describes them."""
+
+    model: nn.Module  # without its DDP wrapper
+    model_ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    config: CfgNode
+    classes: list[str]  # the training set's class names in label order (--eval labels val/ by them)
+
+
+class Position(NamedTuple):
+    """Where training continues from a checkpoint, and the best accuracies reached before it."""
+
+    epoch: int
+    step: int  # steps done in ``epoch`` (0: at its start)
+    num_updates: int
+    max_accuracy: float
+    max_accuracy_ema: float
+
+
+def save_training_checkpoint(path: Path, state: TrainingState, position: Position, is_main: bool,
+                             epoch_outputs: dict | None = None) -> None:
     """Collective: gathers every rank's RNG state, then rank 0 writes the checkpoint atomically.
 
-    The learning-rate schedule is not saved: it is a function of the config and ``num_updates``. ``classes``: the
-    training set's class names in label order (:data:`CLASSES_KEY`; ``--eval`` labels the val images by them).
+    The learning-rate schedule is not saved: it is a function of the config and ``position.num_updates``.
     ``epoch_outputs`` (end-of-epoch checkpoints): what :func:`finish_epoch` writes from, so that a resumed run can
     complete it.
     """
     rng_states = all_gather_objects(ckpt.capture_rng_state())
     if not is_main:
         return
+    ema = state.model_ema.module.state_dict() if state.model_ema else None
     ckpt.atomic_save({
-        "model": model.state_dict(), "model_ema": model_ema.module.state_dict() if model_ema else None,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-        "num_updates": num_updates, "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema,
-        "rng_states": rng_states, "config": config.dump(), CLASSES_KEY: classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
+        "model": state.model.state_dict(), "model_ema": ema, "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(), **position._asdict(), "rng_states": rng_states,
+        "config": state.config.dump(), CLASSES_KEY: state.classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
     }, path)
-    logger.info("saved %s (epoch %d, step %d)", path, epoch, step)
+    logger.info("saved %s (epoch %d, step %d)", path, position.epoch, position.step)
 
 
 def trained_classes(checkpoint: object) -> list[str] | None:
@@ -208,7 +239,9 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
     ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
-    differences = ckpt.config_differences(saved, config)
+    # Both configs hold their learning rates scaled to their own total batch.
+    differences = ckpt.config_differences(saved, config,
+                                          notes=dict.fromkeys(SCALED_LR_KEYS, "scaled to the total batch"))
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
                        "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
@@ -350,12 +383,16 @@ def open_tensorboard(output_dir: Path) -> "SummaryWriter":
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
 
     folder = output_dir / TENSORBOARD_DIR
-    rebuild = not folder.exists()
-    writer = SummaryWriter(str(folder))
-    if rebuild:
-        for record in read_json_log(output_dir / JSON_LOG_NAME)[0]:
+    records = [] if folder.exists() else read_json_log(output_dir / JSON_LOG_NAME)[0]
+    if records:  # written aside, then renamed: a crash halfway leaves no partial folder that passes for whole
+        building = output_dir / f"{TENSORBOARD_DIR}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        writer = SummaryWriter(str(building))
+        for record in records:
             add_record_scalars(writer, record)
-    return writer
+        writer.close()
+        building.rename(folder)
+    return SummaryWriter(str(folder))
 
 
 def _missing_epoch_outputs(output_dir: Path, epoch: int, outputs: dict, config: CfgNode,
@@ -383,7 +420,7 @@ def _numbered_due(epoch: int, config: CfgNode) -> bool:
     return (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS
 
 
-def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, save_kwargs: dict, config: CfgNode,
+def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: Position, state: TrainingState,
                  ctx: DistributedContext, writer: "SummaryWriter | None", completing: bool) -> None:
     """Writes what a finished epoch leaves besides ``checkpoint_latest.pth``, which is saved first and holds
     ``outputs``: ``checkpoint_best.pth`` when the epoch was the best so far, its numbered checkpoint when one is due,
@@ -393,9 +430,10 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, sa
         completing: A run resumed from an end-of-epoch checkpoint of its own folder: write only the outputs that
             are missing or older than the epoch (a crash between these writes cut them short).
     """
+    config = state.config
     names = ["best", "numbered", "ema", "log"]
     if completing:
-        missing = _missing_epoch_outputs(output_dir, epoch, outputs, config, save_kwargs["model_ema"] is not None)
+        missing = _missing_epoch_outputs(output_dir, epoch, outputs, config, state.model_ema is not None)
         names = broadcast_object(missing if ctx.is_main else None)
         if names:
             logger.warning("completing what a crash left unwritten of epoch %d: %s", epoch, ", ".join(names))
@@ -403,13 +441,12 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: dict, sa
     wanted = {"best": outputs["is_best"], "numbered": _numbered_due(epoch, config)}
     for name, path in paths.items():
         if name in names and wanted[name]:
-            save_training_checkpoint(path, **position, epoch_outputs=outputs, **save_kwargs)
+            save_training_checkpoint(path, state, position, ctx.is_main, epoch_outputs=outputs)
     if not ctx.is_main:
         return
-    model_ema = save_kwargs["model_ema"]
-    if "ema" in names and model_ema is not None:
-        ckpt.atomic_save({"model": model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump(),
-                          CLASSES_KEY: save_kwargs["classes"]}, output_dir / ckpt.EMA_NAME)
+    if "ema" in names and state.model_ema is not None:
+        ckpt.atomic_save({"model": state.model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump(),
+                          CLASSES_KEY: state.classes}, output_dir / ckpt.EMA_NAME)
     if "log" in names:
         write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
         add_record_scalars(writer, outputs["record"])

@@ -65,17 +65,19 @@ def compile_kernel(kernel: triton.JITFunction, dtype: str, constants: dict[str, 
     return triton.compile(source, target=target).asm["cubin"]
 
 
-def resource_usage(cubin: bytes, scratch: Path) -> str:
+def resource_usage(cubin: bytes) -> str:
     """ptxas's register and stack (spill) use of a compiled kernel, as ``REG:n STACK:m``, read by the cuobjdump that
-    Triton bundles; ``unknown`` without it."""
+    Triton bundles."""
     tool = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
     if not tool.is_file():
-        return "unknown"
-    path = scratch / "kernel.cubin"
-    path.write_bytes(cubin)
-    listing = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+        return f"resource use unknown: no {tool}"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as kernel:
+        kernel.write(cubin)
+        kernel.flush()
+        listing = subprocess.run([str(tool), "-res-usage", kernel.name], capture_output=True, text=True,
+                                 check=True).stdout
     found = re.search(r"REG:\d+ STACK:\d+", listing)
-    return found.group(0) if found else "unknown"
+    return found.group(0) if found else f"resource use unknown: cuobjdump printed {listing!r}"
 
 
 def main() -> int:
@@ -85,7 +87,6 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")
     target = GPUTarget("cuda", args.arch, WARP_SIZE)
-    scratch = Path(tempfile.mkdtemp())
     # float32 at every shape with the optional inputs on and off; float64 (only the tests use it) at DefMamba's.
     # The alternative tilings the GPU benchmark times, at DefMamba's shape in float32.
     default_caps = selective_scan_triton.TileCaps()
@@ -104,7 +105,7 @@ def main() -> int:
         for name, kernel, extra in variants:
             cubin = compile_kernel(kernel, dtype, {**constants, **extra}, scalars, target)
             print(f"sm_{args.arch} {name} {dtype} tiles {block_c}x{block_n}x{chunk} optional inputs "
-                  f"{'on' if optional else 'off'}: compiled, {resource_usage(cubin, scratch)}", flush=True)
+                  f"{'on' if optional else 'off'}: compiled, {resource_usage(cubin)}", flush=True)
     return 0
 
 

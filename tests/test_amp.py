@@ -14,7 +14,7 @@ from classification.lr_scheduler import build_scheduler
 from classification.models.registry import create_model
 from classification.ops import selective_scan_fn
 from classification.optim import build_optimizer
-from classification.run_folder import save_training_checkpoint
+from classification.run_folder import Position, TrainingState, save_training_checkpoint
 from classification.utils import checkpoint as ckpt
 from scan_cases import CASES, cast_inputs, make_inputs, relative_error
 
@@ -156,9 +156,9 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_p
         weights.append(model.weight.detach().clone())
         seen.append((steps_done, num_updates, scaler.get_scale(), optimizer.param_groups[0]["lr"]))
         save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
-            tmp_path / f"update{num_updates}.pth", model=model, model_ema=None, optimizer=optimizer,
-            scaler=scaler, epoch=epoch, step=steps_done, num_updates=num_updates,
-            max_accuracy=0.0, max_accuracy_ema=0.0, config=config, classes=["a", "b", "c"], is_main=True)
+            tmp_path / f"update{num_updates}.pth",
+            TrainingState(model, None, optimizer, scaler, config, ["a", "b", "c"]),
+            Position(epoch, steps_done, num_updates, 0.0, 0.0), is_main=True)
 
     stats = train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
                             0, 1, clip_grad=5.0, amp_dtype=torch.float16, print_freq=100, step_hook=after_update)

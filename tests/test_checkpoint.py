@@ -183,6 +183,12 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"notes\.txt is not a training checkpoint: not a file "
                                                            r"torch\.save wrote"):
         ckpt.load_training_checkpoint(tmp_path / "notes.txt")
+    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "cut.pth")
+    data = (tmp_path / "cut.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) * 2 // 3])  # an interrupted copy
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"cut\.pth is truncated: a torch\.save file without its "
+                                                           r"end"):
+        ckpt.load_training_checkpoint(tmp_path / "cut.pth")
     assert ckpt.find_resume_checkpoint(tmp_path) is None
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"is a folder: give a checkpoint file, e\.g\. .*latest"):
         ckpt.load_training_checkpoint(tmp_path)
@@ -196,7 +202,7 @@ def test_config_differences_name_changed_keys_but_not_where_the_run_is():
     current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
     # The saved side comes back from the checkpoint's yaml text, where tuples are lists.
     assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), current) == [
-        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR} (scaled to the total batch)",
+        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
         f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
     ]
     assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), saved) == []

@@ -61,10 +61,10 @@ def test_missing_empty_and_mismatched_folders(tmp_path):
         build_datasets(tiny_config(root))
 
 
-def test_eval_labels_val_images_by_the_trained_class_list(tmp_path):
+def test_eval_labels_val_images_by_the_trained_class_list(tmp_path, caplog):
     """ImageFolder numbers the folders it finds: a val/ without class1 of 3 would label class2's images 1. With the
-    trained class list each folder keeps its trained label; a class the weights never saw, or (without a list) a
-    class count other than the model's, is an error."""
+    trained class list each folder keeps its trained label; a class the weights never saw is an error. Without a list,
+    fewer classes than the model's outputs is a warning, more an error."""
     root = make_image_folder(tmp_path / "data", classes=3, train_per_class=1, val_per_class=2)
     trained = ["class0", "class1", "class2"]
     config = tiny_config(root, "MODEL.NUM_CLASSES", "3")
@@ -74,9 +74,12 @@ def test_eval_labels_val_images_by_the_trained_class_list(tmp_path):
     subset = build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained)
     assert [target for _, target in subset.dataset.samples] == [0, 0, 2, 2]
     assert [int(target) for _, targets, _ in subset for target in targets] == [0, 0, 2, 2]
-    with pytest.raises(DatasetError, match=r"holds 2 class folders and the model has 3 outputs; without the class "
-                                           r"list"):
-        build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=None)
+    with caplog.at_level(logging.WARNING):
+        unlisted = build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=None)
+    assert [target for _, target in unlisted.dataset.samples] == [0, 0, 1, 1]  # the folders' order: a warning says so
+    assert "holds 2 class folders and the model has 3 outputs; these weights carry no class list" in caplog.text
+    with pytest.raises(DatasetError, match=r"holds 2 class folders, more than the model's 1 outputs"):
+        build_eval_loader(tiny_config(root, "MODEL.NUM_CLASSES", "1"), 0, 1, pin_memory=False, trained_classes=None)
     (root / "val" / "class1").mkdir()
     shutil.copy(root / "val" / "class0" / "0.png", root / "val" / "class1" / "0.png")
     (root / "val" / "class1").rename(root / "val" / "zebra")

@@ -1,7 +1,9 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
 import argparse
+import errno
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -134,9 +136,13 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_log
         raise KeyboardInterrupt
 
     monkeypatch.setattr(main, "train", interrupted)
+    run_dir = tmp_path / "defmamba_tiny" / "default"
     assert _run(data, tmp_path) == main.INTERRUPTED_STATUS
-    assert "ERROR: interrupted; the same command resumes from the run's last checkpoint" in _log(
-        tmp_path / "defmamba_tiny" / "default")
+    assert "ERROR: interrupted; the same command resumes from the run's newest checkpoint" in _log(run_dir)
+    # Going back on purpose (--resume of a checkpoint in the folder): the same command would go back again.
+    assert _run(data, tmp_path, "--resume", str(run_dir / "checkpoint_epoch0000.pth")) == main.INTERRUPTED_STATUS
+    assert (f"ERROR: interrupted; to continue, resume with --resume {run_dir / ckpt.LATEST_NAME} (the same command "
+            "would not)") in _log(run_dir)
 
 
 def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging):
@@ -152,6 +158,24 @@ def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logg
     finally:
         holder.close()
     assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+
+
+def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caplog):
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        assert run_folder.lock_run_folder(tmp_path) is None
+    assert "the file system takes no locks (No locks available): training without one" in caplog.text
+
+    def refused(*args):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", refused)
+    with pytest.raises(run_folder.RunFolderBusyError, match=r"cannot lock \S+\.lock \(PermissionError: Permission"):
+        with run_folder.run_folder_lock(tmp_path, main.init_distributed()):
+            pass
 
 
 def test_log_lines_are_strict_json():
@@ -391,10 +415,9 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
 
     saved_config, model, optimizer, _ = setup(["TRAIN.EPOCHS", "2", "DATA.BATCH_SIZE", "4"], 2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    run_folder.save_training_checkpoint(tmp_path / "c.pth", model=model, model_ema=None, optimizer=optimizer,
-                                        scaler=scaler, epoch=1, step=0, num_updates=2, max_accuracy=0.0,
-                                        max_accuracy_ema=0.0, config=saved_config, classes=["a", "b"],
-                                        is_main=True)
+    run_folder.save_training_checkpoint(
+        tmp_path / "c.pth", run_folder.TrainingState(model, None, optimizer, scaler, saved_config, ["a", "b"]),
+        run_folder.Position(epoch=1, step=0, num_updates=2, max_accuracy=0.0, max_accuracy_ema=0.0), is_main=True)
     new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
     config, model, optimizer, scheduler = setup(new_opts, 4)
     position = run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,

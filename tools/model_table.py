@@ -33,7 +33,7 @@ from torch import nn
 from classification.config import AMP_DTYPES, AMP_MODES, ConfigError, get_config
 from classification.engine import describe_device, throughput
 from classification.models import build_model, create_model, is_model, list_models
-from classification.utils.cli import add_scan_backend_option, check_scan_backend, run_tool
+from classification.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels, model_flops
 
 logger = logging.getLogger("model_table")

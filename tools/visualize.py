@@ -57,7 +57,7 @@ from classification.models import (
 )
 from classification.models.defmamba import ScanGeometry
 from classification.ops.deformable import pixel_grid
-from classification.utils.cli import add_scan_backend_option, check_scan_backend, run_tool
+from classification.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels
 
 logger = logging.getLogger("visualize")

@@ -289,19 +289,24 @@ def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence
 
     ImageFolder numbers the class folders it finds in sorted order, so a val/ without some class (or with other
     classes) would shift every later label. With the class list our checkpoints carry, each folder gets its trained
-    index (val/ may hold a subset); without one (released weights), val/ must hold exactly ``num_classes`` folders.
+    index (val/ may hold a subset). Without one (released weights, our checkpoints before they carried the list), the
+    sorted folder names are the labels: more folders than ``num_classes`` is an error, fewer a warning (right only
+    when the weights were trained on exactly these classes).
 
     Raises:
-        DatasetError: val/ holds a class the weights were not trained on, or (without a class list) another number of
-            classes than the model's outputs; the message says which.
+        DatasetError: val/ holds a class the weights were not trained on, or (without a class list) more classes than
+            the model's outputs; the message says which.
     """
     root = val_set.root
     if trained_classes is None:
-        if len(val_set.classes) != num_classes:
-            raise DatasetError(
-                f"{root} holds {len(val_set.classes)} class folders and the model has {num_classes} outputs; without "
-                "the class list our checkpoints carry (these weights have none), the sorted folder names are the "
-                f"labels, so evaluate on a folder with all {num_classes} classes")
+        if len(val_set.classes) > num_classes:
+            raise DatasetError(f"{root} holds {len(val_set.classes)} class folders, more than the model's "
+                               f"{num_classes} outputs")
+        if len(val_set.classes) < num_classes:
+            logger.warning("%s holds %d class folders and the model has %d outputs; these weights carry no class "
+                           "list, so the sorted folder names are the labels: right only if the weights were trained "
+                           "on exactly these classes (a missing class shifts the labels after it)", root,
+                           len(val_set.classes), num_classes)
         return
     index = {name: label for label, name in enumerate(trained_classes)}
     unknown = [name for name in val_set.classes if name not in index]

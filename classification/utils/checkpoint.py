@@ -15,13 +15,11 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping
 
 import numpy as np
 import torch
 from yacs.config import CfgNode
-
-from classification.config import SCALED_LR_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +40,7 @@ PARTIAL_WRITE_NAME = re.compile(r"(checkpoint_.+\.pth|model_ema\.pth|log\.txt|co
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 CRC_READ_BYTES = 1 << 24  # chunk size when reading a record to check its CRC-32
 ZIP_ENCRYPTED_FLAG = 0x1  # general-purpose flag bit of an encrypted zip record
+ZIP_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"  # the first bytes of a zip archive (its first record's header)
 MSDOS_DIRECTORY_ATTRIBUTE = 0x10  # external-attribute bit of a zip record that is a folder
 # What reading a damaged record raises: a bad header or CRC, a size past the data, a garbled or unknown compression.
 RECORD_READ_ERRORS = (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError)
@@ -221,8 +220,11 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
         if not zipfile.is_zipfile(path):  # torch's own message would suggest re-saving it with another option
-            raise TrainingCheckpointError(f"{path} is not a training checkpoint: not a file torch.save wrote (a zip "
-                                          "archive), or one cut short at its start") from err
+            with open(path, "rb") as stream:
+                starts_as_zip = stream.read(len(ZIP_LOCAL_HEADER_SIGNATURE)) == ZIP_LOCAL_HEADER_SIGNATURE
+            what = ("truncated: a torch.save file without its end (the zip directory)" if starts_as_zip
+                    else "not a training checkpoint: not a file torch.save wrote (a zip archive)")
+            raise TrainingCheckpointError(f"{path} is {what}") from err
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     if not isinstance(checkpoint, dict):
         raise TrainingCheckpointError(f"checkpoint {path} is not a dict")
@@ -256,15 +258,15 @@ def saved_config(checkpoint: dict) -> CfgNode:
     return CfgNode.load_cfg(checkpoint["config"])
 
 
-def config_differences(saved: CfgNode, config: CfgNode) -> list[str]:
+def config_differences(saved: CfgNode, config: CfgNode, notes: Mapping[str, str] | None = None) -> list[str]:
     """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config ``saved``,
-    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``. Both configs hold the
-    learning rates scaled to their run's total batch (``SCALED_LR_KEYS``), and say so."""
-    saved, current = _flat_items(saved), _flat_items(config)
+    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``, and a key of ``notes``
+    is followed by its note in parentheses."""
+    saved, current, notes = _flat_items(saved), _flat_items(config), notes or {}
     absent = "(absent)"
     keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
     return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}"
-            + (" (scaled to the total batch)" if key in SCALED_LR_KEYS else "")
+            + (f" ({notes[key]})" if key in notes else "")
             for key in keys if saved.get(key, absent) != current.get(key, absent)]
 
 
