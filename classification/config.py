@@ -29,6 +29,8 @@ SCAN_BACKENDS = ("auto", *BACKENDS)
 # What timm's str_to_interp_mode maps; the train and eval transforms both use DATA.INTERPOLATION, so timm's
 # train-only "random" is not among them.
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")
+# DATA.INTERPOLATION of each family's release (its config.py; no released yaml overrides it), the default here.
+RELEASE_INTERPOLATION = {"defmamba": "bilinear", "damamba": "bicubic"}
 AUTO_AUGMENT_OFF = ("", "none")  # AUG.AUTO_AUGMENT values that disable it ("none" is stored as "")
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")  # timm's AutoAugment policies
 RAND_TRANSFORM_SETS = ("tweights", "t3aw", "t3a")  # RandAugment 't<name>' sections timm knows (others: default set)
@@ -39,11 +41,12 @@ RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yiel
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
 YAML_FLOW_OPENERS = ("[", "{")  # an --opts value starting so is read as yaml flow syntax if not a Python literal
 YAML_BASE_KEY = "BASE"  # a yaml's list of yaml files (relative to it) merged before it; not a config key
-# The keys whose default None means "the MODEL.NAME variant's value", with an example of the type they take.
+# The keys whose default None means "the MODEL.NAME variant's value" (for DATA.INTERPOLATION, its family release's),
+# with an example of the type they take.
 VARIANT_KEY_TYPES = {
     "MODEL.DEFMAMBA.EMBED_DIM": 0, "MODEL.DEFMAMBA.DEPTHS": [0], "MODEL.DEFMAMBA.DROP_PATH_RATE": 0.0,
     "MODEL.DAMAMBA.DIMS": [0], "MODEL.DAMAMBA.DEPTHS": [0], "MODEL.DAMAMBA.MLP_RATIOS": [0.0],
-    "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0,
+    "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0, "DATA.INTERPOLATION": "",
 }
 
 _C = CN()
@@ -52,7 +55,7 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per process per step
 _C.DATA.DATA_PATH = ""  # dataset root holding train/ and val/ in ImageFolder layout
 _C.DATA.IMG_SIZE = 224  # side of the square training and evaluation crops
-_C.DATA.INTERPOLATION = "bicubic"  # resize interpolation of the train and eval transforms (one of INTERPOLATIONS)
+_C.DATA.INTERPOLATION = None  # train and eval resize (one of INTERPOLATIONS); None: RELEASE_INTERPOLATION of MODEL.TYPE
 _C.DATA.CROP_PCT = 0.875  # eval: resize the short side to IMG_SIZE / CROP_PCT, then centre-crop IMG_SIZE
 _C.DATA.NUM_WORKERS = 8  # data-loader worker processes per process (0 loads in the main process)
 _C.DATA.PIN_MEMORY = True  # pin host memory of batches (only used on CUDA)
@@ -482,6 +485,8 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
         if value is not None:
             _set_key(cfg, key, value, f"--{attr.replace('_', '-')}")
     merge_opts(cfg, list(getattr(args, "opts", None) or []))
+    if cfg.DATA.INTERPOLATION is None:  # an unknown MODEL.TYPE leaves it None: validate() names the type first
+        cfg.DATA.INTERPOLATION = RELEASE_INTERPOLATION.get(cfg.MODEL.TYPE)
     if cfg.AUG.AUTO_AUGMENT in AUTO_AUGMENT_OFF:
         cfg.AUG.AUTO_AUGMENT = ""  # the data pipeline disables auto-augment on "" only
     validate(cfg, world_size)

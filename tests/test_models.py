@@ -3,6 +3,7 @@
 Functional checks use each variant's widths with one block per stage, 7 classes and 64x64 inputs; the exact
 parameter counts are taken on the full-size variants, built on the meta device.
 """
+import argparse
 import copy
 
 import pytest
@@ -10,6 +11,7 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
 
+from classification.config import get_config
 from classification.models import create_model, list_models
 
 MODELS = list_models()
@@ -163,7 +165,12 @@ def test_classifier_reset_and_pruning(name):
 def test_pretrained_cfg_gives_the_release_eval_transform(name):
     config = resolve_model_data_config(small_model(name))
     assert config["input_size"] == (3, 224, 224)
-    assert config["crop_pct"] == 0.875 and config["interpolation"] == "bicubic"
+    # Each release's DATA.INTERPOLATION (its config.py), also the family's default in our config.
+    family = name.split("_")[0]
+    released = {"defmamba": "bilinear", "damamba": "bicubic"}[family]
+    assert config["crop_pct"] == 0.875 and config["interpolation"] == released
+    assert get_config(argparse.Namespace(opts=["MODEL.TYPE", family, "MODEL.NAME", name]),
+                      world_size=1).DATA.INTERPOLATION == released
     assert config["mean"] == IMAGENET_DEFAULT_MEAN and config["std"] == IMAGENET_DEFAULT_STD
     assert small_model(name).pretrained_cfg["classifier"] == "head.fc"
 

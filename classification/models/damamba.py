@@ -430,7 +430,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 register_checkpoint_filter(DAMamba, checkpoint_filter_fn)
 
 
-default_cfgs = imagenet_default_cfgs(("damamba_tiny", "damamba_small", "damamba_base"), first_conv="stem.0")
+default_cfgs = imagenet_default_cfgs(("damamba_tiny", "damamba_small", "damamba_base"), first_conv="stem.0",
+                                     interpolation="bicubic")  # the release's DATA.INTERPOLATION
 
 
 # Each variant's architecture and stochastic-depth rate. The drop-path rates are the release's training yamls' (its own

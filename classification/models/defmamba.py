@@ -734,7 +734,9 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
 register_checkpoint_filter(DefMamba, checkpoint_filter_fn)
 
 
-default_cfgs = imagenet_default_cfgs(("defmamba_tiny", "defmamba_small", "defmamba_base"), first_conv="stem.conv1")
+# The release resizes bilinearly (its config's DATA.INTERPOLATION, which no DefMamba yaml overrides).
+default_cfgs = imagenet_default_cfgs(("defmamba_tiny", "defmamba_small", "defmamba_base"), first_conv="stem.conv1",
+                                     interpolation="bilinear")
 
 
 # Each variant's architecture and stochastic-depth rate.

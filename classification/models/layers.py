@@ -248,11 +248,12 @@ def channels_first_to_last(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def imagenet_default_cfgs(variants: Sequence[str], first_conv: str) -> dict:
-    """timm ``default_cfgs`` for variants evaluated as released: 224 input, crop 0.875, bicubic, ImageNet mean/std."""
+def imagenet_default_cfgs(variants: Sequence[str], first_conv: str, interpolation: str) -> dict:
+    """timm ``default_cfgs`` for variants evaluated as released: 224 input, crop 0.875, the release's resize
+    ``interpolation``, ImageNet mean/std."""
     cfg = dict(
         url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-        interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        interpolation=interpolation, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv=first_conv, classifier="head.fc",
     )
     return generate_default_cfgs({variant: dict(cfg) for variant in variants})
