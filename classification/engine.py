@@ -164,8 +164,8 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             num_updates = epoch * updates_per_epoch + step // accumulation_steps + 1
-            if model_ema is not None:
-                model_ema.update(unwrap(model), step=num_updates)
+            if model_ema is not None:  # a constant decay from the first update on, as the releases' timm ModelEma
+                model_ema.update(unwrap(model))
             lr_scheduler.step_update(num_updates=num_updates)
             if math.isfinite(grad_norm):
                 norm_meter.update(float(grad_norm))

@@ -136,6 +136,19 @@ def test_mesa_adds_soft_target_ce_from_the_ema_teacher():
         _train(Toy(), _batches(1, 4), mesa_weight=1.0)
 
 
+def test_the_ema_blends_at_its_decay_from_the_first_update():
+    """As the releases' timm ModelEma: ema = decay * ema + (1 - decay) * weights after every update, the first one
+    included (ModelEmaV3 given a step count would copy the weights at the first)."""
+    torch.manual_seed(0)
+    model = Toy()
+    ema = ModelEmaV3(model, decay=0.75)
+    expected = model.fc.weight.detach().clone()
+    for batch in _batches(2, 4):  # one update per call, the EMA's right after it
+        _train(model, [batch], model_ema=ema)
+        expected = 0.75 * expected + 0.25 * model.fc.weight.detach()
+    torch.testing.assert_close(ema.module.fc.weight, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_nan_loss_stops_before_any_update():
     model = Toy()
     before = copy.deepcopy(model.state_dict())
