@@ -41,13 +41,17 @@ RGB_CHANNELS = 3  # the data pipeline (ImageFolder, timm transforms) always yiel
 MAX_LISTED_KEYS = 6  # keys of a section named in the error for a section given a value
 YAML_FLOW_OPENERS = ("[", "{")  # an --opts value starting so is read as yaml flow syntax if not a Python literal
 YAML_BASE_KEY = "BASE"  # a yaml's list of yaml files (relative to it) merged before it; not a config key
-# The keys whose default None means "the MODEL.NAME variant's value" (for DATA.INTERPOLATION, its family release's),
-# with an example of the type they take.
+# The keys whose default None means "the MODEL.NAME variant's value", with an example of the type they take.
 VARIANT_KEY_TYPES = {
     "MODEL.DEFMAMBA.EMBED_DIM": 0, "MODEL.DEFMAMBA.DEPTHS": [0], "MODEL.DEFMAMBA.DROP_PATH_RATE": 0.0,
     "MODEL.DAMAMBA.DIMS": [0], "MODEL.DAMAMBA.DEPTHS": [0], "MODEL.DAMAMBA.MLP_RATIOS": [0.0],
-    "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0, "DATA.INTERPOLATION": "",
+    "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0,
 }
+# The keys whose default None is derived from other keys by get_config (see their comments), with an example type.
+DERIVED_KEY_TYPES = {"DATA.INTERPOLATION": "", "TRAIN.MESA.START_EPOCH": 0}
+MESA_START_FRACTION = 0.25  # the release starts MESA at epoch int(0.25 x TRAIN.EPOCHS)
+# What None stands for, per key that takes it.
+NONE_MEANS = {**dict.fromkeys(VARIANT_KEY_TYPES, "the variant's value"), **dict.fromkeys(DERIVED_KEY_TYPES, "derived")}
 
 _C = CN()
 
@@ -122,7 +126,7 @@ _C.TRAIN.EMA.DECAY = 0.9999  # EMA decay per optimizer update, in [0, 1)
 
 _C.TRAIN.MESA = CN()
 _C.TRAIN.MESA.WEIGHT = 0.0  # weight of the self-distillation loss from the EMA teacher (0 disables MESA)
-_C.TRAIN.MESA.START_EPOCH = 0  # first epoch with the MESA term
+_C.TRAIN.MESA.START_EPOCH = None  # first epoch with the MESA term; None: int(MESA_START_FRACTION x TRAIN.EPOCHS)
 
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4  # colour jitter strength (ignored when AUTO_AUGMENT is set)
@@ -160,11 +164,12 @@ def get_defaults() -> CN:
 
 def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     """Checks ``value`` against the type of ``default`` (int -> float and list <-> tuple are allowed); a key of
-    :data:`VARIANT_KEY_TYPES` also takes None (the variant's value) and is checked against its example type."""
-    if full_key in VARIANT_KEY_TYPES:
+    :data:`VARIANT_KEY_TYPES` or :data:`DERIVED_KEY_TYPES` also takes None and is checked against its example type."""
+    none_means = NONE_MEANS.get(full_key)
+    if none_means is not None:
         if value is None:
             return None
-        default = VARIANT_KEY_TYPES[full_key]
+        default = {**VARIANT_KEY_TYPES, **DERIVED_KEY_TYPES}[full_key]
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
@@ -184,7 +189,7 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
         return value
     raise ConfigError(
         f"{source}: {full_key} must be of type {type(default).__name__} (like {default!r})"
-        + (" or None (the variant's value)" if full_key in VARIANT_KEY_TYPES else "") + f", got {value!r}"
+        + (f" or None ({none_means})" if none_means else "") + f", got {value!r}"
     )
 
 
@@ -487,6 +492,8 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
     merge_opts(cfg, list(getattr(args, "opts", None) or []))
     if cfg.DATA.INTERPOLATION is None:  # an unknown MODEL.TYPE leaves it None: validate() names the type first
         cfg.DATA.INTERPOLATION = RELEASE_INTERPOLATION.get(cfg.MODEL.TYPE)
+    if cfg.TRAIN.MESA.START_EPOCH is None:
+        cfg.TRAIN.MESA.START_EPOCH = int(MESA_START_FRACTION * cfg.TRAIN.EPOCHS)
     if cfg.AUG.AUTO_AUGMENT in AUTO_AUGMENT_OFF:
         cfg.AUG.AUTO_AUGMENT = ""  # the data pipeline disables auto-augment on "" only
     validate(cfg, world_size)

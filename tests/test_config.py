@@ -68,6 +68,22 @@ def test_release_recipe_lr_scaling():
     assert unscaled.TRAIN.BASE_LR == pytest.approx(5e-4)
 
 
+def test_keys_derived_from_others_follow_them_unless_set():
+    """MESA starts at int(0.25 x TRAIN.EPOCHS) as in the DAMamba release; the resize interpolation is the family
+    release's (DefMamba bilinear, DAMamba bicubic). Set, both keep their value."""
+    damamba = str(REPO / "configs/damamba/tiny.yaml")
+    assert get_config(_args(cfg=damamba), world_size=8).TRAIN.MESA.START_EPOCH == 75
+    assert get_config(_args(cfg=damamba, opts=["TRAIN.EPOCHS", "100"]), world_size=8).TRAIN.MESA.START_EPOCH == 25
+    explicit = get_config(_args(cfg=damamba, opts=["TRAIN.MESA.START_EPOCH", "3"]), world_size=8)
+    assert explicit.TRAIN.MESA.START_EPOCH == 3
+    assert get_config(_args(cfg=damamba), world_size=8).DATA.INTERPOLATION == "bicubic"
+    assert get_config(_args(), world_size=8).DATA.INTERPOLATION == "bilinear"  # the defaults' DefMamba-T
+    assert get_config(_args(opts=["DATA.INTERPOLATION", "bicubic"]), world_size=8).DATA.INTERPOLATION == "bicubic"
+    with pytest.raises(ConfigError, match=r"TRAIN\.MESA\.START_EPOCH must be of type int \(like 0\) or None "
+                                          r"\(derived\), got 'late'"):
+        get_config(_args(opts=["TRAIN.MESA.START_EPOCH", "late"]))
+
+
 def test_a_runs_config_given_again_trains_with_the_same_learning_rates(tmp_path):
     """The frozen config states its rates at its own total batch: its dump (a run's config.yaml) as --cfg gives the
     same rates at the same batch, and rescales them linearly for another one."""
