@@ -235,14 +235,16 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)
 
+    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes)
     start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
     finished_outputs = None  # of the epoch a resumed end-of-epoch checkpoint ends
     resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
     own_checkpoint = bool(resume_path) and in_run_folder(resume_path, output_dir)
     if resume_path:
-        start_epoch, start_step, max_accuracy, max_accuracy_ema, finished_outputs = resume_training(
-            resume_path, config, ctx, model_without_ddp, model_ema, optimizer, lr_scheduler, scaler, updates_per_epoch,
-            check_crc=not records_checked)
+        resumed, finished_outputs = resume_training(resume_path, state, ctx, lr_scheduler, updates_per_epoch,
+                                                    check_crc=not records_checked)
+        start_epoch, start_step, max_accuracy, max_accuracy_ema = (resumed.epoch, resumed.step, resumed.max_accuracy,
+                                                                   resumed.max_accuracy_ema)
     if resume_path and not own_checkpoint:  # e.g. fine-tuning: checkpoint_best.pth is this run's best
         logger.info("best accuracy counted from this run on (%s's run reached %.2f%%)", resume_path, max_accuracy)
         max_accuracy = max_accuracy_ema = 0.0
@@ -259,7 +261,6 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                            path)
         set_aside_later_outputs(output_dir, (start_epoch, start_step))
 
-    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes)
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 

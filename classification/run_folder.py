@@ -5,7 +5,8 @@ At the end of an epoch ``checkpoint_latest.pth`` is written first and carries th
 record and whether it was the best); :func:`finish_epoch` then writes the best and numbered checkpoints,
 ``model_ema.pth``, the record and its scalars. A run resumed from such a checkpoint of its own folder completes what a
 crash cut short; a run that starts before what its folder holds first moves the later files aside
-(:func:`set_aside_later_outputs`), so that nothing of an abandoned pass is resumed or taken for the new one.
+(:func:`set_aside_later_outputs`), so that nothing of an abandoned pass is resumed or taken for the new one. While a
+run trains, its rank 0 holds the folder's lock (:func:`run_folder_lock`): a second run there is refused.
 """
 import contextlib
 import dataclasses
@@ -221,12 +222,10 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, use_ema: bool = 
         raise CheckpointError(f"{path}: {err}") from err
 
 
-def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: nn.Module,
-                    model_ema: ModelEmaV3 | None, optimizer: torch.optim.Optimizer, lr_scheduler: Scheduler,
-                    scaler: torch.amp.GradScaler, updates_per_epoch: int,
-                    check_crc: bool = True) -> tuple[int, int, float, float, dict | None]:
-    """Restores a training checkpoint (its records checked against their CRC-32 unless ``check_crc`` is False: the
-    caller has just checked them). Returns (epoch, step, max_accuracy, max_accuracy_ema) to continue from, and the
+def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr_scheduler: Scheduler,
+                    updates_per_epoch: int, check_crc: bool = True) -> tuple[Position, dict | None]:
+    """Restores a training checkpoint into ``state`` and ``lr_scheduler`` (its records checked against their CRC-32
+    unless ``check_crc`` is False: the caller has just checked them). Returns the position to continue from, and the
     outputs of the epoch it ends (:func:`finish_epoch`; None for a checkpoint from the middle of an epoch).
 
     The run continues with the current config, and every key that differs from the checkpoint's run is logged: the
@@ -234,6 +233,7 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
     learning-rate schedule is the config's at the update count of the resumed position (epoch x updates per epoch
     + updates done in the epoch, as the training loop counts).
     """
+    config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = ckpt.saved_config(checkpoint)
     ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
@@ -265,7 +265,7 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)  # the saved state brings back the saved settings: the config's win
     lr_scheduler.step_update(num_updates=num_updates)
-    scaler.load_state_dict(checkpoint["scaler"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == ctx.world_size:
         ckpt.restore_rng_state(rng_states[ctx.rank])
@@ -273,8 +273,9 @@ def resume_training(path: str, config: CfgNode, ctx: DistributedContext, model: 
         logger.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
                        len(rng_states), ctx.world_size)
     logger.info("resumed from %s at epoch %d step %d", path, epoch, step)
-    return (epoch, step, checkpoint.get("max_accuracy", 0.0), checkpoint.get("max_accuracy_ema", 0.0),
-            checkpoint.get(EPOCH_OUTPUTS_KEY))
+    position = Position(epoch, step, num_updates, checkpoint.get("max_accuracy", 0.0),
+                        checkpoint.get("max_accuracy_ema", 0.0))
+    return position, checkpoint.get(EPOCH_OUTPUTS_KEY)
 
 
 def read_json_log(path: Path) -> tuple[list[dict], int]:

@@ -420,9 +420,11 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
         run_folder.Position(epoch=1, step=0, num_updates=2, max_accuracy=0.0, max_accuracy_ema=0.0), is_main=True)
     new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
     config, model, optimizer, scheduler = setup(new_opts, 4)
-    position = run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
-                                          optimizer, scheduler, scaler, updates_per_epoch=4)
-    assert position == (1, 0, 0.0, 0.0, None)  # None: saved without the outputs of a finished epoch
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
+    position, outputs = run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(), scheduler,
+                                                   updates_per_epoch=4)
+    # Epoch 1 starts after 4 updates of the new batch; None: saved without the outputs of a finished epoch.
+    assert position == (1, 0, 4, 0.0, 0.0) and outputs is None
     *_, expected = setup(new_opts, 4)
     expected.step_update(num_updates=4)  # epoch 1 starts after 4 updates of batch 2
     assert [group["lr"] for group in optimizer.param_groups] == [
@@ -431,6 +433,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
 
     # Settings that regroup the parameters cannot take the saved optimizer state: one clear error.
     config, model, optimizer, scheduler = setup([*new_opts, "TRAIN.NO_DECAY_SSM", "True"], 4)
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
     with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
-        run_folder.resume_training(str(tmp_path / "c.pth"), config, main.init_distributed(), model, None,
-                                   main.build_optimizer(config, model), scheduler, scaler, updates_per_epoch=4)
+        run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(), scheduler,
+                                   updates_per_epoch=4)
