@@ -49,7 +49,8 @@ TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
 LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_folder)
-# What flock raises on a file system without locks (NFS without lockd, Lustre mounted noflock, ...).
+LOCK_HELD_ERRNOS = (errno.EACCES, errno.EAGAIN)  # what lockf raises when another process holds the lock
+# What lockf raises on a file system without locks (NFS without lockd, Lustre mounted without locking, ...).
 LOCKS_UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
@@ -58,10 +59,12 @@ class RunFolderBusyError(RuntimeError):
 
 
 def lock_run_folder(output_dir: Path) -> BinaryIO | None:
-    """Takes the exclusive lock of a training run's folder (``flock`` on :data:`LOCK_NAME`) and returns the open file
-    that holds it; the lock lasts until the file is closed or the process ends, however it ends. Two runs writing one
-    folder would overwrite each other's checkpoints: a requeued job whose predecessor still runs (say, workers
-    orphaned by a killed torchrun). None where ``fcntl`` does not exist (Windows): no lock there.
+    """Takes the exclusive lock of a training run's folder (a POSIX ``lockf`` lock on :data:`LOCK_NAME`) and returns
+    the open file that holds it; the lock lasts until the file is closed or the process ends, however it ends. Two
+    runs writing one folder would overwrite each other's checkpoints: a requeued job whose predecessor still runs
+    (say, workers orphaned by a killed torchrun). A POSIX lock belongs to the process alone: data-loader workers
+    forked later do not hold it after their parent died (a ``flock`` lock would be theirs too). None where ``fcntl``
+    does not exist (Windows): no lock there.
 
     Raises:
         RunFolderBusyError: Another process holds the lock.
@@ -71,14 +74,14 @@ def lock_run_folder(output_dir: Path) -> BinaryIO | None:
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = open(output_dir / LOCK_NAME, "a+b")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as err:
-        lock.seek(0)
-        holder = lock.read().decode(errors="replace").strip() or "another process"
-        lock.close()
-        raise RunFolderBusyError(f"{output_dir} is in use by another training run ({holder}): wait for it to end or "
-                                 "stop it, or give this run another --tag") from err
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
+        if err.errno in LOCK_HELD_ERRNOS:
+            lock.seek(0)
+            holder = lock.read().decode(errors="replace").strip() or "another process"
+            lock.close()
+            raise RunFolderBusyError(f"{output_dir} is in use by another training run ({holder}): wait for it to end "
+                                     "or stop it, or give this run another --tag") from err
         lock.close()
         if err.errno not in LOCKS_UNSUPPORTED_ERRNOS:
             raise

@@ -1,5 +1,6 @@
 """main.py end to end, in process: --help, --eval, --throughput, a NaN stop, a DAMamba run."""
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -8,6 +9,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ import main
 from classification import run_folder
 from classification.ops import resolve_backend
 from classification.utils import checkpoint as ckpt
+from conftest import REPO
 from test_data import make_image_folder
 
 TINY_DEFMAMBA = ["MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]"]
@@ -145,35 +150,59 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_log
             "would not)") in _log(run_dir)
 
 
+# Run in a child: takes the run folder's lock, forks a grandchild that keeps running (a data-loader worker, say), then
+# reports both pids and sleeps until killed.
+LOCK_HOLDER = """
+import os, sys, time
+from pathlib import Path
+from classification import run_folder
+lock = run_folder.lock_run_folder(Path(sys.argv[1]))
+worker = os.fork()
+if worker == 0:
+    time.sleep(60)
+    os._exit(0)
+print(os.getpid(), worker, flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging):
     """Say a requeued job starts while its predecessor (orphaned workers of a killed torchrun) still trains: it would
-    overwrite the same checkpoints. The lock says who holds the folder; once released, the run trains."""
+    overwrite the same checkpoints. The lock says who holds the folder. Once the holder is killed the folder is free,
+    though a process it forked still runs (the lock is the process's own, not shared with its children)."""
     run_dir = tmp_path / "defmamba_tiny" / "default"
-    holder = run_folder.lock_run_folder(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder_pid, worker_pid = map(int, holder.stdout.readline().split())
     try:
         assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 2
-        assert re.search(rf"{re.escape(str(run_dir))} is in use by another training run \(pid {os.getpid()} on "
+        assert re.search(rf"{re.escape(str(run_dir))} is in use by another training run \(pid {holder_pid} on "
                          r"\S+\): wait for it to end or stop it, or give this run another --tag", _log(run_dir))
         assert not list(run_dir.glob("checkpoint_*.pth"))
+        holder.kill()
+        holder.wait(timeout=30)
+        os.kill(worker_pid, 0)  # the forked process still runs
+        assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
     finally:
-        holder.close()
-    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)
 
 
 def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caplog):
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    monkeypatch.setattr(run_folder.fcntl, "lockf", no_locks)
     with caplog.at_level(logging.WARNING):
         assert run_folder.lock_run_folder(tmp_path) is None
     assert "the file system takes no locks (No locks available): training without one" in caplog.text
 
-    def refused(*args):
-        raise PermissionError(errno.EACCES, "Permission denied")
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(run_folder.fcntl, "flock", refused)
-    with pytest.raises(run_folder.RunFolderBusyError, match=r"cannot lock \S+\.lock \(PermissionError: Permission"):
+    monkeypatch.setattr(run_folder.fcntl, "lockf", failing)
+    with pytest.raises(run_folder.RunFolderBusyError, match=r"cannot lock \S+\.lock \(OSError: Input/output error"):
         with run_folder.run_folder_lock(tmp_path, main.init_distributed()):
             pass
 
