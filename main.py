@@ -327,12 +327,19 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
 
 
 def how_to_continue(config: CfgNode, output_dir: Path) -> str:
-    """What continues an interrupted training run: the same command, unless it goes back on purpose (a MODEL.RESUME
-    inside the run's folder) or does not auto-resume."""
+    """What continues an interrupted training run from its newest checkpoint: the same command (auto-resume), without
+    its --resume when that goes back in the run's folder (it would go back again), or, without auto-resume, --resume
+    of the newest checkpoint the folder holds now."""
     given = config.MODEL.RESUME
-    if config.TRAIN.AUTO_RESUME and not (given and in_run_folder(given, output_dir)):
+    going_back = bool(given) and in_run_folder(given, output_dir)
+    if config.TRAIN.AUTO_RESUME:
+        if going_back:
+            return "to continue, run the command without --resume (it resumes from the run's newest checkpoint)"
         return "the same command resumes from the run's newest checkpoint"
-    return f"to continue, resume with --resume {output_dir / ckpt.LATEST_NAME} (the same command would not)"
+    saved = sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB), key=lambda path: path.stat().st_mtime)
+    if not saved:
+        return "no checkpoint was saved"
+    return f"to continue, resume with --resume {saved[-1]}"
 
 
 def main(argv: list[str] | None = None) -> int:

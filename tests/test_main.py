@@ -146,8 +146,15 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_log
     assert "ERROR: interrupted; the same command resumes from the run's newest checkpoint" in _log(run_dir)
     # Going back on purpose (--resume of a checkpoint in the folder): the same command would go back again.
     assert _run(data, tmp_path, "--resume", str(run_dir / "checkpoint_epoch0000.pth")) == main.INTERRUPTED_STATUS
-    assert (f"ERROR: interrupted; to continue, resume with --resume {run_dir / ckpt.LATEST_NAME} (the same command "
-            "would not)") in _log(run_dir)
+    assert ("ERROR: interrupted; to continue, run the command without --resume (it resumes from the run's newest "
+            "checkpoint)") in _log(run_dir)
+    # Without auto-resume: --resume of the newest checkpoint there is (none yet, then the one saved).
+    assert _run(data, tmp_path, opts=("TRAIN.AUTO_RESUME", "False")) == main.INTERRUPTED_STATUS
+    assert "ERROR: interrupted; no checkpoint was saved" in _log(run_dir)
+    (run_dir / ckpt.LATEST_NAME).write_bytes(b"")
+    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.LATEST_NAME),
+                opts=("TRAIN.AUTO_RESUME", "False")) == main.INTERRUPTED_STATUS
+    assert f"ERROR: interrupted; to continue, resume with --resume {run_dir / ckpt.LATEST_NAME}" in _log(run_dir)
 
 
 # Run in a child: takes the run folder's lock, forks a grandchild that keeps running (a data-loader worker, say), then
