@@ -8,6 +8,7 @@ crash cut short; a run that starts before what its folder holds first moves the 
 (:func:`set_aside_later_outputs`), so that nothing of an abandoned pass is resumed or taken for the new one. While a
 run trains, its rank 0 holds the folder's lock (:func:`run_folder_lock`): a second run there is refused.
 """
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -380,15 +381,40 @@ def add_record_scalars(writer: "SummaryWriter", record: dict) -> None:
     writer.flush()
 
 
+def _record_scalars(records: list[dict]) -> collections.Counter:
+    """How many times each (tag, step) scalar of these ``log.txt`` records is written (:func:`add_record_scalars`)."""
+    return collections.Counter((key, record["epoch"]) for record in records for key, value in record.items()
+                               if isinstance(value, (int, float)) and key != "epoch")
+
+
+def _tensorboard_scalars(folder: Path) -> collections.Counter:
+    """How many times each (tag, step) scalar occurs in the event files of ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    found = collections.Counter()
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={SCALARS: 0})  # 0: keep every event
+        accumulator.Reload()
+        for tag in accumulator.Tags()[SCALARS]:
+            found.update((tag, event.step) for event in accumulator.Scalars(tag))
+    return found
+
+
 def open_tensorboard(output_dir: Path) -> "SummaryWriter":
-    """The writer of the run's TensorBoard scalars, which mirror ``log.txt``: a run without a ``tensorboard/`` folder
-    (deleted, or moved aside with the records of a later pass by :func:`set_aside_later_outputs`) first writes the
-    scalars of the records ``log.txt`` holds, so an epoch trained again shows its new values only."""
+    """The writer of the run's TensorBoard scalars, which mirror ``log.txt``. A ``tensorboard/`` folder that does not
+    hold each scalar of the records once (deleted, moved aside with a later pass's records by
+    :func:`set_aside_later_outputs`, or cut short by a crash between a record and its scalars) is written anew from
+    the records, so an epoch trained again shows its new values only."""
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed when training
 
     folder = output_dir / TENSORBOARD_DIR
-    records = [] if folder.exists() else read_json_log(output_dir / JSON_LOG_NAME)[0]
-    if records:  # written aside, then renamed: a crash halfway leaves no partial folder that passes for whole
+    records = read_json_log(output_dir / JSON_LOG_NAME)[0]
+    expected = _record_scalars(records)
+    if folder.exists() and _tensorboard_scalars(folder) != expected:
+        logger.warning("%s does not mirror log.txt (scalars missing or repeated): written anew from its records",
+                       folder)
+        shutil.rmtree(folder)  # derived from log.txt, which stays
+    if expected and not folder.exists():  # written aside, then renamed: a crash halfway leaves no partial folder
         building = output_dir / f"{TENSORBOARD_DIR}.building"
         shutil.rmtree(building, ignore_errors=True)
         writer = SummaryWriter(str(building))

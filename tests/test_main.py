@@ -244,6 +244,23 @@ def _record_scalars(records: list[dict]) -> dict[tuple[str, int], list[float]]:
             for key, value in record.items() if isinstance(value, (int, float)) and key != "epoch"}
 
 
+def test_tensorboard_is_written_anew_when_it_does_not_mirror_log_txt(data, tmp_path, isolated_logging):
+    """A crash between an epoch's log.txt record and its scalars left them missing for good; now any folder that
+    does not hold each record's scalars once is rebuilt from log.txt when a run starts."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    shutil.rmtree(run_dir / run_folder.TENSORBOARD_DIR)
+    with SummaryWriter(str(run_dir / run_folder.TENSORBOARD_DIR)) as partial:  # epoch 0's first scalar only
+        partial.add_scalar("train_loss", 1.0, 0)
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "2")) == 0
+    assert "does not mirror log.txt (scalars missing or repeated): written anew from its records" in _log(run_dir)
+    records = run_folder.read_json_log(run_dir / "log.txt")[0]
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert _tensorboard_scalars(run_dir / run_folder.TENSORBOARD_DIR) == _record_scalars(records)
+
+
 def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tmp_path, isolated_logging,
                                                                         monkeypatch):
     run_dir = tmp_path / "defmamba_tiny" / "default"
