@@ -264,14 +264,10 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     latest_path = output_dir / ckpt.LATEST_NAME
     steps_per_epoch = len(data.train_loader)
 
-    def average_statistics() -> None:  # every process then evaluates, and rank 0 saves, the same BatchNorm statistics
-        average_batchnorm_statistics(model_without_ddp)
-        if model_ema is not None:
-            average_batchnorm_statistics(model_ema.module)
-
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
+        # Rank 0's BatchNorm statistics, left as they are (DDP gives every process rank 0's at the next forward):
+        # saving mid-epoch must not change the run.
         if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
-            average_statistics()
             save_training_checkpoint(latest_path, state,
                                      Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema),
                                      ctx.is_main)
@@ -300,7 +296,8 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                 logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
                 return 1
             start_step = 0
-            average_statistics()
+            # Every process then evaluates, and rank 0 saves, the same BatchNorm statistics (the EMA's already are).
+            average_batchnorm_statistics(model_without_ddp)
             val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
             ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
             is_best = val_stats["acc1"] > max_accuracy

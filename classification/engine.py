@@ -15,7 +15,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from classification.utils.distributed import all_reduce_min, all_reduce_sum, is_distributed
+from classification.utils.distributed import (
+    all_reduce_min,
+    all_reduce_sum,
+    average_batchnorm_statistics,
+    is_distributed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +171,8 @@ def train_one_epoch(
             num_updates = epoch * updates_per_epoch + step // accumulation_steps + 1
             if model_ema is not None:  # a constant decay from the first update on, as the releases' timm ModelEma
                 model_ema.update(unwrap(model))
+                # Every process's EMA holds the same BatchNorm statistics, so a checkpoint of rank 0's resumes exactly.
+                average_batchnorm_statistics(model_ema.module)
             lr_scheduler.step_update(num_updates=num_updates)
             if math.isfinite(grad_norm):
                 norm_meter.update(float(grad_norm))

@@ -91,28 +91,38 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):
 
 
 def test_two_ranks_evaluate_and_save_the_same_batchnorm_statistics(tmp_path, start_run):
-    """DAMamba's BatchNorm running statistics are per process; averaged before evaluation and saving, both ranks end
-    with the same buffers, which the checkpoint holds: the logged accuracy is that of the saved weights."""
+    """DAMamba's BatchNorm running statistics are per process. Averaged before evaluation, both ranks end with the
+    same buffers, which the checkpoint holds: the logged accuracy is that of the saved weights. The EMA's are averaged
+    at every update. Mid-epoch checkpoints (TRAIN.SAVE_STEPS) leave the run unchanged, EMA included."""
     from test_data import make_image_folder
 
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=8, val_per_class=3)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    run, log = start_run(
-        "damamba", [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
-                    str(Path(__file__).resolve()), str(tmp_path),
-                    *_main_args(data, tmp_path / "run", GLOBAL_BATCH // WORLD_SIZE, TINY_DAMAMBA)], env)
-    assert run.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(log)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}_of2.pt") for r in range(WORLD_SIZE))
+    runs = {}
+    for name, extra in (("saving", ["TRAIN.SAVE_STEPS", "1"]), ("plain", [])):
+        weights = tmp_path / name
+        weights.mkdir()
+        runs[name] = start_run(name, [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
+            str(Path(__file__).resolve()), str(weights),
+            *_main_args(data, tmp_path / name, GLOBAL_BATCH // WORLD_SIZE, TINY_DAMAMBA), "TRAIN.EMA.ENABLE", "True",
+            "TRAIN.EPOCHS", "2", *extra], env)
+    for run, log in runs.values():
+        assert run.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(log)
+    rank0, rank1 = (torch.load(tmp_path / "saving" / f"rank{r}_of2.pt") for r in range(WORLD_SIZE))
     statistics = [key for key in rank0 if key.endswith(("running_mean", "running_var"))]
     assert statistics, "no BatchNorm in the model"
-    initial = torch.load(tmp_path / "initial_rank0_of2.pt")
+    initial = torch.load(tmp_path / "saving" / "initial_rank0_of2.pt")
     assert any(not torch.equal(rank0[key], initial[key]) for key in statistics), "the statistics never moved"
-    saved = torch.load(tmp_path / "run" / "damamba_tiny" / "default" / "checkpoint_latest.pth",
-                       weights_only=False)["model"]
+    saved = {name: torch.load(tmp_path / name / "damamba_tiny" / "default" / "checkpoint_latest.pth",
+                              weights_only=False) for name in runs}
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
-        assert torch.equal(rank0[key], saved[key]), f"{key} differs from the checkpoint"
+        assert torch.equal(rank0[key], saved["saving"]["model"][key]), f"{key} differs from the checkpoint"
+    for part in ("model", "model_ema"):
+        for key, value in saved["plain"][part].items():
+            assert torch.equal(saved["saving"][part][key], value), f"{part} {key}: mid-epoch saves changed the run"
 
 
 if __name__ == "__main__":

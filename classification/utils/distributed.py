@@ -76,20 +76,24 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def average_batchnorm_statistics(model: torch.nn.Module) -> None:
-    """Averages the BatchNorm running means and variances over processes, in place (a no-op in one process).
+    """Averages the BatchNorm running means and variances over processes, in place, in one all-reduce (a no-op in one
+    process or without BatchNorm).
 
     DDP keeps the parameters equal on every process, but each BatchNorm layer tracks the statistics of its own
-    process's batches: averaged before an evaluation and a checkpoint, every process evaluates the weights that rank 0
-    saves.
+    process's batches (DDP overwrites them with rank 0's at each forward; an EMA copy, outside DDP, keeps its own).
     """
     if not is_distributed():
         return
-    world_size = dist.get_world_size()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for statistic in (module.running_mean, module.running_var):
-                dist.all_reduce(statistic, op=dist.ReduceOp.SUM)
-                statistic.div_(world_size)
+    statistics = [statistic for module in model.modules()
+                  if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+                  for statistic in (module.running_mean, module.running_var)]
+    if not statistics:
+        return
+    flat = torch.cat([statistic.reshape(-1) for statistic in statistics])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(dist.get_world_size())
+    for statistic, averaged in zip(statistics, flat.split([statistic.numel() for statistic in statistics])):
+        statistic.copy_(averaged.view_as(statistic))
 
 
 def all_gather_objects(obj: object) -> list:
