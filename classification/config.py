@@ -47,7 +47,7 @@ VARIANT_KEY_TYPES = {
     "MODEL.DAMAMBA.DIMS": [0], "MODEL.DAMAMBA.DEPTHS": [0], "MODEL.DAMAMBA.MLP_RATIOS": [0.0],
     "MODEL.DAMAMBA.LAYERSCALE": [0], "MODEL.DAMAMBA.DROP_PATH_RATE": 0.0,
 }
-# The keys whose default None is derived from other keys by get_config (see their comments), with an example type.
+# The keys whose default None is derived from other keys (see their comments), with an example of the type they take.
 DERIVED_KEY_TYPES = {"DATA.INTERPOLATION": "", "TRAIN.MESA.START_EPOCH": 0}
 MESA_START_FRACTION = 0.25  # the release starts MESA at epoch int(0.25 x TRAIN.EPOCHS)
 # What None stands for, per key that takes it.
@@ -126,7 +126,7 @@ _C.TRAIN.EMA.DECAY = 0.9999  # EMA decay per optimizer update, in [0, 1)
 
 _C.TRAIN.MESA = CN()
 _C.TRAIN.MESA.WEIGHT = 0.0  # weight of the self-distillation loss from the EMA teacher (0 disables MESA)
-_C.TRAIN.MESA.START_EPOCH = None  # first epoch with the MESA term; None: int(MESA_START_FRACTION x TRAIN.EPOCHS)
+_C.TRAIN.MESA.START_EPOCH = None  # first epoch with the MESA term; None: mesa_start_epoch() derives it from EPOCHS
 
 _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4  # colour jitter strength (ignored when AUTO_AUGMENT is set)
@@ -338,7 +338,7 @@ def _validate_ranges(cfg: CN) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {"MODEL.NUM_CLASSES": cfg.MODEL.NUM_CLASSES,
                     "TRAIN.START_EPOCH": cfg.TRAIN.START_EPOCH, "TRAIN.WARMUP_EPOCHS": cfg.TRAIN.WARMUP_EPOCHS,
-                    "TRAIN.SAVE_STEPS": cfg.TRAIN.SAVE_STEPS, "TRAIN.MESA.START_EPOCH": cfg.TRAIN.MESA.START_EPOCH,
+                    "TRAIN.SAVE_STEPS": cfg.TRAIN.SAVE_STEPS, "TRAIN.MESA.START_EPOCH": mesa_start_epoch(cfg),
                     "DATA.NUM_WORKERS": cfg.DATA.NUM_WORKERS}
     for key, value in non_negative.items():
         if value < 0:
@@ -445,6 +445,14 @@ def validate(cfg: CN, world_size: int = 1) -> None:
 SCALED_LR_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")  # scaled to the total batch in the frozen config
 
 
+def mesa_start_epoch(cfg: CN) -> int:
+    """The first epoch with the MESA term: TRAIN.MESA.START_EPOCH, by default (None) int(MESA_START_FRACTION x
+    TRAIN.EPOCHS) as the release computes it. The frozen config keeps the None, so a run's config.yaml given again with
+    another TRAIN.EPOCHS moves the start as a resumed run does."""
+    start = cfg.TRAIN.MESA.START_EPOCH
+    return int(MESA_START_FRACTION * cfg.TRAIN.EPOCHS) if start is None else start
+
+
 def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """Scales :data:`SCALED_LR_KEYS` by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release), and makes
     the total batch the reference: the config then states the rates it trains with at the batch it trains with, so a
@@ -492,8 +500,6 @@ def get_config(args: argparse.Namespace, world_size: int | None = None) -> CN:
     merge_opts(cfg, list(getattr(args, "opts", None) or []))
     if cfg.DATA.INTERPOLATION is None:  # an unknown MODEL.TYPE leaves it None: validate() names the type first
         cfg.DATA.INTERPOLATION = RELEASE_INTERPOLATION.get(cfg.MODEL.TYPE)
-    if cfg.TRAIN.MESA.START_EPOCH is None:
-        cfg.TRAIN.MESA.START_EPOCH = int(MESA_START_FRACTION * cfg.TRAIN.EPOCHS)
     if cfg.AUG.AUTO_AUGMENT in AUTO_AUGMENT_OFF:
         cfg.AUG.AUTO_AUGMENT = ""  # the data pipeline disables auto-augment on "" only
     validate(cfg, world_size)

@@ -69,13 +69,14 @@ def test_release_recipe_lr_scaling():
 
 
 def test_keys_derived_from_others_follow_them_unless_set():
-    """MESA starts at int(0.25 x TRAIN.EPOCHS) as in the DAMamba release; the resize interpolation is the family
-    release's (DefMamba bilinear, DAMamba bicubic). Set, both keep their value."""
+    """MESA starts at int(0.25 x TRAIN.EPOCHS) as in the DAMamba release (derived where used: the frozen config keeps
+    None); the resize interpolation is the family release's (DefMamba bilinear, DAMamba bicubic). Set, both keep their
+    value."""
     damamba = str(REPO / "configs/damamba/tiny.yaml")
-    assert get_config(_args(cfg=damamba), world_size=8).TRAIN.MESA.START_EPOCH == 75
-    assert get_config(_args(cfg=damamba, opts=["TRAIN.EPOCHS", "100"]), world_size=8).TRAIN.MESA.START_EPOCH == 25
+    assert config_module.mesa_start_epoch(get_config(_args(cfg=damamba), world_size=8)) == 75
+    assert config_module.mesa_start_epoch(get_config(_args(cfg=damamba, opts=["TRAIN.EPOCHS", "100"]))) == 25
     explicit = get_config(_args(cfg=damamba, opts=["TRAIN.MESA.START_EPOCH", "3"]), world_size=8)
-    assert explicit.TRAIN.MESA.START_EPOCH == 3
+    assert config_module.mesa_start_epoch(explicit) == 3
     assert get_config(_args(cfg=damamba), world_size=8).DATA.INTERPOLATION == "bicubic"
     assert get_config(_args(), world_size=8).DATA.INTERPOLATION == "bilinear"  # the defaults' DefMamba-T
     assert get_config(_args(opts=["DATA.INTERPOLATION", "bicubic"]), world_size=8).DATA.INTERPOLATION == "bicubic"
@@ -109,7 +110,7 @@ def test_recipes_build_the_released_variants():
             model = build_model(cfg)
         assert sum(p.numel() for p in model.parameters()) == params, name
     small = get_config(_args(cfg=str(REPO / "configs/damamba/small.yaml")), world_size=1)
-    assert small.TRAIN.MESA.WEIGHT == 1.5 and small.TRAIN.MESA.START_EPOCH == 75
+    assert small.TRAIN.MESA.WEIGHT == 1.5 and config_module.mesa_start_epoch(small) == 75
 
 
 def test_model_name_alone_selects_the_variant_and_set_keys_override_it():
