@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
-from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config
+from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_start_epoch
 from classification.data.build import DatasetError, build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
@@ -283,7 +283,7 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                          state, ctx, writer, completing=True)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
-            mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= config.TRAIN.MESA.START_EPOCH else 0.0
+            mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= mesa_start_epoch(config) else 0.0
             try:
                 train_stats = train_one_epoch(
                     model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
@@ -318,8 +318,9 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     finally:
         if writer is not None:
             writer.close()
-    logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
-                f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
+    if not nothing_to_train:
+        logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
+                    f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
     return 0
 
 
