@@ -324,24 +324,25 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     return 0
 
 
-def how_to_continue(config: CfgNode, output_dir: Path) -> str:
-    """What continues an interrupted training run from its newest checkpoint: the same command (auto-resume), without
-    its --resume when that goes back in the run's folder (it would go back again), or, without auto-resume, --resume
-    of the newest checkpoint the folder holds now."""
+def how_to_continue(config: CfgNode, output_dir: Path, started: float) -> str:
+    """What continues a training run interrupted after starting at time ``started``: the same command, unless this
+    run saved checkpoints and the command would not resume them: a --resume going back in the run's folder (it would
+    go back again: drop it), or no auto-resume (--resume of the furthest of them)."""
+    own = [path for path in output_dir.glob(ckpt.CHECKPOINT_GLOB) if path.stat().st_mtime >= started]
+    if not own:
+        return "nothing was saved since the start: the same command starts the same way"
     given = config.MODEL.RESUME
-    going_back = bool(given) and in_run_folder(given, output_dir)
-    if config.TRAIN.AUTO_RESUME:
-        if going_back:
-            return "to continue, run the command without --resume (it resumes from the run's newest checkpoint)"
-        return "the same command resumes from the run's newest checkpoint"
-    saved = sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB), key=lambda path: path.stat().st_mtime)
-    if not saved:
-        return "no checkpoint was saved"
-    return f"to continue, resume with --resume {saved[-1]}"
+    if not config.TRAIN.AUTO_RESUME:
+        furthest = max(own, key=lambda path: (ckpt.checkpoint_position(path), path.name == ckpt.LATEST_NAME))
+        return f"to continue, resume with --resume {furthest}"
+    if given and in_run_folder(given, output_dir):
+        return "to continue, run the command without --resume (it resumes from the run's newest checkpoint)"
+    return "the same command resumes from the run's newest checkpoint"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
+    started = time.time()
     args = parse_args(argv)
     try:
         # The variant's architecture spelled out, and the model's own checks of its keys, before anything is written.
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir)}" if run_mode(config) == "train" else "")
+        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}"
+                     if run_mode(config) == "train" else "")
         return INTERRUPTED_STATUS
     finally:
         cleanup()

@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
-from classification.config import SCALED_LR_KEYS, ConfigError
+from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object
@@ -61,7 +61,8 @@ class RunFolderBusyError(RuntimeError):
 
 def lock_run_folder(output_dir: Path) -> BinaryIO | None:
     """Takes the exclusive lock of a training run's folder (a POSIX ``lockf`` lock on :data:`LOCK_NAME`) and returns
-    the open file that holds it; the lock lasts until the file is closed or the process ends, however it ends. Two
+    the open file that holds it; the lock lasts until the file is closed or the process ends, however it ends (or the
+    process closes any other descriptor of the file: POSIX locks are the process's, so nothing else opens it). Two
     runs writing one folder would overwrite each other's checkpoints: a requeued job whose predecessor still runs
     (say, workers orphaned by a killed torchrun). A POSIX lock belongs to the process alone: data-loader workers
     forked later do not hold it after their parent died (a ``flock`` lock would be theirs too). None where ``fcntl``
@@ -243,9 +244,11 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
-    # Both configs hold their learning rates scaled to their own total batch.
-    differences = ckpt.config_differences(saved, config,
-                                          notes=dict.fromkeys(SCALED_LR_KEYS, "scaled to the total batch"))
+    # Both configs hold their learning rates scaled to their own total batch; a derived MESA start is named.
+    notes = dict.fromkeys(SCALED_LR_KEYS, "scaled to the total batch")
+    if config.TRAIN.MESA.START_EPOCH is None:
+        notes["TRAIN.MESA.START_EPOCH"] = f"derived: epoch {mesa_start_epoch(config)}"
+    differences = ckpt.config_differences(saved, config, notes=notes)
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
                        "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
@@ -338,6 +341,17 @@ def _saved_ema_epoch(path: Path) -> int | None:
         return None
 
 
+def _abandoned_folder(output_dir: Path, prefix: str) -> Path:
+    """A new path ``abandoned/<prefix>_<time>`` in the run's folder (not created; its parent is)."""
+    name = f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, count = output_dir / ABANDONED_DIR / name, 1
+    while folder.exists():  # twice within a second
+        count += 1
+        folder = output_dir / ABANDONED_DIR / f"{name}-{count}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None:
     """Moves what the folder holds from beyond ``position``, where this run starts, into
     ``abandoned/from_epochE_stepS_<time>/``: the checkpoints saved further along, a ``model_ema.pth`` of a later
@@ -355,11 +369,7 @@ def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None
     later_records = [record for record in records if record["epoch"] >= epoch]
     if not later and not later_records:
         return
-    name = f"from_epoch{epoch}_step{step}_{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, count = output_dir / ABANDONED_DIR / name, 1
-    while folder.exists():  # twice within a second
-        count += 1
-        folder = output_dir / ABANDONED_DIR / f"{name}-{count}"
+    folder = _abandoned_folder(output_dir, f"from_epoch{epoch}_step{step}")
     folder.mkdir(parents=True)
     if later_records and (output_dir / TENSORBOARD_DIR).exists():
         later.append(output_dir / TENSORBOARD_DIR)  # open_tensorboard rebuilds it from the records kept
@@ -373,18 +383,24 @@ def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None
                    sorted({record["epoch"] for record in later_records}) or "none", folder)
 
 
+def _scalar_items(record: dict) -> Iterator[tuple[str, float]]:
+    """The TensorBoard scalars of an epoch's record: its numbers but the epoch, and NaN for a null (``log.txt`` holds
+    a non-finite value as null, :func:`json_line`), so that a record read back gives the scalars it was written with."""
+    for key, value in record.items():
+        if key != "epoch" and (value is None or isinstance(value, (int, float))):
+            yield key, math.nan if value is None or not math.isfinite(value) else value
+
+
 def add_record_scalars(writer: "SummaryWriter", record: dict) -> None:
     """The numbers of an epoch's ``log.txt`` record as TensorBoard scalars at step ``epoch``."""
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "epoch":
-            writer.add_scalar(key, value, record["epoch"])
+    for key, value in _scalar_items(record):
+        writer.add_scalar(key, value, record["epoch"])
     writer.flush()
 
 
 def _record_scalars(records: list[dict]) -> collections.Counter:
     """How many times each (tag, step) scalar of these ``log.txt`` records is written (:func:`add_record_scalars`)."""
-    return collections.Counter((key, record["epoch"]) for record in records for key, value in record.items()
-                               if isinstance(value, (int, float)) and key != "epoch")
+    return collections.Counter((key, record["epoch"]) for record in records for key, _ in _scalar_items(record))
 
 
 def _tensorboard_scalars(folder: Path) -> collections.Counter:
@@ -411,9 +427,10 @@ def open_tensorboard(output_dir: Path) -> "SummaryWriter":
     records = read_json_log(output_dir / JSON_LOG_NAME)[0]
     expected = _record_scalars(records)
     if folder.exists() and _tensorboard_scalars(folder) != expected:
-        logger.warning("%s does not mirror log.txt (scalars missing or repeated): written anew from its records",
-                       folder)
-        shutil.rmtree(folder)  # derived from log.txt, which stays
+        aside = _abandoned_folder(output_dir, f"{TENSORBOARD_DIR}_replaced")
+        folder.rename(aside)
+        logger.warning("%s does not mirror log.txt (scalars missing or repeated): moved to %s and written anew from "
+                       "the records", folder, aside)
     if expected and not folder.exists():  # written aside, then renamed: a crash halfway leaves no partial folder
         building = output_dir / f"{TENSORBOARD_DIR}.building"
         shutil.rmtree(building, ignore_errors=True)

@@ -136,24 +136,33 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_
     assert error.count("\n") == 1
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_resume(data, tmp_path, isolated_logging, monkeypatch):
-    def interrupted(*args):
+def test_ctrl_c_is_one_line_that_says_how_to_continue(data, tmp_path, isolated_logging, monkeypatch):
+    """The hint depends on what this run saved: nothing (the same command), its own checkpoints after going back (drop
+    the --resume, which would go back again), or without auto-resume (--resume of the furthest of them)."""
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    train = main.train
+    saves = []
+
+    def interrupted(config, ctx, model, amp_dtype, output_dir):
+        if saves:  # what this run saved before the interrupt: a finished first epoch
+            train(config, ctx, model, amp_dtype, output_dir)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(main, "train", interrupted)
-    run_dir = tmp_path / "defmamba_tiny" / "default"
     assert _run(data, tmp_path) == main.INTERRUPTED_STATUS
+    assert "ERROR: interrupted; nothing was saved since the start: the same command starts the same way" in _log(
+        run_dir)
+    saves.append(1)
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == main.INTERRUPTED_STATUS
     assert "ERROR: interrupted; the same command resumes from the run's newest checkpoint" in _log(run_dir)
-    # Going back on purpose (--resume of a checkpoint in the folder): the same command would go back again.
-    assert _run(data, tmp_path, "--resume", str(run_dir / "checkpoint_epoch0000.pth")) == main.INTERRUPTED_STATUS
+    # Going back to epoch 0 (a checkpoint of the folder) and saving again: the same command would go back again.
+    first = run_dir / ckpt.EPOCH_NAME.format(epoch=0)
+    assert _run(data, tmp_path, "--no-model-ema", "--resume", str(first),
+                opts=("TRAIN.EPOCHS", "2")) == main.INTERRUPTED_STATUS
     assert ("ERROR: interrupted; to continue, run the command without --resume (it resumes from the run's newest "
             "checkpoint)") in _log(run_dir)
-    # Without auto-resume: --resume of the newest checkpoint there is (none yet, then the one saved).
-    assert _run(data, tmp_path, opts=("TRAIN.AUTO_RESUME", "False")) == main.INTERRUPTED_STATUS
-    assert "ERROR: interrupted; no checkpoint was saved" in _log(run_dir)
-    (run_dir / ckpt.LATEST_NAME).write_bytes(b"")
-    assert _run(data, tmp_path, "--resume", str(run_dir / ckpt.LATEST_NAME),
-                opts=("TRAIN.AUTO_RESUME", "False")) == main.INTERRUPTED_STATUS
+    assert _run(data, tmp_path, "--no-model-ema", "--resume", str(first),
+                opts=("TRAIN.EPOCHS", "3", "TRAIN.AUTO_RESUME", "False")) == main.INTERRUPTED_STATUS
     assert f"ERROR: interrupted; to continue, resume with --resume {run_dir / ckpt.LATEST_NAME}" in _log(run_dir)
 
 
@@ -255,10 +264,25 @@ def test_tensorboard_is_written_anew_when_it_does_not_mirror_log_txt(data, tmp_p
     with SummaryWriter(str(run_dir / run_folder.TENSORBOARD_DIR)) as partial:  # epoch 0's first scalar only
         partial.add_scalar("train_loss", 1.0, 0)
     assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "2")) == 0
-    assert "does not mirror log.txt (scalars missing or repeated): written anew from its records" in _log(run_dir)
+    assert re.search(r"does not mirror log.txt \(scalars missing or repeated\): moved to \S+/abandoned/"
+                     r"tensorboard_replaced_\S+ and written anew from the records", _log(run_dir))
     records = run_folder.read_json_log(run_dir / "log.txt")[0]
     assert [record["epoch"] for record in records] == [0, 1]
     assert _tensorboard_scalars(run_dir / run_folder.TENSORBOARD_DIR) == _record_scalars(records)
+
+
+def test_a_non_finite_value_is_a_nan_scalar_that_log_txt_reads_back(tmp_path, caplog):
+    """log.txt holds a diverged loss as null; TensorBoard holds it as NaN, which the check at start takes as the same
+    scalar (a record read back gives what it was written with): no rebuild, the NaN stays visible."""
+    record = {"epoch": 0, "train_loss": 0.5, "val_loss": math.nan, "ema_loss": math.inf}
+    run_folder.write_json_record(tmp_path / run_folder.JSON_LOG_NAME, record)
+    run_folder.open_tensorboard(tmp_path).close()  # no scalars yet: written from log.txt
+    with caplog.at_level(logging.WARNING):
+        run_folder.open_tensorboard(tmp_path).close()
+    assert "does not mirror" not in caplog.text
+    scalars = _tensorboard_scalars(tmp_path / run_folder.TENSORBOARD_DIR)
+    assert scalars[("train_loss", 0)] == [0.5] and math.isnan(scalars[("val_loss", 0)][0])
+    assert math.isnan(scalars[("ema_loss", 0)][0])
 
 
 def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tmp_path, isolated_logging,
@@ -456,7 +480,7 @@ def test_a_dataset_error_in_a_loader_worker_is_one_line(data, tmp_path, isolated
     assert len(errors) == 1 and errors[0].endswith("every file failed to open or decode"), errors
 
 
-def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_path, isolated_logging):
+def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_path, isolated_logging, caplog):
     """Resumed with another batch size, weight decay and length: the first resumed update already runs at the new
     schedule's learning rate for the position (epoch x the new updates per epoch), with the new weight decay."""
     def setup(opts: list[str], updates_per_epoch: int):
@@ -466,7 +490,8 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
         optimizer = main.build_optimizer(config, model)
         return config, model, optimizer, main.build_scheduler(config, optimizer, updates_per_epoch)
 
-    saved_config, model, optimizer, _ = setup(["TRAIN.EPOCHS", "2", "DATA.BATCH_SIZE", "4"], 2)
+    saved_config, model, optimizer, _ = setup(["TRAIN.EPOCHS", "2", "DATA.BATCH_SIZE", "4", "TRAIN.MESA.START_EPOCH",
+                                               "1"], 2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     run_folder.save_training_checkpoint(
         tmp_path / "c.pth", run_folder.TrainingState(model, None, optimizer, scaler, saved_config, ["a", "b"]),
@@ -478,6 +503,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
                                                    updates_per_epoch=4)
     # Epoch 1 starts after 4 updates of the new batch; None: saved without the outputs of a finished epoch.
     assert position == (1, 0, 4, 0.0, 0.0) and outputs is None
+    assert "TRAIN.MESA.START_EPOCH 1 -> None (derived: epoch 1)" in caplog.text  # int(0.25 x 4 epochs)
     *_, expected = setup(new_opts, 4)
     expected.step_update(num_updates=4)  # epoch 1 starts after 4 updates of batch 2
     assert [group["lr"] for group in optimizer.param_groups] == [
