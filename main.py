@@ -243,8 +243,7 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     if resume_path:
         resumed, finished_outputs = resume_training(resume_path, state, ctx, lr_scheduler, updates_per_epoch,
                                                     check_crc=not records_checked)
-        start_epoch, start_step, max_accuracy, max_accuracy_ema = (resumed.epoch, resumed.step, resumed.max_accuracy,
-                                                                   resumed.max_accuracy_ema)
+        start_epoch, start_step, _, max_accuracy, max_accuracy_ema = resumed
     if resume_path and not own_checkpoint:  # e.g. fine-tuning: checkpoint_best.pth is this run's best
         logger.info("best accuracy counted from this run on (%s's run reached %.2f%%)", resume_path, max_accuracy)
         max_accuracy = max_accuracy_ema = 0.0

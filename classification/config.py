@@ -50,8 +50,10 @@ VARIANT_KEY_TYPES = {
 # The keys whose default None is derived from other keys (see their comments), with an example of the type they take.
 DERIVED_KEY_TYPES = {"DATA.INTERPOLATION": "", "TRAIN.MESA.START_EPOCH": 0}
 MESA_START_FRACTION = 0.25  # the release starts MESA at epoch int(0.25 x TRAIN.EPOCHS)
+NONE_KEY_TYPES = {**VARIANT_KEY_TYPES, **DERIVED_KEY_TYPES}  # every key that takes None
 # What None stands for, per key that takes it.
 NONE_MEANS = {**dict.fromkeys(VARIANT_KEY_TYPES, "the variant's value"), **dict.fromkeys(DERIVED_KEY_TYPES, "derived")}
+SCALED_LR_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")  # scaled to the total batch in the frozen config
 
 _C = CN()
 
@@ -169,7 +171,7 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
     if none_means is not None:
         if value is None:
             return None
-        default = {**VARIANT_KEY_TYPES, **DERIVED_KEY_TYPES}[full_key]
+        default = NONE_KEY_TYPES[full_key]
     if isinstance(default, bool) or isinstance(value, bool):
         if isinstance(default, bool) and isinstance(value, bool):
             return value
@@ -440,9 +442,6 @@ def validate(cfg: CN, world_size: int = 1) -> None:
         raise ConfigError("TRAIN.MESA.WEIGHT > 0 needs the EMA teacher: set TRAIN.EMA.ENABLE True")
     if not 0.0 < cfg.DATA.CROP_PCT <= 1.0:
         raise ConfigError(f"DATA.CROP_PCT must be in (0, 1], got {cfg.DATA.CROP_PCT}")
-
-
-SCALED_LR_KEYS = ("TRAIN.BASE_LR", "TRAIN.WARMUP_LR", "TRAIN.MIN_LR")  # scaled to the total batch in the frozen config
 
 
 def mesa_start_epoch(cfg: CN) -> int:
