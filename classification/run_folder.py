@@ -53,6 +53,9 @@ LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_f
 LOCK_HELD_ERRNOS = (errno.EACCES, errno.EAGAIN)  # what lockf raises when another process holds the lock
 # What lockf raises on a file system without locks (NFS without lockd, Lustre mounted without locking, ...).
 LOCKS_UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+# Keys that say where and how a run is executed, not what it trains: differences in them are not reported on resume.
+RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESUME", "EVAL_MODE", "THROUGHPUT_MODE",
+                               "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
 
 
 class RunFolderBusyError(RuntimeError):
@@ -227,6 +230,56 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, use_ema: bool = 
         raise CheckpointError(f"{path}: {err}") from err
 
 
+def _flat_items(node: CfgNode, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value, sequences as tuples (yaml text turns tuples into lists)."""
+    items = {}
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            items.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return items
+
+
+def saved_config(checkpoint: dict) -> CfgNode:
+    """The config of the run that wrote a training checkpoint (stored as yaml text)."""
+    return CfgNode.load_cfg(checkpoint["config"])
+
+
+def config_differences(saved: CfgNode, config: CfgNode, notes: Mapping[str, str] | None = None) -> list[str]:
+    """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config ``saved``,
+    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``, and a key of ``notes``
+    is followed by its note in parentheses."""
+    saved, current, notes = _flat_items(saved), _flat_items(config), notes or {}
+    absent = "(absent)"
+    keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
+    return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}"
+            + (f" ({notes[key]})" if key in notes else "")
+            for key in keys if saved.get(key, absent) != current.get(key, absent)]
+
+
+def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.PathLike, config: CfgNode,
+                             world_size: int) -> None:
+    """A checkpoint saved in the middle of an epoch records its position as a step count: resuming it is only exact
+    with the batch size, gradient accumulation and process count it was saved with (``saved`` is its run's config).
+
+    Raises:
+        TrainingCheckpointError: The position cannot be carried over; the message says what to change.
+    """
+    if checkpoint["step"] == 0:
+        return
+    saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []))
+    layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size)
+    if layout != saved_layout:
+        raise ckpt.TrainingCheckpointError(
+            f"checkpoint {path} was saved in the middle of epoch {checkpoint['epoch']} (after {checkpoint['step']} "
+            f"steps) with DATA.BATCH_SIZE {saved_layout[0]}, TRAIN.ACCUMULATION_STEPS {saved_layout[1]} and "
+            f"{saved_layout[2]} process(es); this run has {layout[0]}, {layout[1]} and {layout[2]}, so its position in "
+            "the epoch would be wrong: resume with the saved values, or from an end-of-epoch checkpoint "
+            f"({ckpt.CHECKPOINT_GLOB.replace('*', 'epochNNNN')}, where the run kept one)"
+        )
+
+
 def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr_scheduler: Scheduler,
                     updates_per_epoch: int, check_crc: bool = True) -> tuple[Position, dict | None]:
     """Restores a training checkpoint into ``state`` and ``lr_scheduler`` (its records checked against their CRC-32
@@ -240,15 +293,15 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     """
     config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
-    saved = ckpt.saved_config(checkpoint)
-    ckpt.check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
+    saved = saved_config(checkpoint)
+    check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
     # Both configs hold their learning rates scaled to their own total batch; a derived MESA start is named.
     notes = dict.fromkeys(SCALED_LR_KEYS, "scaled to the total batch")
     if config.TRAIN.MESA.START_EPOCH is None:
         notes["TRAIN.MESA.START_EPOCH"] = f"derived: epoch {mesa_start_epoch(config)}"
-    differences = ckpt.config_differences(saved, config, notes=notes)
+    differences = config_differences(saved, config, notes=notes)
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
                        "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),

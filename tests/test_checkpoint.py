@@ -16,7 +16,7 @@ from classification.config import get_defaults
 from classification.utils import checkpoint as ckpt
 
 
-def _training_checkpoint(epoch: int, step: int, config_yaml: str = "") -> dict:
+def make_training_checkpoint(epoch: int, step: int, config_yaml: str = "") -> dict:
     return {"model": {"w": torch.full((3,), float(epoch))}, "optimizer": {}, "epoch": epoch, "step": step,
             "num_updates": 2 * epoch + step, "config": config_yaml or get_defaults().dump(), "rng_states": [{}]}
 
@@ -28,7 +28,7 @@ class Unpicklable:
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / ckpt.LATEST_NAME
-    ckpt.atomic_save(_training_checkpoint(1, 0), path)
+    ckpt.atomic_save(make_training_checkpoint(1, 0), path)
     with pytest.raises(RuntimeError, match="disk full"):
         ckpt.atomic_save({"model": Unpicklable()}, path)
     assert ckpt.load_training_checkpoint(path)["epoch"] == 1
@@ -40,7 +40,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
                                                   "vs 2170704")], ids=["oserror", "torch-zip-writer"])
 def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeypatch, failure):
     path = tmp_path / ckpt.LATEST_NAME
-    ckpt.atomic_save(_training_checkpoint(1, 0), path)
+    ckpt.atomic_save(make_training_checkpoint(1, 0), path)
 
     def fill_the_disk(obj, f):
         f.write(b"partial")
@@ -49,7 +49,7 @@ def test_a_full_disk_is_one_clear_error_and_the_old_file_stays(tmp_path, monkeyp
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match=rf"could not write {re.escape(str(path))} .*GiB free on its "
                        "file system; if it is full, make room. The file it would have replaced is intact"):
-        ckpt.atomic_save(_training_checkpoint(2, 0), path)
+        ckpt.atomic_save(make_training_checkpoint(2, 0), path)
     monkeypatch.undo()
     assert ckpt.load_training_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == [ckpt.LATEST_NAME]
@@ -79,7 +79,7 @@ def test_atomic_save_replaces_in_one_rename(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
-    ckpt.atomic_save(_training_checkpoint(2, 5), path)
+    ckpt.atomic_save(make_training_checkpoint(2, 5), path)
     assert len(renames) == 1 and str(renames[0][1]) == str(path) and str(renames[0][0]).endswith(ckpt.TMP_SUFFIX)
     assert ckpt.load_training_checkpoint(path)["step"] == 5
 
@@ -95,9 +95,9 @@ def test_rng_state_round_trip():
 
 def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, caplog):
     assert ckpt.find_resume_checkpoint(tmp_path) is None
-    ckpt.atomic_save(_training_checkpoint(3, 0), tmp_path / "checkpoint_epoch0002.pth")
-    ckpt.atomic_save(_training_checkpoint(2, 0), tmp_path / "checkpoint_epoch0001.pth")
-    ckpt.atomic_save(_training_checkpoint(3, 4), tmp_path / ckpt.BEST_NAME)
+    ckpt.atomic_save(make_training_checkpoint(3, 0), tmp_path / "checkpoint_epoch0002.pth")
+    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / "checkpoint_epoch0001.pth")
+    ckpt.atomic_save(make_training_checkpoint(3, 4), tmp_path / ckpt.BEST_NAME)
     good = (tmp_path / ckpt.BEST_NAME).read_bytes()
     # The newest files are a truncated copy of a good checkpoint and garbage.
     (tmp_path / ckpt.LATEST_NAME).write_bytes(good[: len(good) // 2])
@@ -113,9 +113,9 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
 
 def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_checkpoint(tmp_path, caplog,
                                                                                           flip_record_bit):
-    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
     latest = tmp_path / ckpt.LATEST_NAME
-    ckpt.atomic_save(_training_checkpoint(2, 0), latest)
+    ckpt.atomic_save(make_training_checkpoint(2, 0), latest)
     flip_record_bit(latest, "data/0")  # the first byte of model.w: 2.0 becomes 2.0 + 2**-22
     # torch.load itself does not notice: the flipped value loads silently.
     assert torch.load(latest, weights_only=False)["model"]["w"][0].item() == 2.0 + 2.0 ** -22
@@ -152,9 +152,9 @@ def _damage_central_entry(path, suffix: str, field: str) -> None:
 
 @pytest.mark.parametrize("field", sorted(CENTRAL_FIELDS))
 def test_a_damaged_zip_header_is_reported_like_a_bit_flip(tmp_path, caplog, field):
-    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
     latest = tmp_path / ckpt.LATEST_NAME
-    ckpt.atomic_save(_training_checkpoint(2, 0), latest)
+    ckpt.atomic_save(make_training_checkpoint(2, 0), latest)
     _damage_central_entry(latest, "data/0", field)
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"latest.pth is corrupt: its record \S+/data/0 fails"):
         ckpt.load_training_checkpoint(latest)
@@ -166,7 +166,7 @@ def test_a_damaged_zip_header_is_reported_like_a_bit_flip(tmp_path, caplog, fiel
 def test_a_compressed_copy_of_a_checkpoint_is_not_called_corrupt(tmp_path):
     """torch.save never compresses, but a re-zipped (deflated) copy reads back fine: its CRCs are checked and pass."""
     saved = tmp_path / "saved.pth"
-    ckpt.atomic_save(_training_checkpoint(2, 3), saved)
+    ckpt.atomic_save(make_training_checkpoint(2, 3), saved)
     deflated = tmp_path / "checkpoint_deflated.pth"
     with zipfile.ZipFile(saved) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
         for record in source.infolist():
@@ -183,7 +183,7 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"notes\.txt is not a training checkpoint: not a file "
                                                            r"torch\.save wrote"):
         ckpt.load_training_checkpoint(tmp_path / "notes.txt")
-    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "cut.pth")
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "cut.pth")
     data = (tmp_path / "cut.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[:len(data) * 2 // 3])  # an interrupted copy
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"cut\.pth is truncated: a torch\.save file without its "
@@ -194,39 +194,10 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
         ckpt.load_training_checkpoint(tmp_path)
 
 
-def test_config_differences_name_changed_keys_but_not_where_the_run_is():
-    saved = get_defaults()
-    current = get_defaults()
-    current.TRAIN.EPOCHS = saved.TRAIN.EPOCHS + 100
-    current.TRAIN.BASE_LR = saved.TRAIN.BASE_LR * 2
-    current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
-    # The saved side comes back from the checkpoint's yaml text, where tuples are lists.
-    assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), current) == [
-        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
-        f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
-    ]
-    assert ckpt.config_differences(ckpt.saved_config({"config": saved.dump()}), saved) == []
-
-
-def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
-    saved = get_defaults()
-    config = get_defaults()
-    ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
-    config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
-    with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
-                       r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
-        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
-    with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
-        ckpt.check_mid_epoch_position(_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", get_defaults(),
-                                      world_size=2)
-    # At an epoch boundary the position is the epoch alone: any layout resumes it.
-    ckpt.check_mid_epoch_position(_training_checkpoint(3, 0, saved.dump()), saved, "c.pth", config, world_size=2)
-
-
 def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkeypatch):
     """Falling back to an older checkpoint would overwrite the newer progress of a file that is only unreadable now."""
-    ckpt.atomic_save(_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
-    ckpt.atomic_save(_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
     real_load = torch.load
 
     def load(path, *args, **kwargs):

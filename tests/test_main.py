@@ -21,9 +21,11 @@ from torch import nn
 
 import main
 from classification import run_folder
+from classification.config import get_defaults
 from classification.ops import resolve_backend
 from classification.utils import checkpoint as ckpt
 from conftest import REPO
+from test_checkpoint import make_training_checkpoint
 from test_data import make_image_folder
 
 TINY_DEFMAMBA = ["MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]"]
@@ -221,6 +223,35 @@ def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, capl
     with pytest.raises(run_folder.RunFolderBusyError, match=r"cannot lock \S+\.lock \(OSError: Input/output error"):
         with run_folder.run_folder_lock(tmp_path, main.init_distributed()):
             pass
+
+
+def test_config_differences_name_changed_keys_but_not_where_the_run_is():
+    saved = get_defaults()
+    current = get_defaults()
+    current.TRAIN.EPOCHS = saved.TRAIN.EPOCHS + 100
+    current.TRAIN.BASE_LR = saved.TRAIN.BASE_LR * 2
+    current.OUTPUT, current.TAG, current.DATA.NUM_WORKERS = "elsewhere", "other", 0
+    # The saved side comes back from the checkpoint's yaml text, where tuples are lists.
+    assert run_folder.config_differences(run_folder.saved_config({"config": saved.dump()}), current) == [
+        f"TRAIN.BASE_LR {saved.TRAIN.BASE_LR} -> {current.TRAIN.BASE_LR}",
+        f"TRAIN.EPOCHS {saved.TRAIN.EPOCHS} -> {current.TRAIN.EPOCHS}",
+    ]
+    assert run_folder.config_differences(run_folder.saved_config({"config": saved.dump()}), saved) == []
+
+
+def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
+    saved = get_defaults()
+    config = get_defaults()
+    run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
+    config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
+                       r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
+        run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
+    with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
+        run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", get_defaults(),
+                                            world_size=2)
+    # At an epoch boundary the position is the epoch alone: any layout resumes it.
+    run_folder.check_mid_epoch_position(make_training_checkpoint(3, 0, saved.dump()), saved, "c.pth", config, world_size=2)
 
 
 def test_log_lines_are_strict_json():

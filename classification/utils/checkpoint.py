@@ -15,11 +15,10 @@ import shutil
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
-from yacs.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +28,6 @@ EMA_NAME = "model_ema.pth"
 EPOCH_NAME = "checkpoint_epoch{epoch:04d}.pth"
 CHECKPOINT_GLOB = "checkpoint_*.pth"
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "num_updates", "config")
-# Keys that say where and how a run is executed, not what it trains: differences in them are not reported on resume.
-RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESUME", "EVAL_MODE", "THROUGHPUT_MODE",
-                               "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
 TMP_SUFFIX = ".tmp"
 # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer that names one of these.
 ZIP_WRITER_ERROR_MARKERS = ("inline_container", "PytorchStreamWriter")
@@ -240,56 +236,6 @@ def checkpoint_position(path: str | os.PathLike) -> tuple[int, int]:
     """(epoch, step) where training from the checkpoint at ``path`` continues (read without the CRC check)."""
     checkpoint = load_training_checkpoint(path, check_crc=False)
     return checkpoint["epoch"], checkpoint["step"]
-
-
-def _flat_items(node: CfgNode, prefix: str = "") -> dict[str, object]:
-    """Dotted key -> value, sequences as tuples (yaml text turns tuples into lists)."""
-    items = {}
-    for key, value in node.items():
-        if isinstance(value, CfgNode):
-            items.update(_flat_items(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return items
-
-
-def saved_config(checkpoint: dict) -> CfgNode:
-    """The config of the run that wrote a training checkpoint (stored as yaml text)."""
-    return CfgNode.load_cfg(checkpoint["config"])
-
-
-def config_differences(saved: CfgNode, config: CfgNode, notes: Mapping[str, str] | None = None) -> list[str]:
-    """``KEY saved -> current`` for each config key whose value differs from the checkpoint run's config ``saved``,
-    leaving out :data:`RUN_LOCATION_KEYS`; keys only one side has are shown with ``(absent)``, and a key of ``notes``
-    is followed by its note in parentheses."""
-    saved, current, notes = _flat_items(saved), _flat_items(config), notes or {}
-    absent = "(absent)"
-    keys = sorted((saved.keys() | current.keys()) - RUN_LOCATION_KEYS)
-    return [f"{key} {saved.get(key, absent)} -> {current.get(key, absent)}"
-            + (f" ({notes[key]})" if key in notes else "")
-            for key in keys if saved.get(key, absent) != current.get(key, absent)]
-
-
-def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.PathLike, config: CfgNode,
-                             world_size: int) -> None:
-    """A checkpoint saved in the middle of an epoch records its position as a step count: resuming it is only exact
-    with the batch size, gradient accumulation and process count it was saved with (``saved`` is its run's config).
-
-    Raises:
-        TrainingCheckpointError: The position cannot be carried over; the message says what to change.
-    """
-    if checkpoint["step"] == 0:
-        return
-    saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []))
-    layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size)
-    if layout != saved_layout:
-        raise TrainingCheckpointError(
-            f"checkpoint {path} was saved in the middle of epoch {checkpoint['epoch']} (after {checkpoint['step']} "
-            f"steps) with DATA.BATCH_SIZE {saved_layout[0]}, TRAIN.ACCUMULATION_STEPS {saved_layout[1]} and "
-            f"{saved_layout[2]} process(es); this run has {layout[0]}, {layout[1]} and {layout[2]}, so its position in "
-            "the epoch would be wrong: resume with the saved values, or from an end-of-epoch checkpoint "
-            f"({CHECKPOINT_GLOB.replace('*', 'epochNNNN')}, where the run kept one)"
-        )
 
 
 def _load_candidate(path: Path, check_crc: bool) -> dict | None:
