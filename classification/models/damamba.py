@@ -25,10 +25,11 @@ from .checkpoint import CheckpointError, register_checkpoint_filter
 from .layers import (
     DOWNSAMPLE_STRIDE,
     Backbone,
+    branch_ssm,
     create_backbone,
     default_dt_rank,
     imagenet_default_cfgs,
-    init_dt_bias_,
+    init_ssm_projections_,
     linear_drop_path_rates,
     run_blocks,
     tag_no_weight_decay,
@@ -120,12 +121,8 @@ class DynamicAdaptiveScanSSM(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """The release's initialisation of the bare SSM parameters (run after the model-wide conv/linear init)."""
-        dim = self.D.shape[0]
-        nn.init.uniform_(self.x_proj.weight, -dim**-0.5, dim**-0.5)  # nn.Linear's default
-        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
-        init_dt_bias_(self.dt_bias)
+        init_ssm_projections_(self.x_proj.weight, self.dt_proj.weight, self.dt_bias, self.D)
         self.A_log.zero_()  # A = -1
-        self.D.fill_(1.0)
 
     def scan_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(batch, channels, length, d_state) of the selective scan run on input ``x`` (for FLOP counting)."""
@@ -156,13 +153,9 @@ class DynamicAdaptiveScanSSM(nn.Module):
         points = self.scan_points(x)
         u = rearrange(bilinear_sample(values.to(points.dtype), points), "b c h w -> b c (h w)")  # raster, one direction
         u = u.to(self.x_proj.weight.dtype)  # sampled in float32 at least; a half model goes on in its own dtype
-        dt_low, ssm_b, ssm_c = torch.split(torch.einsum("rc,bcl->brl", self.x_proj.weight, u),
-                                           [self.dt_rank, D_STATE, D_STATE], dim=1)
-        delta = torch.einsum("cr,brl->bcl", self.dt_proj.weight, dt_low)
-        y = self.scan_fn(  # B and C as (batch, groups = 1, d_state, length): shared by all channels
-            u, delta, -torch.exp(self.A_log), ssm_b.unsqueeze(1), ssm_c.unsqueeze(1), D=self.D,
-            delta_bias=self.dt_bias, delta_softplus=True, backend=self.scan_backend,
-        ).to(u.dtype)  # the scan returns float32 for half inputs
+        # One branch: B and C of the scan are shared by all channels.
+        y = branch_ssm(u.unsqueeze(1), self.x_proj.weight.unsqueeze(0), self.dt_proj.weight.unsqueeze(0), self.A_log,
+                       self.D, self.dt_bias, self.scan_fn, self.scan_backend).squeeze(1)
         y = rearrange(y, "b c (h w) -> b c h w", h=height, w=width)
         return self.out_proj(self.out_norm(y))
 

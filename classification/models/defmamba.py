@@ -22,7 +22,6 @@ single pixel (no offset along that side), and the scan position of a single toke
 
 Released checkpoints convert with :func:`checkpoint_filter_fn` (registered with :func:`load_checkpoint`).
 """
-import math
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,12 +39,13 @@ from .layers import (
     DOWNSAMPLE_STRIDE,
     NUM_STAGES,
     Backbone,
+    branch_ssm,
     channels_first_to_last,
     channels_last_to_first,
     create_backbone,
     default_dt_rank,
     imagenet_default_cfgs,
-    init_dt_bias_,
+    init_ssm_projections_,
     linear_drop_path_rates,
     run_blocks,
     tag_no_weight_decay,
@@ -416,15 +416,9 @@ class DSSM(nn.Module):
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """The release's SSM initialisation (x_proj, dt projection, A_log, D)."""
-        # Default nn.Linear init of each branch's x projection: U(+-1/sqrt(fan_in)).
-        bound = 1 / math.sqrt(self.inner)
-        nn.init.uniform_(self.x_proj_weight, -bound, bound)
-        dt_bound = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj_weight, -dt_bound, dt_bound)
-        init_dt_bias_(self.dt_bias)
+        init_ssm_projections_(self.x_proj_weight, self.dt_proj_weight, self.dt_bias, self.D)
         state_index = torch.arange(1, self.d_state + 1, dtype=self.A_log.dtype, device=self.A_log.device)
-        self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))
-        nn.init.ones_(self.D)
+        self.A_log.copy_(torch.log(state_index).expand_as(self.A_log))  # A = -(1, 2, ..., d_state) in every channel
 
     def scan_shape(self, x: Tensor) -> tuple[int, int, int, int]:
         """(batch, channels, length, d_state) of the selective scan run on input ``x`` (for FLOP counting)."""
@@ -474,14 +468,8 @@ class DSSM(nn.Module):
         sequences, orders = self._branch_sequences(x)
         # (B, K, inner, L); the deformable sequence is float32 at least, the rest follows the weights (a half model)
         xs = torch.stack(sequences, dim=1).to(self.x_proj_weight.dtype)
-        projected = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dt, B, C = torch.split(projected, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
-        y = self.scan_fn(
-            xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_log), B, C,
-            D=self.D, delta_bias=self.dt_bias.flatten(), delta_softplus=True, backend=self.scan_backend,
-        ).to(xs.dtype)  # the scan returns float32 for half inputs
-        y = rearrange(y, "b (k d) l -> b k d l", k=len(self.scan_branches))
+        y = branch_ssm(xs, self.x_proj_weight, self.dt_proj_weight, self.A_log, self.D, self.dt_bias, self.scan_fn,
+                       self.scan_backend)
         return [self._to_raster(branch, y[:, k], orders[k]) for k, branch in enumerate(self.scan_branches)], z
 
     def branch_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,13 +15,14 @@
   last intermediate when ``forward_intermediates(norm=True)``; ``nn.Identity``-like when the family has none there;
 - :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
 
-Also shared: the four-stage layout constants and the Mamba SSM parameter helpers (dt rank, dt-bias initialisation,
-the weight-decay exemption tag).
+Also shared: the four-stage layout constants and the Mamba SSM both token mixers run (:func:`branch_ssm`), with
+its parameter helpers (dt rank, initialisation, the weight-decay exemption tag).
 """
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -50,6 +51,47 @@ def init_dt_bias_(dt_bias: Tensor) -> None:
     log_dt = torch.rand_like(dt_bias) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
     dt = log_dt.exp().clamp(min=DT_FLOOR)
     dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus, so softplus(dt_bias) = dt
+
+
+@torch.no_grad()
+def init_ssm_projections_(x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_bias: Tensor, D: Tensor) -> None:
+    """Both releases' initialisation of the SSM's projections and skip, in their order: the x projection as
+    ``nn.Linear``'s default U(+-1/sqrt(channels)), the dt projection U(+-1/sqrt(dt_rank)), dt_bias by
+    :func:`init_dt_bias_`, and D = 1. A_log is the family's own. Layouts as :func:`branch_ssm` takes them (a family
+    with one branch may leave out the branch dimension)."""
+    channels, dt_rank = x_proj_weight.shape[-1], dt_proj_weight.shape[-1]
+    nn.init.uniform_(x_proj_weight, -channels**-0.5, channels**-0.5)
+    nn.init.uniform_(dt_proj_weight, -dt_rank**-0.5, dt_rank**-0.5)
+    init_dt_bias_(dt_bias)
+    nn.init.ones_(D)
+
+
+def branch_ssm(xs: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor, A_log: Tensor, D: Tensor, dt_bias: Tensor,
+               scan_fn: Callable[..., Tensor], backend: str) -> Tensor:
+    """The Mamba SSM of both families over K sequences at once, each branch with its own projections: per branch,
+    the x projection gives a low-rank dt and the B and C every channel of the branch shares; delta = dt_proj(dt);
+    one selective scan (groups = K) with A = -exp(A_log), the D skip, delta + dt_bias through softplus.
+
+    Args:
+        xs: (batch, K, channels, length) sequences, in the weights' dtype.
+        x_proj_weight: (K, dt_rank + 2 * d_state, channels); output rows: dt, B, C.
+        dt_proj_weight: (K, channels, dt_rank).
+        A_log: (K * channels, d_state).
+        D: (K * channels,).
+        dt_bias: K * channels values in branch order (flattened here).
+        scan_fn: :func:`classification.ops.selective_scan_fn` or a stand-in with its signature (FLOP counting).
+        backend: Its ``backend``.
+
+    Returns:
+        (batch, K, channels, length) in the dtype of ``xs`` (the scan returns float32 for half inputs).
+    """
+    num_branches, d_state, dt_rank = xs.shape[1], A_log.shape[-1], dt_proj_weight.shape[-1]
+    projected = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
+    dt_low, ssm_b, ssm_c = torch.split(projected, [dt_rank, d_state, d_state], dim=2)  # B, C: (batch, K, d_state, L)
+    delta = torch.einsum("bkrl,kdr->bkdl", dt_low, dt_proj_weight)
+    y = scan_fn(xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(A_log), ssm_b, ssm_c, D=D,
+                delta_bias=dt_bias.flatten(), delta_softplus=True, backend=backend)
+    return rearrange(y.to(xs.dtype), "b (k d) l -> b k d l", k=num_branches)
 
 
 def tag_no_weight_decay(param: nn.Parameter) -> nn.Parameter:
