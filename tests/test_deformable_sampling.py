@@ -82,11 +82,13 @@ def test_gradcheck_reference():
         ((2, 6, 4, 4), (2, 1, 4, 4, 3), r"points: expected \(batch, groups, out_height, out_width, 2\)"),
         ((2, 6, 4, 4), (3, 1, 4, 4, 2), "points: batch 3 does not match"),
         ((2, 6, 4, 4), (2, 4, 4, 4, 2), "4 groups do not divide the 6 feature channels"),
+        ((2, 6, 0, 4), (2, 1, 4, 4, 2), r"features: got shape \(2, 6, 0, 4\), need a map of at least 1 x 1 pixel"),
     ],
 )
-def test_errors_name_the_tensor_and_shape(features_shape, points_shape, match):
+@pytest.mark.parametrize("sample", [bilinear_sample, bilinear_sample_ref])
+def test_errors_name_the_tensor_and_shape(sample, features_shape, points_shape, match):
     with pytest.raises(ValueError, match=match):
-        bilinear_sample(torch.zeros(features_shape), torch.zeros(points_shape))
+        sample(torch.zeros(features_shape), torch.zeros(points_shape))
 
 
 def test_pixel_grid_puts_pixel_i_j_at_x_j_y_i():

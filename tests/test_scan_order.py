@@ -82,3 +82,5 @@ def test_rejects_bad_shapes(sort):
         sort(torch.zeros(2, 3, 5), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="features"):
         sort(torch.zeros(2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="positions: expected a floating dtype, got torch.bool"):
+        sort(torch.zeros(2, 3, 5), torch.zeros(2, 5, dtype=torch.bool))

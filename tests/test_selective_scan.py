@@ -360,6 +360,8 @@ BAD_INPUTS = [
     ("delta_bias", torch.randn(6, 1), r"delta_bias: got shape \(6, 1\), need \(6,\)"),
     ("u", torch.ones(2, 6, 5, dtype=torch.int64), r"u: expected a floating dtype, got torch.int64"),
     ("A", torch.randn(6, 4, device="meta"), r"A: on device meta, but u is on cpu; all inputs need one device"),
+    ("delta_softplus", "False", r"delta_softplus: expected True or False, got 'False'"),  # a truthy string
+    ("delta_softplus", None, r"delta_softplus: expected True or False, got None"),
 ]
 
 

@@ -27,7 +27,9 @@ def _check_inputs(features: Tensor, points: Tensor) -> tuple[int, int]:
         raise ValueError(
             f"points: expected (batch, groups, out_height, out_width, 2), got shape {tuple(points.shape)}"
         )
-    batch, channels = features.shape[:2]
+    batch, channels, height, width = features.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"features: got shape {tuple(features.shape)}, need a map of at least 1 x 1 pixel")
     groups = points.shape[1]
     if points.shape[0] != batch:
         raise ValueError(f"points: batch {points.shape[0]} does not match the features' batch {batch}")
@@ -58,6 +60,10 @@ def bilinear_sample(features: Tensor, points: Tensor) -> Tensor:
 
     Returns:
         (batch, groups * group_channels, out_height, out_width), differentiable in ``features`` and ``points``.
+
+    Precision: ``grid_sample`` takes normalised coordinates, and the round trip costs about ``width`` float32
+    roundings: relative errors of 1e-6 on a 14-pixel map, 2e-5 at 1024 pixels (``bilinear_sample_ref`` stays at
+    float32's 1e-7). Sample in float64 where that matters.
     """
     groups, _ = _check_inputs(features, points)
     height, width = features.shape[-2:]
@@ -103,6 +109,8 @@ def _check_sort_inputs(features: Tensor, positions: Tensor) -> None:
             f"positions: expected (batch, length) = {(features.shape[0], features.shape[2])}, "
             f"got {tuple(positions.shape)}"
         )
+    if not positions.is_floating_point():
+        raise ValueError(f"positions: expected a floating dtype, got {positions.dtype}")
 
 
 def scan_order(positions: Tensor) -> Tensor:
@@ -168,7 +176,11 @@ def sort_tokens_straight_through_ref(features: Tensor, positions: Tensor) -> tup
 
 
 def unsort_tokens(sorted_features: Tensor, order: Tensor) -> Tensor:
-    """Inverse of the scan order: ``out[b, :, order[b, j]] = sorted_features[b, :, j]`` (gather with the inverse)."""
+    """Inverse of the scan order: ``out[b, :, order[b, j]] = sorted_features[b, :, j]`` (gather with the inverse).
+
+    ``order`` (batch, length) must be a permutation of ``0 .. length - 1`` in each row, as :func:`scan_order` gives;
+    that is not checked (it would cost a sort).
+    """
     inverse = torch.argsort(order, dim=-1)
     return torch.gather(sorted_features, 2, inverse.unsqueeze(1).expand_as(sorted_features))
 

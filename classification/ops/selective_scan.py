@@ -162,6 +162,12 @@ def _canonical_inputs(
             cast(delta_bias, weight_dtype))
 
 
+def _check_softplus_flag(delta_softplus: bool) -> None:
+    """Refuses a ``delta_softplus`` that is not a bool (a truthy string such as "False" would turn softplus on)."""
+    if not isinstance(delta_softplus, bool):
+        raise ValueError(f"delta_softplus: expected True or False, got {delta_softplus!r}")
+
+
 def _effective_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     """dt = softplus(delta + delta_bias) with the optional parts left out; softplus is F.softplus (x above 20)."""
     if delta_bias is not None:
@@ -209,6 +215,7 @@ def selective_scan_ref(
     """
     if backend != "ref":
         raise ValueError(f"selective_scan_ref only computes backend 'ref', got {backend!r}; use selective_scan_fn")
+    _check_softplus_flag(delta_softplus)
     u, delta, A, B, C, D, delta_bias = _canonical_inputs(u, delta, A, B, C, D, delta_bias, upcast_half=True)
     dt = _effective_delta(delta, delta_bias, delta_softplus)
     batch, channels, length = u.shape
@@ -572,6 +579,7 @@ def selective_scan_fn(
             unknown backend.
         RuntimeError: the requested backend cannot run here (the message says how to build it).
     """
+    _check_softplus_flag(delta_softplus)
     if torch.compiler.is_compiling():
         from . import custom_ops  # registers the op on first use; imported here, custom_ops imports this module
 
