@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.requirements-installed
 KERNEL_STAMP := $(VENV)/.kernel-built
-KERNEL_SOURCES := $(shell find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name 'setup.py' \) 2>/dev/null)
+KERNEL_SOURCES := $(shell find kernels/selective_scan -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \
+  -o -name '*.cuh' -o -name 'setup.py' \) 2>/dev/null)
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup kernels kernels-cpu test demo bench clean

@@ -219,10 +219,15 @@ def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device:
             holds its own shard.
         device: Device of the model.
         amp_dtype: Autocast dtype, or None for full precision.
+
+    Returns:
+        ``loss`` (mean), ``count`` (images scored), ``skipped_images`` (unreadable) and ``acc{k}`` per k of TOP_K.
     """
     model.eval()
     top_k = list(TOP_K)
-    totals = torch.zeros(2 + len(top_k), dtype=torch.float64, device=device)  # loss sum, count, correct@k
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros_like(loss_sum)
+    correct = torch.zeros(len(top_k), dtype=torch.float64, device=device)  # targets among the k best, per k of TOP_K
     skipped_images = 0
     for images, targets, skipped in data_loader:
         skipped_images += skipped
@@ -233,18 +238,17 @@ def evaluate(model: nn.Module, data_loader: torch.utils.data.DataLoader, device:
         with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum")
-        totals[1] += targets.numel()
+        loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum")
+        count += targets.numel()
         ranked = logits.topk(min(max(top_k), logits.shape[-1]), dim=-1).indices
         hits = ranked.eq(targets[:, None])
-        for i, k in enumerate(top_k):
-            totals[2 + i] += hits[:, :k].any(dim=-1).sum()
-    all_reduce_sum(totals)
-    skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
-    count = max(totals[1].item(), 1.0)
-    metrics = {"loss": totals[0].item() / count, "count": int(totals[1].item()), "skipped_images": skipped_total}
-    for i, k in enumerate(top_k):
-        metrics[f"acc{k}"] = 100.0 * totals[2 + i].item() / count
+        correct += torch.stack([hits[:, :k].any(dim=-1).sum() for k in top_k])
+    sums = torch.stack([loss_sum, count, loss_sum.new_tensor(skipped_images), *correct])
+    total_loss, total_count, total_skipped, *total_correct = all_reduce_sum(sums).tolist()  # one all-reduce
+    scored = max(total_count, 1.0)
+    metrics = {"loss": total_loss / scored, "count": int(total_count), "skipped_images": int(total_skipped)}
+    for k, correct_k in zip(top_k, total_correct):
+        metrics[f"acc{k}"] = 100.0 * correct_k / scored
     return metrics
 
 

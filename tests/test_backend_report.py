@@ -18,6 +18,10 @@ def test_report_names_versions_and_the_auto_choice():
         assert any(line.split() == ["cpu", "backend", name, "available"] for line in lines), name
     if "cpu" not in available_backends("cpu"):
         assert any("CPU kernel not built" in line and "make kernels-cpu" in line for line in lines)
+    else:
+        from defmamba_scan_cpu import isa
+
+        assert f"CPU kernel: {isa()} build (picked for this CPU at run time)" in lines
 
 
 def test_module_entry_point_prints_the_report():

@@ -242,16 +242,17 @@ def test_config_differences_name_changed_keys_but_not_where_the_run_is():
 def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
     saved = get_defaults()
     config = get_defaults()
-    run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
+    mid_epoch = make_training_checkpoint(2, 5, saved.dump())
+    run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1)
     config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
                        r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
-        run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", config, world_size=1)
+        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1)
     with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
-        run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", get_defaults(),
-                                            world_size=2)
+        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", get_defaults(), world_size=2)
     # At an epoch boundary the position is the epoch alone: any layout resumes it.
-    run_folder.check_mid_epoch_position(make_training_checkpoint(3, 0, saved.dump()), saved, "c.pth", config, world_size=2)
+    end_of_epoch = make_training_checkpoint(3, 0, saved.dump())
+    run_folder.check_mid_epoch_position(end_of_epoch, saved, "c.pth", config, world_size=2)
 
 
 def test_log_lines_are_strict_json():

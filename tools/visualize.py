@@ -38,11 +38,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 
 from classification.config import ConfigError, get_config
-from classification.data.images import to_rgb
+from classification.data.images import IMAGE_ERRORS, to_rgb
 from classification.models import (
     CheckpointError,
     DAMamba,
@@ -55,7 +55,7 @@ from classification.models import (
     load_checkpoint,
     read_checkpoint,
 )
-from classification.models.defmamba import ScanGeometry
+from classification.models.defmamba import BACKWARD, CONTINUOUS, DEFORMABLE, FORWARD, LOCAL, ScanGeometry
 from classification.ops.deformable import pixel_grid
 from classification.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels
@@ -73,11 +73,8 @@ POINT_MARKER_SIZE = 6  # scatter marker area of the points, in points^2
 ORDER_ALPHA = 0.65  # opacity of the scan-order colours over the image
 ORDER_COLORMAP, ERF_COLORMAP = "viridis", "RdYlGn"
 ERF_LOG_FLOOR = 1e-4  # the ERF maps are drawn on a log colour scale from this fraction of their maximum to 1
-BRANCH_TITLES = {"forward": "raster", "backward": "reversed raster", "deformable": "deformable",
-                 "continuous": "continuous (snake)", "local": "local windows"}
-RASTER, DEFORMABLE = "forward", "deformable"
-# What opening or decoding a file that is not a (whole) image raises (a missing file, an OSError too, is told apart).
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+BRANCH_TITLES = {FORWARD: "raster", BACKWARD: "reversed raster", DEFORMABLE: "deformable",
+                 CONTINUOUS: "continuous (snake)", LOCAL: "local windows"}
 
 
 class PointSet(NamedTuple):
@@ -203,7 +200,7 @@ def scan_orders(model: nn.Module, image: Tensor, stage: int, block: int) -> dict
     """Raster and deformable scan orders of a DefMamba block: ``order[j]`` = raster index of the j-th token, (h*w,)."""
     _require_defmamba(model, ORDER)
     order = _scan_geometry(model, image, stage, block).order[0]
-    return {RASTER: torch.arange(order.numel()), DEFORMABLE: order}
+    return {FORWARD: torch.arange(order.numel()), DEFORMABLE: order}
 
 
 def block_map_size(model: nn.Module, image: Tensor, stage: int, block: int) -> tuple[int, int]:

@@ -15,21 +15,19 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Sampler, default_collate, get_worker_info
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from classification.data.images import load_rgb
+from classification.config import NUMPY_SEED_LIMIT
+from classification.data.images import IMAGE_ERRORS, load_rgb
 
 logger = logging.getLogger(__name__)
 
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"
-# What opening or decoding a bad image file raises.
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
-NUMPY_SEED_MODULUS = 2**32
 MAX_LISTED_CLASSES = 5  # class names an error lists
 
 SampleKey = tuple[int, int]
@@ -101,7 +99,7 @@ class SafeImageFolder(ImageFolder):
         if in_main_process:  # leave the training process's generators as they were
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(seed)
-        np.random.seed(seed % NUMPY_SEED_MODULUS)
+        np.random.seed(seed % NUMPY_SEED_LIMIT)
         torch.manual_seed(seed)
         try:
             return self.transform(image)
@@ -239,7 +237,7 @@ def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
 
 def _seed_worker(worker_id: int) -> None:
     """Seeds python and numpy in a worker from its torch seed (torch seeds itself per worker)."""
-    worker_seed = torch.initial_seed() % NUMPY_SEED_MODULUS
+    worker_seed = torch.initial_seed() % NUMPY_SEED_LIMIT
     random.seed(worker_seed)
     np.random.seed(worker_seed)
 

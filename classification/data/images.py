@@ -18,8 +18,10 @@ Every other mode (RGB, L, RGBA, LA, P, CMYK, ...) goes through Pillow's ``conver
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+# What opening or decoding a file that is not a (whole) image raises (a missing file is an OSError too).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 UINT8_MAX = 255
 UINT16_MAX = 65535
 UINT16_PER_UINT8 = UINT16_MAX // UINT8_MAX  # 257: v * 257 (0..65535) maps back onto v exactly

@@ -5,25 +5,25 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
-from classification.config import ConfigError
+from classification.config import MODEL_SECTIONS, ConfigError
 
 from . import damamba, defmamba
 from .registry import create_model
 
 
-# Per MODEL.TYPE: its config section and, for each key there, the constructor argument it sets.
-FAMILY_KEYS = {
-    "defmamba": ("DEFMAMBA", {
+# Per MODEL.TYPE: for each key of its config section (MODEL_SECTIONS), the constructor argument it sets.
+FAMILY_ARGUMENTS = {
+    "defmamba": {
         "EMBED_DIM": "embed_dim", "DEPTHS": "depths", "D_STATE": "d_state", "SSM_RATIO": "ssm_ratio",
         "MLP_RATIO": "mlp_ratio", "DROP_RATE": "drop_rate", "DROP_PATH_RATE": "drop_path_rate",
         "SCAN_BRANCHES": "scan_branches", "LOCAL_WINDOW": "local_window", "DEFORM_POINTS": "deform_points",
         "DEFORM_ORDER": "deform_order", "OFFSET_BIAS": "offset_bias",
         "OFFSET_CHANNEL_ATTENTION": "offset_channel_attention",
-    }),
-    "damamba": ("DAMAMBA", {
+    },
+    "damamba": {
         "DIMS": "dims", "DEPTHS": "depths", "MLP_RATIOS": "mlp_ratios", "LAYERSCALE": "layerscale",
         "DROP_PATH_RATE": "drop_path_rate",
-    }),
+    },
 }
 VARIANT_ARGS = {**defmamba.VARIANT_ARGS, **damamba.VARIANT_ARGS}
 
@@ -34,9 +34,10 @@ def _constructor_value(value: Any) -> Any:
 
 
 def _family_keys(config: CfgNode) -> tuple[str, dict[str, str]]:
-    if config.MODEL.TYPE not in FAMILY_KEYS:
-        raise ConfigError(f"MODEL.TYPE must be one of {tuple(FAMILY_KEYS)}, got {config.MODEL.TYPE!r}")
-    return FAMILY_KEYS[config.MODEL.TYPE]
+    """MODEL.TYPE's config section and its key -> constructor argument table."""
+    if config.MODEL.TYPE not in FAMILY_ARGUMENTS:
+        raise ConfigError(f"MODEL.TYPE must be one of {tuple(FAMILY_ARGUMENTS)}, got {config.MODEL.TYPE!r}")
+    return MODEL_SECTIONS[config.MODEL.TYPE], FAMILY_ARGUMENTS[config.MODEL.TYPE]
 
 
 def model_kwargs(config: CfgNode) -> dict:

@@ -1,4 +1,4 @@
-"""DAMamba: vision state-space model with a dynamic adaptive scan (spec: shared/spec/damamba.md).
+"""DAMamba: vision state-space model with a dynamic adaptive scan, exact to the released model.
 
 Activations between blocks are channels-first (batch, channels, height, width). Each block is
 
@@ -36,7 +36,7 @@ from .layers import (
 )
 from .registry import register_model
 
-LN_EPS = 1e-6  # every LayerNorm of the release
+LAYER_NORM_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
 INIT_STD = 0.02  # trunc-normal std of every conv and linear weight
 STEM_DOWNSAMPLINGS = 2  # stride-2 convs in the stem; each later stage starts with one
@@ -78,7 +78,7 @@ class AdaptiveOffset(nn.Module):
     def __init__(self, dim: int, groups: int):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.act = nn.GELU()
         self.proj = nn.Linear(dim, groups * NUM_COORDS)
 
@@ -114,7 +114,7 @@ class DynamicAdaptiveScanSSM(nn.Module):
         self.dt_bias = tag_no_weight_decay(nn.Parameter(torch.empty(dim)))
         self.A_log = tag_no_weight_decay(nn.Parameter(torch.empty(dim, D_STATE)))
         self.D = tag_no_weight_decay(nn.Parameter(torch.empty(dim)))
-        self.out_norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.out_norm = LayerNorm2d(dim, eps=LAYER_NORM_EPS)
         self.out_proj = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
         self.reset_ssm_parameters()
 
@@ -176,7 +176,7 @@ class DAMambaBlock(nn.Module):
                  scan_backend: str):
         super().__init__()
         self.pos_embed = ResidualDepthwiseConv(dim)
-        self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
+        self.norm1 = LayerNorm2d(dim, eps=LAYER_NORM_EPS)
         self.mixer = DynamicAdaptiveScanSSM(dim, head_dim, scan_backend)
         self.ls1 = nn.Identity() if layerscale_init is None else LayerScale2d(dim, layerscale_init)
         self.norm2 = nn.BatchNorm2d(dim)
@@ -202,7 +202,7 @@ class DAMambaStage(nn.Module):
         self.blocks = nn.Sequential(*[
             DAMambaBlock(dim, mlp_ratio, head_dim, layerscale_init, rate, scan_backend) for rate in drop_path
         ])
-        self.norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.norm = LayerNorm2d(dim, eps=LAYER_NORM_EPS)
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:

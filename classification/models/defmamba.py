@@ -1,6 +1,6 @@
 """DefMamba ("DefMamba: Deformable Visual State Space Model", CVPR 2025), exact to the released model.
 
-Architecture (spec ``defmamba.md``): conv stem -> four stages of pre-norm blocks (a DSSM token mixer and an MLP)
+Architecture: conv stem -> four stages of pre-norm blocks (a DSSM token mixer and an MLP)
 with a stride-2 conv + LN downsampling at the start of stages 2-4 -> LN, global average pool, Linear. Activations
 between blocks are channels-last (batch, height, width, channels).
 

@@ -46,6 +46,8 @@ def backend_report() -> list[str]:
     if backend_unavailable_reason("cpu", torch.device("cpu")) is not None:
         lines.append("CPU kernel not built (the 'torch' backend is slower); build it with "
                      f"{selective_scan_cpu.BUILD_COMMAND}")
+    else:
+        lines.append(f"CPU kernel: {selective_scan_cpu.instruction_set()} build (picked for this CPU at run time)")
     if torch.cuda.is_available():
         lines.append(f"CUDA extension: {_cuda_extension_arch_status(devices[-1])}")
     return lines

@@ -49,7 +49,7 @@ def unavailable_reason() -> str:
 def instruction_set() -> str:
     """The instruction set the kernels run with on this CPU: ``avx2`` or ``generic``."""
     if _extension is None:
-        raise RuntimeError(unavailable_reason())
+        raise RuntimeError(f"selective scan backend 'cpu' is unavailable: {unavailable_reason()}")
     return _extension.isa()
 
 
@@ -98,6 +98,6 @@ def scan(
             (the extension's check names the tensor, the shape it got and the shape it needs).
     """
     if _extension is None:
-        raise RuntimeError(unavailable_reason())
+        raise RuntimeError(f"selective scan backend 'cpu' is unavailable: {unavailable_reason()}")
     save_checkpoints = residuals_needed(u, delta, A, B, C, D, delta_bias)
     return _SelectiveScanCpu.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, save_checkpoints)
