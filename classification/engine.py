@@ -72,6 +72,34 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def _check_finite_everywhere(loss_value: float, device: torch.device, epoch: int, step: int) -> None:
+    """Raises NonFiniteLossError on every process when the loss is NaN or infinite on any of them."""
+    finite = all_reduce_min(torch.tensor(float(math.isfinite(loss_value)), device=device))
+    if finite.item() == 0:
+        raise NonFiniteLossError(
+            f"training loss is {loss_value} (on this or another process) at epoch {epoch} step {step}; stopping "
+            "without saving. Lower the learning rate or try --amp bf16/off, and resume from the last good checkpoint."
+        )
+
+
+def _optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      clip_grad: float, model_ema: ModelEmaV3 | None) -> float:
+    """Applies the accumulated gradients: unscaled, clipped to ``clip_grad`` (0: not clipped), stepped through the
+    scaler (which skips a step whose fp16 gradients overflowed), then the EMA follows. Returns the global gradient norm
+    before clipping (not finite when the step was skipped)."""
+    scaler.unscale_(optimizer)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if model_ema is not None:  # a constant decay from the first update on, as the releases' timm ModelEma
+        model_ema.update(unwrap(model))
+        # Every process's EMA holds the same BatchNorm statistics, so a checkpoint of rank 0's resumes exactly.
+        average_batchnorm_statistics(model_ema.module)
+    return float(grad_norm)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -153,29 +181,14 @@ def train_one_epoch(
                         teacher = torch.softmax(model_ema.module(images).float(), dim=-1)
                     loss = loss + mesa_weight * mesa_criterion(outputs, teacher)
             loss_value = loss.item()
-            finite = all_reduce_min(torch.tensor(float(math.isfinite(loss_value)), device=device))
-            if finite.item() == 0:
-                raise NonFiniteLossError(
-                    f"training loss is {loss_value} (on this or another process) at epoch {epoch} step {step}; "
-                    "stopping without saving. Lower the learning rate or try --amp bf16/off, and resume from the "
-                    "last good checkpoint."
-                )
+            _check_finite_everywhere(loss_value, device, epoch, step)
             scaler.scale(loss / accumulation_steps).backward()
         if is_update:
-            scaler.unscale_(optimizer)
-            parameters = [p for group in optimizer.param_groups for p in group["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = _optimizer_update(model, optimizer, scaler, clip_grad, model_ema)
             num_updates = epoch * updates_per_epoch + step // accumulation_steps + 1
-            if model_ema is not None:  # a constant decay from the first update on, as the releases' timm ModelEma
-                model_ema.update(unwrap(model))
-                # Every process's EMA holds the same BatchNorm statistics, so a checkpoint of rank 0's resumes exactly.
-                average_batchnorm_statistics(model_ema.module)
             lr_scheduler.step_update(num_updates=num_updates)
             if math.isfinite(grad_norm):
-                norm_meter.update(float(grad_norm))
+                norm_meter.update(grad_norm)
             else:  # with fp16 the scaler skipped this step and lowered its scale; the mean norm leaves it out
                 overflow_updates += 1
             if step_hook is not None:
