@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -220,6 +221,45 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         return _train(config, ctx, model, amp_dtype, output_dir)
 
 
+class StartingPoint(NamedTuple):
+    """Where a training run starts."""
+
+    position: Position  # with the best accuracies counted so far
+    resume_path: str  # the checkpoint it resumes, "" for none
+    own_checkpoint: bool  # that checkpoint is in this run's folder
+    finished_outputs: dict | None  # outputs of the epoch an end-of-epoch checkpoint ends (finish_epoch), else None
+
+
+def _starting_point(config: CfgNode, ctx: DistributedContext, state: TrainingState, lr_scheduler: Scheduler,
+                    updates_per_epoch: int, output_dir: Path) -> StartingPoint:
+    """Restores the checkpoint to resume (choose_resume_checkpoint) into ``state`` and ``lr_scheduler``, if any, and
+    says where training starts; without one, at TRAIN.START_EPOCH. The best accuracies of another run's checkpoint
+    (fine-tuning) are not this run's: they count from 0."""
+    resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
+    if not resume_path:
+        epoch = config.TRAIN.START_EPOCH
+        return StartingPoint(Position(epoch, 0, epoch * updates_per_epoch, 0.0, 0.0), "", False, None)
+    position, finished_outputs = resume_training(resume_path, state, ctx, lr_scheduler, updates_per_epoch,
+                                                 check_crc=not records_checked)
+    own_checkpoint = in_run_folder(resume_path, output_dir)
+    if not own_checkpoint:  # e.g. fine-tuning: checkpoint_best.pth is this run's best
+        logger.info("best accuracy counted from this run on (%s's run reached %.2f%%)", resume_path,
+                    position.max_accuracy)
+        position = position._replace(max_accuracy=0.0, max_accuracy_ema=0.0)
+    return StartingPoint(position, resume_path, own_checkpoint, finished_outputs)
+
+
+def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, write_config: bool) -> None:
+    """Rank 0, once the resume checks have passed: writes the config this run trains with (``write_config``), removes
+    partial writes a crash left, and moves aside what the folder holds past ``start``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if write_config:
+        ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
+    for path in ckpt.remove_partial_saves(output_dir):
+        logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)", path)
+    set_aside_later_outputs(output_dir, (start.epoch, start.step))
+
+
 def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
            output_dir: Path) -> int:
     """:func:`train` once the folder is locked."""
@@ -230,38 +270,23 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     # After DDP construction, which broadcast rank 0's weights: every rank's EMA starts from the same weights.
     model_ema = ModelEmaV3(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     optimizer = build_optimizer(config, model_without_ddp)
-    updates_per_epoch = math.ceil(len(data.train_loader) / config.TRAIN.ACCUMULATION_STEPS)
+    steps_per_epoch = len(data.train_loader)
+    updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)
 
     state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes)
-    start_epoch, start_step, max_accuracy, max_accuracy_ema = config.TRAIN.START_EPOCH, 0, 0.0, 0.0
-    finished_outputs = None  # of the epoch a resumed end-of-epoch checkpoint ends
-    resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
-    own_checkpoint = bool(resume_path) and in_run_folder(resume_path, output_dir)
-    if resume_path:
-        resumed, finished_outputs = resume_training(resume_path, state, ctx, lr_scheduler, updates_per_epoch,
-                                                    check_crc=not records_checked)
-        start_epoch, start_step, _, max_accuracy, max_accuracy_ema = resumed
-    if resume_path and not own_checkpoint:  # e.g. fine-tuning: checkpoint_best.pth is this run's best
-        logger.info("best accuracy counted from this run on (%s's run reached %.2f%%)", resume_path, max_accuracy)
-        max_accuracy = max_accuracy_ema = 0.0
+    start = _starting_point(config, ctx, state, lr_scheduler, updates_per_epoch, output_dir)
+    start_epoch, start_step, _, max_accuracy, max_accuracy_ema = start.position
     nothing_to_train = start_epoch >= config.TRAIN.EPOCHS
     if nothing_to_train:
         logger.warning("nothing left to train: %s ends epoch %d and TRAIN.EPOCHS is %d (raise it to train on); the "
-                       "run's config.yaml is left as it was", resume_path, start_epoch - 1, config.TRAIN.EPOCHS)
-    if ctx.is_main:  # the config this run trains with, written once the resume checks have passed
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not nothing_to_train:
-            ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
-        for path in ckpt.remove_partial_saves(output_dir):
-            logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)",
-                           path)
-        set_aside_later_outputs(output_dir, (start_epoch, start_step))
+                       "run's config.yaml is left as it was", start.resume_path, start_epoch - 1, config.TRAIN.EPOCHS)
+    if ctx.is_main:
+        _prepare_run_folder(config, output_dir, start.position, write_config=not nothing_to_train)
 
     latest_path = output_dir / ckpt.LATEST_NAME
-    steps_per_epoch = len(data.train_loader)
 
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
         # Rank 0's BatchNorm statistics, left as they are (DDP gives every process rank 0's at the next forward):
@@ -276,10 +301,9 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
     try:
-        if finished_outputs is not None and own_checkpoint:  # what a crash after its latest save may have left
-            finish_epoch(output_dir, start_epoch - 1, finished_outputs,
-                         Position(start_epoch, 0, start_epoch * updates_per_epoch, max_accuracy, max_accuracy_ema),
-                         state, ctx, writer, completing=True)
+        if start.finished_outputs is not None and start.own_checkpoint:  # what a crash after its last save left
+            finish_epoch(output_dir, start_epoch - 1, start.finished_outputs, start.position, state, ctx, writer,
+                         completing=True)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= mesa_start_epoch(config) else 0.0
