@@ -4,15 +4,22 @@ Functional checks use each variant's widths with one block per stage, 7 classes 
 parameter counts are taken on the full-size variants, built on the meta device.
 """
 import argparse
+import contextlib
 import copy
+import math
+from unittest import mock
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_model_data_config
+from timm.layers import DropPath
 
 from classification.config import get_config
 from classification.models import create_model, list_models
+from classification.models.damamba import DynamicAdaptiveScanSSM
+from classification.models.defmamba import DSSM
 
 MODELS = list_models()
 PARAM_COUNTS = {  # released code, 1000 classes
@@ -107,6 +114,16 @@ def test_grad_checkpointing_gives_identical_outputs_and_gradients(name):
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (plain, plain_grads), (checkpointed, checkpointed_grads) = results
     torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
+    # And the activations are recomputed: with checkpointing, backward runs each block's forward a second time.
+    # (Counted on the forward methods: the recomputation does not run module hooks.)
+    blocks = [block for stage in model.stages for block in stage.blocks]
+    for enable, runs_per_block in ((False, 1), (True, 2)):
+        model.set_grad_checkpointing(enable)
+        with contextlib.ExitStack() as stack:
+            forwards = [stack.enter_context(mock.patch.object(block, "forward", wraps=block.forward))
+                        for block in blocks]
+            model(x).sum().backward()
+        assert [forward.call_count for forward in forwards] == [runs_per_block] * len(blocks), enable
     for param_name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[param_name], grad, rtol=1e-5, atol=1e-7, msg=param_name)
 
@@ -128,6 +145,14 @@ def test_forward_intermediates(name):
         torch.testing.assert_close(last_two[0], intermediates[2])
         early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(early[0], intermediates[0])
+        # Without norm the last intermediate is the last stage's raw map; with norm, the head's normalisation of it.
+        stage_output = model.stem(x)
+        for stage in model.stages:
+            stage_output = stage(stage_output)
+        raw_last = model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+        torch.testing.assert_close(raw_last, model.to_nchw(stage_output))
+        normed_last = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(normed_last, model.final_norm(raw_last))
         pooled = model.forward_head(final, pre_logits=True)
         assert pooled.shape == (BATCH, model.num_features)
     with pytest.raises(ValueError, match="NCHW"):
@@ -155,10 +180,67 @@ def test_classifier_reset_and_pruning(name):
         model.reset_classifier(0)
         assert model(image()).shape == (BATCH, model.num_features)
         kept = model.prune_intermediate_layers(indices=(1,), prune_norm=True)
-        assert kept == [1] and len(model.stages) == 2
+        assert kept == [1] and len(model.stages) == 2 and len(model.feature_info) == 2
         assert model.forward_intermediates(image(), indices=kept, intermediates_only=True)[0].shape[1] == (
             model.feature_info[1]["num_chs"]
         )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_drop_path_keeps_the_expected_value_and_rises_linearly_over_blocks(name):
+    rate = 0.3
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, depths=(1, 2, 1, 1), drop_path_rate=rate).train()
+    drop_paths = [module for module in model.modules() if isinstance(module, DropPath)]
+    blocks = sum(1 for stage in model.stages for _ in stage.blocks)
+    # Block i of n drops with rate * i / (n - 1) (the first one, rate 0, has none).
+    assert sorted(module.drop_prob for module in drop_paths) == pytest.approx(
+        [rate * i / (blocks - 1) for i in range(1, blocks)])
+    ones = torch.ones(4096, 1, 1, 1)
+    for module in drop_paths:  # a sample's branch is dropped or scaled by 1 / keep, so its mean stays 1
+        out = module(ones)
+        kept = out != 0
+        torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (1 - module.drop_prob)))
+        assert 0 < kept.float().mean() < 1
+
+
+def _ssm_parameters(mixer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """x_proj (..., dt_rank + 2N, channels), dt_proj (..., channels, dt_rank), dt_bias, A_log, D of a token mixer."""
+    if isinstance(mixer, DSSM):
+        return dict(x_proj=mixer.x_proj_weight, dt_proj=mixer.dt_proj_weight, dt_bias=mixer.dt_bias,
+                    A_log=mixer.A_log, D=mixer.D)
+    return dict(x_proj=mixer.x_proj.weight, dt_proj=mixer.dt_proj.weight, dt_bias=mixer.dt_bias, A_log=mixer.A_log,
+                D=mixer.D)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ssm_initialisation_is_mambas(name):
+    """x/dt projections U(+-1/sqrt(fan_in)), softplus(dt_bias) log-uniform in [1e-3, 1e-1], D = 1, and A = -(1..N)
+    (DefMamba, with its offset-bias table trunc-normal(0.01)) or -1 (DAMamba's N = 1, A_log = 0); the classifier
+    trunc-normal(0.02) with zero bias, also after a reset."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, depths=(1, 1, 1, 1))
+    mixers = [module for module in model.modules() if isinstance(module, (DSSM, DynamicAdaptiveScanSSM))]
+    assert len(mixers) == NUM_STAGES
+    for mixer in mixers:
+        ssm = {key: value.detach().double() for key, value in _ssm_parameters(mixer).items()}
+        for key in ("x_proj", "dt_proj"):
+            bound = ssm[key].shape[-1] ** -0.5
+            assert ssm[key].abs().max() <= bound
+            assert ssm[key].std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), key  # uniform's std
+        log_dt = torch.log(F.softplus(ssm["dt_bias"]))
+        assert log_dt.min() >= math.log(1e-3) - 1e-6 and log_dt.max() <= math.log(1e-1) + 1e-6
+        assert log_dt.mean().item() == pytest.approx((math.log(1e-3) + math.log(1e-1)) / 2, abs=0.4)
+        state_size = ssm["A_log"].shape[1]
+        expected_a = torch.arange(1, state_size + 1, dtype=torch.float64) if isinstance(mixer, DSSM) else (
+            torch.ones(state_size, dtype=torch.float64))
+        torch.testing.assert_close(ssm["A_log"], expected_a.log().expand_as(ssm["A_log"]))
+        assert torch.equal(ssm["D"], torch.ones_like(ssm["D"]))
+        if isinstance(mixer, DSSM):  # DefMamba's offset-bias table: trunc-normal(0.01)
+            assert mixer.deformable.offset_bias_table.std().item() == pytest.approx(0.01, rel=0.15)
+    for classifier in (model.get_classifier(), (model.reset_classifier(5), model.get_classifier())[1]):
+        assert torch.equal(classifier.bias, torch.zeros_like(classifier.bias))
+        assert classifier.weight.std().item() == pytest.approx(0.02, rel=0.15)
 
 
 @pytest.mark.parametrize("name", MODELS)
