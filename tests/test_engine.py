@@ -1,4 +1,5 @@
-"""Engine: optimizer groups, schedule values, accumulation, MESA, NaN stop, evaluation metrics, throughput."""
+"""Engine: optimizer groups, schedule values, accumulation (a last partial group too), clipping (fp16 gradients
+unscaled first), MESA, NaN stop, evaluation metrics, throughput."""
 import argparse
 import copy
 import math
@@ -97,14 +98,68 @@ def _batches(n_batches: int, batch: int, seed: int = 0):
             for _ in range(n_batches)]
 
 
-def _train(model, batches, accumulation_steps=1, **kwargs):
-    cfg = _config("TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "1",
-                  "TRAIN.BASE_LR", "0.1", "TRAIN.MIN_LR", "0.1")
+# A constant learning rate of 0.1 (TRAIN.BASE_LR = TRAIN.MIN_LR, no warmup).
+CONSTANT_LR_OPTS = ("TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.EPOCHS", "1",
+                    "TRAIN.BASE_LR", "0.1", "TRAIN.MIN_LR", "0.1")
+
+
+def _train(model, batches, accumulation_steps=1, clip_grad=5.0, **kwargs):
+    cfg = _config(*CONSTANT_LR_OPTS)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, math.ceil(len(batches) / accumulation_steps))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),
-                           0, 1, accumulation_steps=accumulation_steps, clip_grad=5.0, print_freq=100, **kwargs)
+                           0, 1, accumulation_steps=accumulation_steps, clip_grad=clip_grad, print_freq=100, **kwargs)
+
+
+def test_a_last_partial_accumulation_group_is_an_update_of_its_own():
+    """3 batches with accumulation 2: update 1 from batches 0 and 1, update 2 from batch 2 alone (its loss divided by
+    2 all the same), each clipped to norm 5 (hand-run AdamW as the reference)."""
+    torch.manual_seed(0)
+    model = Toy()
+    reference = copy.deepcopy(model)
+    batches = _batches(3, 2)
+    updates = []
+    _train(model, batches, accumulation_steps=2, step_hook=lambda epoch, steps, update: updates.append(update))
+    assert updates == [1, 2]
+    optimizer = build_optimizer(_config(*CONSTANT_LR_OPTS), reference)
+    for group in ([0, 1], [2]):
+        for index in group:
+            images, targets, _ = batches[index]
+            (nn.functional.cross_entropy(reference(images), targets) / 2).backward()
+        nn.utils.clip_grad_norm_(reference.parameters(), 5.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, expected), actual in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_update_numbers_continue_across_epochs_with_a_partial_group():
+    """The schedule's update count: ceil(3 / 2) = 2 updates per epoch, so epoch 1 makes updates 3 and 4."""
+    torch.manual_seed(0)
+    model = Toy()
+    cfg = _config(*CONSTANT_LR_OPTS)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, 2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    updates = []
+    for epoch in range(2):
+        train_one_epoch(model, nn.CrossEntropyLoss(), _batches(3, 2, seed=epoch), optimizer, scheduler, scaler,
+                        torch.device("cpu"), epoch, 2, accumulation_steps=2, print_freq=100,
+                        step_hook=lambda epoch, steps, update: updates.append((epoch, steps, update)))
+    assert updates == [(0, 2, 1), (0, 3, 2), (1, 2, 3), (1, 3, 4)]
+
+
+def test_clip_grad_zero_means_no_clipping():
+    torch.manual_seed(0)
+    unclipped = Toy()
+    huge_bound = copy.deepcopy(unclipped)
+    batches = _batches(2, 4)
+    stats = _train(unclipped, batches, clip_grad=0.0)
+    expected = _train(huge_bound, batches, clip_grad=1e9)
+    assert stats["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-9) and stats["grad_norm"] > 0
+    for (name, a), b in zip(unclipped.named_parameters(), huge_bound.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_accumulation_equals_one_big_batch():
@@ -197,3 +252,21 @@ def test_mixed_precision_steps_update_the_weights(amp_dtype):
                             torch.device("cpu"), 0, 1, amp_dtype=amp_dtype, print_freq=100)
     assert math.isfinite(stats["loss"]) and not torch.equal(model.fc.weight, before)
     assert model.fc.weight.dtype == torch.float32  # autocast leaves the master weights in float32
+
+
+def test_fp16_gradients_are_unscaled_before_they_are_measured_and_clipped():
+    """With the grad scaler on (scale 2^16), the logged norm and the clipped update are those of the true gradients."""
+    torch.manual_seed(0)
+    half = Toy()
+    full = copy.deepcopy(half)
+    batches = _batches(1, 8)
+    cfg = _config(*CONSTANT_LR_OPTS)
+    results = []
+    for model, amp_dtype in ((half, torch.float16), (full, None)):
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer, 1)
+        scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype is not None)
+        results.append(train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler,
+                                       torch.device("cpu"), 0, 1, clip_grad=0.5, amp_dtype=amp_dtype, print_freq=100))
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-2)
+    torch.testing.assert_close(half.fc.weight, full.fc.weight, rtol=1e-2, atol=1e-3)
