@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from classification.config import get_config
 from classification.data.build import (
     DatasetError, ResumableDistributedSampler, ShardSampler, build_datasets, build_eval_loader, build_loader,
-    build_transform,
+    build_mixup, build_transform, sample_seed,
 )
 from classification.data.digits import build_digits
 
@@ -158,6 +160,39 @@ def test_sampler_resume_skips_exactly_and_pads():
     assert list(sampler) == full[3:] and len(sampler) == 1
     shards = [list(ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))  # evaluation: every image exactly once
+
+
+def test_each_epoch_draws_new_augmentations():
+    """A sample's key carries the seed of its epoch: the same image is augmented differently every epoch."""
+    sampler = ResumableDistributedSampler(6, 2, 1, seed=5)
+    keys = {}
+    for epoch in (3, 4):
+        sampler.set_epoch(epoch)
+        keys[epoch] = dict(sampler)
+        assert all(seed == sample_seed(5, epoch, index) for index, seed in keys[epoch].items())
+    shared = keys[3].keys() & keys[4].keys()
+    assert all(keys[3][index] != keys[4][index] for index in shared)
+
+
+def test_padding_a_dataset_smaller_than_the_process_count_gives_every_rank_one_sample():
+    ranks = [list(ResumableDistributedSampler(2, 5, rank, seed=0, shuffle=False)) for rank in range(5)]
+    assert [[index for index, _ in keys] for keys in ranks] == [[0], [1], [0], [1], [0]]
+
+
+def test_transforms_and_mixup_follow_the_config(tmp_path):
+    """Values other than timm's defaults reach the built objects."""
+    config = tiny_config(tmp_path, "AUG.HFLIP", "0.25", "DATA.INTERPOLATION", "bicubic", "DATA.CROP_PCT", "0.5",
+                         "AUG.MIXUP", "0.3", "AUG.CUTMIX", "0.6", "AUG.MIXUP_PROB", "0.7",
+                         "AUG.MIXUP_SWITCH_PROB", "0.2", "MODEL.LABEL_SMOOTHING", "0.05")
+    train = build_transform(config, is_train=True).transforms
+    crop = next(t for t in train if type(t).__name__ == "RandomResizedCropAndInterpolation")
+    assert crop.interpolation == InterpolationMode.BICUBIC
+    assert next(t for t in train if isinstance(t, transforms.RandomHorizontalFlip)).p == 0.25
+    resize = next(t for t in build_transform(config, is_train=False).transforms if isinstance(t, transforms.Resize))
+    assert resize.size == int(TINY_SIZE / 0.5) and resize.interpolation == InterpolationMode.BICUBIC
+    mixup = build_mixup(config)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
+            mixup.num_classes) == (0.3, 0.6, 0.7, 0.2, 0.05, 2)
 
 
 def test_augmentation_depends_only_on_the_sample_key(tmp_path):
