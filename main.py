@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
-from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_start_epoch
+from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_weight
 from classification.data.build import DatasetError, build_eval_loader, build_loader
 from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
@@ -149,6 +149,11 @@ def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
+def build_model_ema(config: CfgNode, model: nn.Module) -> ModelEmaV3 | None:
+    """An EMA of ``model``'s weights at TRAIN.EMA.DECAY when TRAIN.EMA.ENABLE, else None."""
+    return ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+
+
 class EvalWeights(NamedTuple):
     """What ``--eval`` scores besides the model: its EMA copy, and the class list of the weights' checkpoint."""
 
@@ -268,7 +273,7 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     # After DDP construction, which broadcast rank 0's weights: every rank's EMA starts from the same weights.
-    model_ema = ModelEmaV3(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+    model_ema = build_model_ema(config, model_without_ddp)
     optimizer = build_optimizer(config, model_without_ddp)
     steps_per_epoch = len(data.train_loader)
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
@@ -306,13 +311,12 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
                          completing=True)
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
-            mesa_weight = config.TRAIN.MESA.WEIGHT if epoch >= mesa_start_epoch(config) else 0.0
             try:
                 train_stats = train_one_epoch(
                     model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
                     config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
                     clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
-                    mixup_fn=data.mixup_fn, mesa_weight=mesa_weight, print_freq=config.PRINT_FREQ,
+                    mixup_fn=data.mixup_fn, mesa_weight=mesa_weight(config, epoch), print_freq=config.PRINT_FREQ,
                     step_hook=save_mid_epoch if config.TRAIN.SAVE_STEPS > 0 else None,
                 )
             except NonFiniteLossError as err:

@@ -452,6 +452,11 @@ def mesa_start_epoch(cfg: CN) -> int:
     return int(MESA_START_FRACTION * cfg.TRAIN.EPOCHS) if start is None else start
 
 
+def mesa_weight(cfg: CN, epoch: int) -> float:
+    """The weight of the MESA term in ``epoch``: TRAIN.MESA.WEIGHT from :func:`mesa_start_epoch` on, 0 before."""
+    return cfg.TRAIN.MESA.WEIGHT if epoch >= mesa_start_epoch(cfg) else 0.0
+
+
 def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """Scales :data:`SCALED_LR_KEYS` by total batch / TRAIN.LR_REFERENCE_BATCH, in place (as the release), and makes
     the total batch the reference: the config then states the rates it trains with at the batch it trains with, so a

@@ -111,6 +111,14 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
     assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
 
 
+def test_within_an_epoch_the_further_step_wins_over_the_newer_file(tmp_path):
+    ckpt.atomic_save(make_training_checkpoint(2, 3), tmp_path / ckpt.LATEST_NAME)
+    time.sleep(0.01)
+    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / "checkpoint_epoch0001.pth")  # newer, less far along
+    path, position = ckpt.find_resume_checkpoint(tmp_path)
+    assert path.name == ckpt.LATEST_NAME and position == (2, 3)
+
+
 def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_checkpoint(tmp_path, caplog,
                                                                                           flip_record_bit):
     ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")

@@ -77,6 +77,10 @@ def test_keys_derived_from_others_follow_them_unless_set():
     assert config_module.mesa_start_epoch(get_config(_args(cfg=damamba, opts=["TRAIN.EPOCHS", "100"]))) == 25
     explicit = get_config(_args(cfg=damamba, opts=["TRAIN.MESA.START_EPOCH", "3"]), world_size=8)
     assert config_module.mesa_start_epoch(explicit) == 3
+    # The release truncates (int(0.25 x 7) = 1, not 2), and the start epoch itself has the term.
+    seven = get_config(_args(cfg=damamba, opts=["TRAIN.EPOCHS", "7"]))
+    weight = seven.TRAIN.MESA.WEIGHT
+    assert weight > 0 and [config_module.mesa_weight(seven, epoch) for epoch in range(3)] == [0.0, weight, weight]
     assert get_config(_args(cfg=damamba), world_size=8).DATA.INTERPOLATION == "bicubic"
     assert get_config(_args(), world_size=8).DATA.INTERPOLATION == "bilinear"  # the defaults' DefMamba-T
     assert get_config(_args(opts=["DATA.INTERPOLATION", "bicubic"]), world_size=8).DATA.INTERPOLATION == "bicubic"

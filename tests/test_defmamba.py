@@ -106,6 +106,12 @@ def test_drop_path_rates_rise_linearly():
     assert rates == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3])  # rate 0: identity
 
 
+def test_drop_rate_reaches_every_mlp():
+    model = DefMamba(embed_dim=16, depths=(1, 1, 1, 1), drop_rate=0.25, num_classes=5)
+    mlps = [block.mlp for stage in model.stages for block in stage.blocks]
+    assert len(mlps) == 4 and all(mlp.drop1.p == mlp.drop2.p == 0.25 for mlp in mlps)
+
+
 def test_create_model_overrides_and_errors():
     model = create_model("defmamba_tiny", num_classes=3, embed_dim=8, depths=(1, 1, 1, 1), drop_path_rate=0.0,
                          in_chans=1)

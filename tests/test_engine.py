@@ -66,6 +66,15 @@ def test_weight_decay_groups_of_defmamba():
     assert decay_group == {id(params[n]) for n in decay if n not in ssm_matrices}
 
 
+def test_the_optimizer_takes_its_hyperparameters_from_the_config():
+    cfg = _config("TRAIN.OPTIMIZER.EPS", "1e-6", "TRAIN.OPTIMIZER.BETAS", "[0.8, 0.95]", "TRAIN.WEIGHT_DECAY", "0.1",
+                  "TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.BASE_LR", "0.003")
+    optimizer = build_optimizer(cfg, Toy())
+    assert [(group["eps"], group["betas"], group["lr"]) for group in optimizer.param_groups] == [
+        (1e-6, (0.8, 0.95), 0.003)] * 2
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+
+
 def test_weight_decay_exempts_tagged_parameters_only():
     decay, no_decay = split_weight_decay(Toy(), no_decay_ssm=True)
     assert decay == ["A_log", "fc.weight"]  # model order

@@ -21,7 +21,7 @@ from torch import nn
 
 import main
 from classification import run_folder
-from classification.config import get_defaults
+from classification.config import get_config, get_defaults
 from classification.ops import resolve_backend
 from classification.utils import checkpoint as ckpt
 from conftest import REPO
@@ -253,6 +253,36 @@ def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_pat
     # At an epoch boundary the position is the epoch alone: any layout resumes it.
     end_of_epoch = make_training_checkpoint(3, 0, saved.dump())
     run_folder.check_mid_epoch_position(end_of_epoch, saved, "c.pth", config, world_size=2)
+
+
+def test_writing_an_epoch_record_drops_that_epoch_and_later_ones(tmp_path):
+    path = tmp_path / run_folder.JSON_LOG_NAME
+    for epoch in range(4):
+        run_folder.write_json_record(path, {"epoch": epoch, "pass": "first"})
+    run_folder.write_json_record(path, {"epoch": 1, "pass": "second"})
+    records, broken = run_folder.read_json_log(path)
+    assert records == [{"epoch": 0, "pass": "first"}, {"epoch": 1, "pass": "second"}] and broken == 0
+
+
+def test_the_criterion_smooths_labels_unless_mixup_does():
+    """Without Mixup/CutMix: (1 - eps) CE + eps mean(-log p) at MODEL.LABEL_SMOOTHING; with them, soft-target CE (the
+    smoothing is in the mixed targets)."""
+    config = get_config(argparse.Namespace(opts=["MODEL.LABEL_SMOOTHING", "0.2"]), world_size=1)
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    targets = torch.tensor([0, 3, 1, 1, 2])
+    log_p = logits.log_softmax(-1)
+    expected = (0.8 * -log_p[torch.arange(5), targets] + 0.2 * -log_p.mean(-1)).mean()
+    torch.testing.assert_close(main.build_criterion(config, mixup=False)(logits, targets), expected)
+    soft = torch.softmax(torch.randn(5, 4, dtype=torch.float64), -1)
+    torch.testing.assert_close(main.build_criterion(config, mixup=True)(logits, soft), (-soft * log_p).sum(-1).mean())
+
+
+def test_the_ema_follows_its_config():
+    model = nn.Linear(2, 2)
+    config = get_config(argparse.Namespace(opts=["TRAIN.EMA.DECAY", "0.5"]), world_size=1)
+    assert main.build_model_ema(config, model).decay == 0.5
+    disabled = get_config(argparse.Namespace(opts=["TRAIN.EMA.ENABLE", "False"]), world_size=1)
+    assert main.build_model_ema(disabled, model) is None
 
 
 def test_log_lines_are_strict_json():
