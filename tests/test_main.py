@@ -255,6 +255,18 @@ def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_pat
     run_folder.check_mid_epoch_position(end_of_epoch, saved, "c.pth", config, world_size=2)
 
 
+def test_an_outside_resume_yields_to_the_runs_own_checkpoint_at_least_as_far_along(tmp_path, isolated_logging):
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside.pth"
+    ctx = main.init_distributed()
+    config = get_config(argparse.Namespace(opts=["MODEL.RESUME", str(outside)]), world_size=1)
+    for outside_position, expected in (((2, 3), run / ckpt.LATEST_NAME), ((2, 4), outside)):
+        ckpt.atomic_save(make_training_checkpoint(*outside_position), outside)
+        ckpt.atomic_save(make_training_checkpoint(2, 3), run / ckpt.LATEST_NAME)
+        assert run_folder.choose_resume_checkpoint(config, ctx, run) == (str(expected), expected.parent == run)
+
+
 def test_writing_an_epoch_record_drops_that_epoch_and_later_ones(tmp_path):
     path = tmp_path / run_folder.JSON_LOG_NAME
     for epoch in range(4):
@@ -578,3 +590,16 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
         run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(), scheduler,
                                    updates_per_epoch=4)
+
+    # In the middle of an epoch, with gradient accumulation: 4 steps of 2 batches each are 2 updates into epoch 1.
+    accumulating = ["TRAIN.EPOCHS", "4", "TRAIN.ACCUMULATION_STEPS", "2"]
+    config, model, optimizer, scheduler = setup(accumulating, 5)
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
+    run_folder.save_training_checkpoint(tmp_path / "mid.pth", state, run_folder.Position(1, 4, 7, 0.0, 0.0), True)
+    position, _ = run_folder.resume_training(str(tmp_path / "mid.pth"), state, main.init_distributed(), scheduler,
+                                             updates_per_epoch=5)
+    assert position == (1, 4, 7, 0.0, 0.0)
+    *_, expected = setup(accumulating, 5)
+    expected.step_update(num_updates=7)
+    assert [group["lr"] for group in optimizer.param_groups] == [
+        group["lr"] for group in expected.optimizer.param_groups]
