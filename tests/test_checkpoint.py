@@ -4,9 +4,11 @@ import logging
 import os
 import random
 import re
+import stat
 import struct
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +111,26 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
     assert path.name == ckpt.BEST_NAME and position == (3, 4)
     assert ckpt.LATEST_NAME in caplog.text and "checkpoint_epoch0009.pth" in caplog.text
     assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
+
+
+def test_a_save_is_durable_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The new file's data is fsynced before it replaces the old one, and its folder after (so the rename survives a
+    power cut)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt.atomic_save({"w": torch.zeros(2)}, tmp_path / "c.pth")
+    assert events == [("fsync", "file"), ("replace", "c.pth"), ("fsync", "folder")]
 
 
 def test_within_an_epoch_the_further_step_wins_over_the_newer_file(tmp_path):
