@@ -154,6 +154,13 @@ def build_model_ema(config: CfgNode, model: nn.Module) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
 
 
+def track_best(max_accuracy: float, max_accuracy_ema: float, accuracy: float,
+               accuracy_ema: float) -> tuple[bool, float, float]:
+    """Whether an epoch's weights, at top-1 ``accuracy``, are the best so far (strictly better: at a tie the earlier
+    ``checkpoint_best.pth`` stays), and the best top-1 of the model and of its EMA counting this epoch."""
+    return accuracy > max_accuracy, max(max_accuracy, accuracy), max(max_accuracy_ema, accuracy_ema)
+
+
 class EvalWeights(NamedTuple):
     """What ``--eval`` scores besides the model: its EMA copy, and the class list of the weights' checkpoint."""
 
@@ -327,9 +334,8 @@ def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype
             average_batchnorm_statistics(model_without_ddp)
             val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
             ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
-            is_best = val_stats["acc1"] > max_accuracy
-            max_accuracy = max(max_accuracy, val_stats["acc1"])
-            max_accuracy_ema = max(max_accuracy_ema, ema_stats.get("acc1", 0.0))
+            is_best, max_accuracy, max_accuracy_ema = track_best(max_accuracy, max_accuracy_ema, val_stats["acc1"],
+                                                                 ema_stats.get("acc1", 0.0))
             logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
                         val_stats["acc5"], max_accuracy,
                         f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")

@@ -2,6 +2,7 @@
 unscaled first), MESA, NaN stop, evaluation metrics, throughput."""
 import argparse
 import copy
+import logging
 import math
 
 import pytest
@@ -157,6 +158,12 @@ def test_update_numbers_continue_across_epochs_with_a_partial_group():
                         torch.device("cpu"), epoch, 2, accumulation_steps=2, print_freq=100,
                         step_hook=lambda epoch, steps, update: updates.append((epoch, steps, update)))
     assert updates == [(0, 2, 1), (0, 3, 2), (1, 2, 3), (1, 3, 4)]
+
+
+def test_the_epochs_last_step_is_logged_whatever_the_print_frequency(caplog):
+    with caplog.at_level(logging.INFO, logger="classification.engine"):
+        _train(Toy(), _batches(3, 2))  # print_freq 100
+    assert [line.split(" eta ")[0] for line in caplog.messages if line.startswith("Train ")] == ["Train [0/1][3/3]"]
 
 
 def test_clip_grad_zero_means_no_clipping():

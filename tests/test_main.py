@@ -289,6 +289,12 @@ def test_the_criterion_smooths_labels_unless_mixup_does():
     torch.testing.assert_close(main.build_criterion(config, mixup=True)(logits, soft), (-soft * log_p).sum(-1).mean())
 
 
+def test_the_best_checkpoint_needs_a_strictly_better_epoch_and_both_bests_are_maxima():
+    assert main.track_best(50.0, 60.0, 55.0, 40.0) == (True, 55.0, 60.0)
+    assert main.track_best(55.0, 60.0, 55.0, 61.0) == (False, 55.0, 61.0)  # a tie keeps the earlier best
+    assert main.track_best(55.0, 61.0, 30.0, 20.0) == (False, 55.0, 61.0)
+
+
 def test_the_ema_follows_its_config():
     model = nn.Linear(2, 2)
     config = get_config(argparse.Namespace(opts=["TRAIN.EMA.DECAY", "0.5"]), world_size=1)
