@@ -194,3 +194,52 @@ def require_auto_cpu_kernel() -> None:
     if chosen != "cpu" and os.environ.get(ALLOW_NO_CPU_KERNEL_ENV) != "1":
         pytest.fail(f"backend 'auto' on the CPU runs {chosen!r}, not the C++ kernel 'cpu' (`make test` builds it; set "
                     f"{ALLOW_NO_CPU_KERNEL_ENV}=1 to accept the fallback)", pytrace=False)
+
+
+# ------------------------------------------------------------------------------- elementwise precision probes
+# Scans whose outputs are exactly a kernel's own softplus, its derivative and exp (B = C = u = 1, the state starting at
+# 0): y = softplus(delta) and d<y, 1>/d delta = sigmoid(delta) after one step; with dt = 1 and u = (1, 0), y at the
+# second step is exp(A). Points on both sides of the softplus threshold (20), tiny softplus values, strong decay.
+SOFTPLUS_PROBE_POINTS = (-30.0, -20.0, -5.0, -1e-3, 0.0, 0.5, 3.0, 8.5, 12.0, 15.0, 17.5, 19.9, 20.5, 30.0)
+EXP_PROBE_POINTS = (-80.0, -30.0, -10.0, -1.0, -0.1, -1e-4, 0.0)
+FLOAT32_MANTISSA_BITS = 24
+ScanRun = Callable[[dict, bool, Tensor], tuple[Tensor, dict[str, Tensor]]]  # (inputs, softplus, grad_y) -> y, grads
+
+
+def _probe_inputs(delta: Tensor, A: Tensor, u: Tensor, dtype: torch.dtype, device: str | torch.device) -> dict:
+    ones = torch.ones(1, 1, 1, u.shape[-1], dtype=torch.float64)  # B and C: (batch, groups = 1, N = 1, L)
+    values = {"u": u, "delta": delta, "A": A, "B": ones, "C": ones.clone(), "D": None, "delta_bias": None}
+    return {name: None if v is None else v.to(device=device, dtype=dtype).requires_grad_() for name, v in
+            values.items()}
+
+
+def float32_ulps(actual: Tensor, exact: Tensor) -> Tensor:
+    """|actual - exact| in units of float32's last place at ``exact`` (float64, nonzero, normal float32 range)."""
+    exact = exact.double().cpu()
+    _, exponent = torch.frexp(exact)
+    return (actual.detach().double().cpu() - exact).abs() / torch.ldexp(torch.ones_like(exact),
+                                                                         exponent - FLOAT32_MANTISSA_BITS)
+
+
+def elementwise_errors(scan: ScanRun, dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, float]:
+    """The largest error of the scan's softplus, softplus derivative and exp over the probe points: in float32 ULPs
+    for float32, relative for float64 (each point against its own exact value, not the largest)."""
+    points = torch.tensor(SOFTPLUS_PROBE_POINTS, dtype=torch.float64)
+    channels = len(points)
+    inputs = _probe_inputs(points.view(1, channels, 1), -torch.ones(channels, 1), torch.ones(1, channels, 1), dtype,
+                           device)
+    y, grads = scan(inputs, True, torch.ones(1, channels, 1, dtype=torch.float64))
+    exact = points.clone().requires_grad_()
+    softplus = torch.nn.functional.softplus(exact)  # x itself above its threshold, so its derivative is 1 there
+    outputs = {"softplus": (y.flatten(), softplus.detach()),
+               "sigmoid": (grads["delta"].flatten(), torch.autograd.grad(softplus.sum(), exact)[0])}
+    exponents = torch.tensor(EXP_PROBE_POINTS, dtype=torch.float64)
+    channels = len(exponents)
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, channels, 2)
+    inputs = _probe_inputs(torch.ones(1, channels, 2), exponents.view(channels, 1), u, dtype, device)
+    y, _ = scan(inputs, False, torch.ones(1, channels, 2, dtype=torch.float64))
+    outputs["exp"] = (y[0, :, 1], exponents.exp())
+    if dtype == torch.float32:
+        return {name: float32_ulps(actual, exact).max().item() for name, (actual, exact) in outputs.items()}
+    return {name: ((actual.detach().double().cpu() - exact) / exact).abs().max().item()
+            for name, (actual, exact) in outputs.items()}

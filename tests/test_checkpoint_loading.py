@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from classification.models import CheckpointError, DefMamba, create_model, load_checkpoint
+from classification.models import CheckpointError, DefMamba, create_model, has_ema_weights, load_checkpoint
 from classification.models.defmamba import checkpoint_filter_fn
 
 SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_classes=10)
@@ -48,6 +48,13 @@ def test_use_ema_picks_the_ema_weights(released):
     assert_weights_equal(model, released)
     with pytest.raises(CheckpointError, match="model_ema"):
         load_checkpoint(model, {"model": released}, use_ema=True)
+    # timm's names: state_dict and state_dict_ema; "model" is preferred to "state_dict" when both are there.
+    model = small_model()
+    assert has_ema_weights({"state_dict": noisy, "state_dict_ema": released})
+    load_checkpoint(model, {"state_dict": noisy, "state_dict_ema": released}, use_ema=True)
+    assert_weights_equal(model, released)
+    load_checkpoint(model, {"model": released, "state_dict": noisy})
+    assert_weights_equal(model, released)
 
 
 def test_own_checkpoint_file_round_trip(tmp_path, released):

@@ -179,3 +179,7 @@ def test_other_family_other_variant_and_bad_identity_tap_are_rejected(release, f
     tampered[tap] = tampered[tap] * 2
     with pytest.raises(CheckpointError, match=f"{tap}: expected the fixed 3x3 identity tap"):
         load_checkpoint(model, tampered)
+    tampered[tap] = release["state_dict"][tap].clone()
+    tampered[tap][..., 0, 0] = 0.5  # the centre is still 1, a corner is not 0
+    with pytest.raises(CheckpointError, match=f"{tap}: expected the fixed 3x3 identity tap"):
+        load_checkpoint(model, tampered)

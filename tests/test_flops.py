@@ -14,6 +14,7 @@ SAMPLINGS_PER_BLOCK = 2  # the features at the deformed points and the offset-bi
 def test_scan_convention_closed_form():
     # exp(dA) N/2 + dB*u N + state update N + C readout N + D skip 1 + gate 1, per channel and step.
     assert selective_scan_flops(2, 144, 3136, 16) == 2 * 144 * 3136 * (3.5 * 16 + 2)
+    assert selective_scan_flops(1, 2, 1, 1) == 2 * (3.5 * 1 + 2)  # odd N: the halved term is not rounded per step
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED_GFLOPS))

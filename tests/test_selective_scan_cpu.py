@@ -13,17 +13,23 @@ import torch
 
 from classification.ops import selective_scan_cpu
 from classification.ops.selective_scan import selective_scan_fn, selective_scan_ref
-from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, make_inputs, relative_error
-from scan_cases import run_in_grad_modes, run_scan
+from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, elementwise_errors, make_inputs
+from scan_cases import relative_error, run_in_grad_modes, run_scan
 
 ALLOW_MISSING_ENV = "DEFMAMBA_ALLOW_NO_CPU_KERNEL"
 DTYPES = (torch.float64, torch.float32)
 # Cases beyond the shared ones: N = 16 (the vectorised path) over several checkpoint chunks with a ragged last chunk
-# and G = 3, and N = 24 (a multiple of the vector width without its own instantiation: the runtime-size path).
+# and G = 3, N = 24 (a multiple of the vector width without its own instantiation: the runtime-size path), and the
+# backward's channel blocks when a group's channels outnumber them: batch x groups >= 64 tasks gives one block of 6
+# channels per group (dB, dC summed over the block's channels); 100 channels over 64 blocks, an uneven split.
 CPU_CASES = CASES + (
     ScanCase(batch=2, channels=6, length=197, state_size=16, groups=3),
     ScanCase(batch=1, channels=4, length=131, state_size=24, groups=2, with_D=False, noncontiguous=True),
+    ScanCase(batch=70, channels=6, length=9, state_size=4, groups=1),
+    ScanCase(batch=1, channels=100, length=9, state_size=4, groups=1),
 )
+# The kernel's own float32 functions, at most this many ULPs off (README: exp 1, softplus 3.1, its derivative 2.2).
+FLOAT32_ULPS = {"exp": 1.0, "softplus": 3.1, "sigmoid": 2.2}
 ISAS = ("avx2", "generic")
 
 
@@ -86,6 +92,14 @@ def _compare_with_ref(inputs: dict, softplus: bool, dtype: torch.dtype, seed: in
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
 def test_matches_reference(case: ScanCase, dtype: torch.dtype, isa: str) -> None:
     _compare_with_ref(make_inputs(case), case.softplus, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exp_softplus_and_its_derivative_point_by_point(dtype: torch.dtype, isa: str) -> None:
+    errors = elementwise_errors(functools.partial(run_scan, functools.partial(selective_scan_fn, backend="cpu")),
+                                dtype)
+    bounds = FLOAT32_ULPS if dtype == torch.float32 else dict.fromkeys(FLOAT32_ULPS, 1e-14)
+    assert all(errors[name] <= bound for name, bound in bounds.items()), errors
 
 
 @pytest.mark.parametrize("state_size", [16, 1, 5])

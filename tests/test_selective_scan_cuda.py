@@ -19,8 +19,8 @@ import torch
 
 from classification.ops import selective_scan_fn, selective_scan_ref
 from classification.ops import selective_scan_cuda
-from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, followed_by_nan, make_inputs
-from scan_cases import relative_error, run_in_grad_modes, run_scan
+from scan_cases import CASES, KEEPS_RESIDUALS, TOLERANCE, ScanCase, cast_inputs, elementwise_errors, followed_by_nan
+from scan_cases import make_inputs, relative_error, run_in_grad_modes, run_scan
 
 needs_gpu_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and selective_scan_cuda.is_available()),
@@ -30,6 +30,8 @@ needs_gpu_kernel = pytest.mark.skipif(
 # Half inputs are quantised before the reference sees them, so y (float32) keeps the float32 tolerance; the
 # gradients come back in the half dtype and carry its rounding (2^-11, 2^-8 relative).
 KERNEL_TOLERANCE = {**TOLERANCE, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# The kernels' exp, softplus and softplus derivative point by point: float32 ULPs, and relative in float64.
+ELEMENTWISE_BOUND = {torch.float32: 4.0, torch.float64: 1e-14}
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Several channel blocks per group (the dB/dC reduction across blocks) and many chunks with a long decay.
 LONG_CASE = ScanCase(batch=2, channels=48, length=3136, state_size=16, groups=3)
@@ -252,3 +254,19 @@ def test_cuda_kernels_emulated_on_cpu_match_ref(emulated_kernels: ctypes.CDLL, c
         tolerance[name] = KERNEL_TOLERANCE[dtype]
     bad = {name: err for name, err in errors.items() if not err < tolerance[name]}
     assert not bad, f"{case.id} {dtype}: relative errors above tolerance {tolerance}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_cuda_kernels_emulated_exp_softplus_and_its_derivative_point_by_point(emulated_kernels: ctypes.CDLL,
+                                                                             dtype: torch.dtype) -> None:
+    """Past the softplus threshold and far below it, point by point (not relative to the largest value)."""
+    errors = elementwise_errors(functools.partial(_emulated_scan, emulated_kernels, deterministic=False), dtype)
+    assert max(errors.values()) <= ELEMENTWISE_BOUND[dtype], errors
+
+
+@needs_gpu_kernel
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_cuda_exp_softplus_and_its_derivative_point_by_point(dtype: torch.dtype) -> None:
+    errors = elementwise_errors(functools.partial(run_scan, functools.partial(selective_scan_fn, backend="cuda")),
+                                dtype, "cuda")
+    assert max(errors.values()) <= ELEMENTWISE_BOUND[dtype], errors
