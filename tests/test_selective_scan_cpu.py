@@ -239,6 +239,25 @@ def test_backward_needs_the_checkpoints() -> None:
         backward(torch.zeros_like(inputs["u"]), *inputs.values(), True, empty)
 
 
+def test_set_isa_switches_the_kernels_that_run() -> None:
+    """The AVX2 build fuses multiply-adds (FMA) and the generic one cannot, so their float32 results differ in the
+    last bits: proof that set_isa changes the code that runs (each is checked against ref by the other tests)."""
+    if not _has_avx2():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    from defmamba_scan_cpu import isa as current_isa, set_isa
+
+    inputs = cast_inputs(make_inputs(CASES[0]), torch.float32)
+    inputs = {name: None if value is None else value.detach() for name, value in inputs.items()}
+    before, outputs = current_isa(), {}
+    try:
+        for name in ISAS:
+            set_isa(name)
+            outputs[name] = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
+    finally:
+        set_isa(before)
+    assert not torch.equal(*outputs.values())
+
+
 def test_unavailable_reason_names_the_build_command() -> None:
     assert "make kernels-cpu" in selective_scan_cpu.unavailable_reason()
     assert selective_scan_cpu.instruction_set() in ISAS
