@@ -305,6 +305,7 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["TRAIN.EMA.DECAY", "2.0"], r"TRAIN\.EMA\.DECAY must be in \[0, 1\), got 2\.0"),
     (["TRAIN.EMA.DECAY", "1.0"], r"TRAIN\.EMA\.DECAY must be in \[0, 1\), got 1\.0"),  # would freeze the EMA
     (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "1"], r"TRAIN\.START_EPOCH 5 must be below TRAIN\.EPOCHS 1"),
+    (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "5"], r"TRAIN\.START_EPOCH 5 must be below TRAIN\.EPOCHS 5"),
     (["MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]"],
      r"MODEL\.DAMAMBA\.DIMS=\[16, 16, 16, 16\]: the MODEL\.DAMAMBA\.\* keys only apply to MODEL\.TYPE 'damamba', but "
      r"MODEL\.TYPE is 'defmamba'"),

@@ -53,6 +53,21 @@ def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
     assert_grey_rgb(load_rgb(path), np.round(gradient() / UINT16_PER_UINT8))
 
 
+@pytest.mark.parametrize("mode, levels, expected", [
+    # 16-bit: / 257, rounded (385 = 1.498 x 257, 386 = 1.502 x 257); white stays 255.
+    ("I;16", [0, 257, 385, 386, 32896, 65535], [0, 1, 1, 2, 128, 255]),
+    # float [0, 1]: x 255, rounded; float [0, 255]: rounded.
+    ("F", [0.0, 0.499 / 255, 0.501 / 255, 0.999, 1.0], [0, 0, 1, 255, 255]),
+    ("F", [0.0, 2.0, 2.4, 2.6, 254.6], [0, 2, 2, 3, 255]),
+], ids=["16-bit", "float unit range", "float 8-bit range"])
+def test_high_bit_depth_levels_round_to_the_nearest_8_bit_level_exactly(mode, levels, expected):
+    dtype = np.uint16 if mode == "I;16" else np.float32
+    image = Image.fromarray(np.array([levels], dtype=dtype))
+    assert image.mode == mode
+    pixels = np.asarray(to_rgb(image, "in memory"))
+    assert pixels[..., 0].tolist() == [expected] and (pixels == pixels[..., :1]).all()
+
+
 def test_big_endian_16_bit_images_are_scaled():
     image = Image.fromarray((gradient().astype(np.uint16) * UINT16_PER_UINT8).astype(">u2"))
     assert image.mode == "I;16B"
@@ -64,6 +79,7 @@ def test_big_endian_16_bit_images_are_scaled():
     (np.full((4, 4), 300.0, dtype=np.float32), r"mode F\) with values 300.0..300.0"),
     (np.full((4, 4), np.nan, dtype=np.float32), r"mode F\) with values nan"),
     (np.full((4, 4), 70000, dtype=np.int32), r"mode I\) with values 70000..70000: only 0..65535"),
+    (np.full((4, 4), -1, dtype=np.int32), r"mode I\) with values -1..-1: only 0..65535"),
 ])
 def test_values_without_an_8_bit_reading_are_rejected_naming_the_file(tmp_path, pixels, message):
     path = tmp_path / "odd.tif"

@@ -57,6 +57,36 @@ def _driver() -> None:
     sys.exit(status)
 
 
+def _collectives_worker(rank: int, world_size: int, init_file: str, results) -> None:
+    """One gloo rank: BatchNorm statistics rank-dependent, then averaged; the min and sum reductions."""
+    from classification.utils.distributed import all_reduce_min, all_reduce_sum, average_batchnorm_statistics
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        norms = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.BatchNorm2d(2))
+        for norm in norms:
+            norm.running_mean.fill_(rank)
+            norm.running_var.fill_(1.0 + 2 * rank)
+        average_batchnorm_statistics(norms)
+        statistics = [norm.running_mean.tolist() + norm.running_var.tolist() for norm in norms]
+        reduced = (all_reduce_min(torch.tensor(float(rank))).item(), all_reduce_sum(torch.tensor(rank + 1.0)).item())
+        results.put((rank, statistics, reduced))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_collectives_average_the_statistics_and_reduce_over_ranks(tmp_path):
+    """Two ranks: running mean (0 + 1) / 2 and variance (1 + 3) / 2 on both, min(0, 1) = 0 and 1 + 2 = 3 on both."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    torch.multiprocessing.start_processes(_collectives_worker, args=(2, str(tmp_path / "init"), results), nprocs=2,
+                                          start_method="spawn")
+    for _ in range(2):
+        rank, statistics, reduced = results.get(timeout=60)
+        assert statistics == [[0.5] * 3 + [2.0] * 3, [0.5] * 2 + [2.0] * 2], rank
+        assert reduced == (0.0, 3.0), rank
+
+
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):
     from test_data import make_image_folder
 

@@ -267,6 +267,20 @@ def test_an_outside_resume_yields_to_the_runs_own_checkpoint_at_least_as_far_alo
         assert run_folder.choose_resume_checkpoint(config, ctx, run) == (str(expected), expected.parent == run)
 
 
+def test_what_a_crash_left_unwritten_is_found_from_the_files(tmp_path):
+    """After a crash between checkpoint_latest.pth and the rest of epoch 1's outputs: a best checkpoint from epoch 0
+    is stale when epoch 1 was the best, and the epoch's log record is missing whether or not log.txt exists."""
+    config = get_config(argparse.Namespace(opts=["TRAIN.EPOCHS", "4", "SAVE_FREQ", "10"]), world_size=1)
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / ckpt.BEST_NAME)  # written at the end of epoch 0
+    missing = run_folder._missing_epoch_outputs(tmp_path, 1, {"is_best": True}, config, with_ema=False)
+    assert missing == ["best", "log"]
+    run_folder.write_json_record(tmp_path / run_folder.JSON_LOG_NAME, {"epoch": 0})
+    assert run_folder._missing_epoch_outputs(tmp_path, 1, {"is_best": False}, config, with_ema=False) == ["log"]
+    run_folder.write_json_record(tmp_path / run_folder.JSON_LOG_NAME, {"epoch": 1})
+    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / ckpt.BEST_NAME)
+    assert run_folder._missing_epoch_outputs(tmp_path, 1, {"is_best": True}, config, with_ema=False) == []
+
+
 def test_writing_an_epoch_record_drops_that_epoch_and_later_ones(tmp_path):
     path = tmp_path / run_folder.JSON_LOG_NAME
     for epoch in range(4):

@@ -101,7 +101,14 @@ def test_model_table_csv_counts_are_the_models(tmp_path, capsys):
         model = _model_of(cfg)
         assert int(row["params"]) == sum(param.numel() for param in model.parameters())
         assert float(row["gflops"]) == model_flops(model, IMG_SIZE) / 1e9
-        assert row["images_per_sec"] == row["device"] == "" and int(row["img_size"]) == IMG_SIZE
+        assert row["images_per_sec"] == row["device"] == row["batch_size"] == row["amp"] == ""
+        assert int(row["img_size"]) == IMG_SIZE
+    # --flops-all counts the scan and the sampling too (DAMamba's release convention leaves them out).
+    model_table.main([configs[1], "--img-size", str(IMG_SIZE), "--no-throughput", "--csv", "--flops-all"])
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    model = _model_of(configs[1])
+    complete = model_flops(model, IMG_SIZE, include_scan=True, include_sampling=True)
+    assert float(row["gflops"]) == complete / 1e9 and complete > model_flops(model, IMG_SIZE)
 
 
 def test_model_table_markdown_registry_names_and_throughput(capsys):
@@ -292,6 +299,12 @@ def test_model_table_rejects_bad_devices(device, message, capsys):
         model_table.main(["defmamba_tiny", "--no-throughput", "--device", device])
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_model_table_needs_a_timed_iteration(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        model_table.main(["defmamba_tiny", "--iters", "0"])
+    assert exit_info.value.code == 2 and "--iters must be >= 1" in capsys.readouterr().err
 
 
 def test_a_config_naming_a_gpu_backend_runs_in_the_tools_on_the_cpu(tmp_path, capsys):
