@@ -72,6 +72,12 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def updates_before(epoch: int, steps: int, updates_per_epoch: int, accumulation_steps: int) -> int:
+    """Optimizer updates made before step ``steps`` of ``epoch`` (0-based): the learning-rate schedule's position at a
+    resumed (epoch, step), and, plus one, the count right after the update of step ``steps``."""
+    return epoch * updates_per_epoch + steps // accumulation_steps
+
+
 def _check_finite_everywhere(loss_value: float, device: torch.device, epoch: int, step: int) -> None:
     """Raises NonFiniteLossError on every process when the loss is NaN or infinite on any of them."""
     finite = all_reduce_min(torch.tensor(float(math.isfinite(loss_value)), device=device))
@@ -185,7 +191,7 @@ def train_one_epoch(
             scaler.scale(loss / accumulation_steps).backward()
         if is_update:
             grad_norm = _optimizer_update(model, optimizer, scaler, clip_grad, model_ema)
-            num_updates = epoch * updates_per_epoch + step // accumulation_steps + 1
+            num_updates = updates_before(epoch, step, updates_per_epoch, accumulation_steps) + 1
             lr_scheduler.step_update(num_updates=num_updates)
             if math.isfinite(grad_norm):
                 norm_meter.update(grad_norm)

@@ -30,6 +30,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
+from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object
@@ -296,7 +297,7 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     saved = saved_config(checkpoint)
     check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
-    num_updates = epoch * updates_per_epoch + step // config.TRAIN.ACCUMULATION_STEPS
+    num_updates = updates_before(epoch, step, updates_per_epoch, config.TRAIN.ACCUMULATION_STEPS)
     # Both configs hold their learning rates scaled to their own total batch; a derived MESA start is named.
     notes = dict.fromkeys(SCALED_LR_KEYS, "scaled to the total batch")
     if config.TRAIN.MESA.START_EPOCH is None:
