@@ -8,6 +8,7 @@ TensorBoard scalars under ``tensorboard/``; ``--eval`` and ``--throughput`` log 
 of an epoch when TRAIN.SAVE_STEPS is set.
 """
 import argparse
+import contextlib
 import copy
 import logging
 import math
@@ -225,14 +226,6 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
                 result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"], per_process)
 
 
-def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
-          output_dir: Path) -> int:
-    """The epoch loop with resume, evaluation, checkpoints and logs, holding the run folder's lock (another run
-    training there is an error). Returns the process exit status."""
-    with run_folder_lock(output_dir, ctx):
-        return _train(config, ctx, model, amp_dtype, output_dir)
-
-
 class StartingPoint(NamedTuple):
     """Where a training run starts."""
 
@@ -272,9 +265,10 @@ def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, writ
     set_aside_later_outputs(output_dir, (start.epoch, start.step))
 
 
-def _train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
-           output_dir: Path) -> int:
-    """:func:`train` once the folder is locked."""
+def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
+          output_dir: Path) -> int:
+    """The epoch loop with resume, evaluation, checkpoints and logs; :func:`main` holds the run folder's lock around
+    it. Returns the process exit status."""
     data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     model_without_ddp = model
     if ctx.distributed:
@@ -385,25 +379,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctx = init_distributed()
     output_dir = output_dir_of(config)
+    mode = run_mode(config)
+    setup_logging(None, ctx.rank, TEXT_LOG_NAMES[mode])  # the console only, until the folder is this run's
     try:
-        setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[run_mode(config)])
-    except OSError as err:  # e.g. --output names a file, or a folder we may not write to
-        sys.stderr.write(f"output error: cannot write the run's folder {output_dir} ({type(err).__name__}: "
-                         f"{err.strerror or err}); give another --output or --tag\n")
-        cleanup()
-        return 2
-    logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
-    for line in backend_report():
-        logger.info("%s", line)
-    try:
-        return run(config, ctx, output_dir)
+        with contextlib.ExitStack() as held:
+            if mode == "train":  # a run refused there writes nothing into the folder of the run that trains there
+                held.enter_context(run_folder_lock(output_dir, ctx))
+            try:
+                setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[mode])
+            except OSError as err:  # e.g. --output names a file, or a folder we may not write to
+                sys.stderr.write(f"output error: cannot write the run's folder {output_dir} "
+                                 f"({type(err).__name__}: {err.strerror or err}); give another --output or --tag\n")
+                return 2
+            logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
+            for line in backend_report():
+                logger.info("%s", line)
+            return run(config, ctx, output_dir)
     except USER_ERRORS as err:  # the message says what to change; a traceback would bury it
         # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
         logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
     except KeyboardInterrupt:
-        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}"
-                     if run_mode(config) == "train" else "")
+        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}" if mode == "train" else "")
         return INTERRUPTED_STATUS
     finally:
         cleanup()

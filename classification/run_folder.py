@@ -110,7 +110,8 @@ def run_folder_lock(output_dir: Path, ctx: DistributedContext) -> Iterator[None]
         except RunFolderBusyError as err:
             busy = str(err)
         except OSError as err:  # every rank must hear of it: the others wait in the broadcast
-            busy = f"cannot lock {output_dir / LOCK_NAME} ({type(err).__name__}: {err.strerror or err})"
+            busy = (f"cannot lock {output_dir / LOCK_NAME} ({type(err).__name__}: {err.strerror or err}): give "
+                    "another --output or --tag")
     busy = broadcast_object(busy)
     if busy:
         raise RunFolderBusyError(busy)

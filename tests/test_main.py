@@ -136,6 +136,10 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(data, tmp_path, isolated_
     error = capsys.readouterr().err
     assert error.startswith(f"output error: cannot write the run's folder {not_a_folder}") and "--output" in error
     assert error.count("\n") == 1
+    assert _run(data, not_a_folder, opts=("TRAIN.EPOCHS", "1")) == 2  # training locks the folder first
+    error = capsys.readouterr().out
+    assert re.search(rf"ERROR: cannot lock {re.escape(str(not_a_folder))}/\S+ \(\w+: .*\): give another --output or "
+                     "--tag", error) and error.count("\n") == 1, error
 
 
 def test_ctrl_c_is_one_line_that_says_how_to_continue(data, tmp_path, isolated_logging, monkeypatch):
@@ -184,9 +188,10 @@ time.sleep(60)
 """
 
 
-def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging):
+def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging, capsys):
     """Say a requeued job starts while its predecessor (orphaned workers of a killed torchrun) still trains: it would
-    overwrite the same checkpoints. The lock says who holds the folder. Once the holder is killed the folder is free,
+    overwrite the same checkpoints. The lock says who holds the folder, on the console: the refused run writes nothing
+    into the folder, not even a line of the holder's ``train.log``. Once the holder is killed the folder is free,
     though a process it forked still runs (the lock is the process's own, not shared with its children)."""
     run_dir = tmp_path / "defmamba_tiny" / "default"
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
@@ -195,8 +200,9 @@ def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logg
     try:
         assert _run(data, tmp_path, opts=("TRAIN.EPOCHS", "1")) == 2
         assert re.search(rf"{re.escape(str(run_dir))} is in use by another training run \(pid {holder_pid} on "
-                         r"\S+\): wait for it to end or stop it, or give this run another --tag", _log(run_dir))
-        assert not list(run_dir.glob("checkpoint_*.pth"))
+                         r"\S+\): wait for it to end or stop it, or give this run another --tag",
+                         capsys.readouterr().out)
+        assert sorted(path.name for path in run_dir.iterdir()) == [run_folder.LOCK_NAME]
         holder.kill()
         holder.wait(timeout=30)
         os.kill(worker_pid, 0)  # the forked process still runs
