@@ -213,12 +213,12 @@ def train_one_epoch(
                 images_seen * world_size / max(now - epoch_start, 1e-9),
             )
     elapsed = time.perf_counter() - epoch_start
-    skipped_total = int(all_reduce_sum(torch.tensor(skipped_images, device=device)).item())
+    # The epoch's loss and skipped images over every process (each rank saw its own shard only): one all-reduce.
+    sums = torch.tensor([loss_meter.sum, loss_meter.count, skipped_images], dtype=torch.float64, device=device)
+    loss_sum, loss_count, skipped = all_reduce_sum(sums).tolist()
+    skipped_total = int(skipped)
     if skipped_total:
         logger.warning("epoch %d: %d unreadable training images skipped", epoch, skipped_total)
-    # The epoch's loss over every process's images (each rank's meter saw its own shard only).
-    loss_sum, loss_count = all_reduce_sum(torch.tensor([loss_meter.sum, loss_meter.count], dtype=torch.float64,
-                                                       device=device)).tolist()
     return {
         "loss": loss_sum / max(loss_count, 1.0), "lr": optimizer.param_groups[0]["lr"], "grad_norm": norm_meter.avg,
         "skipped_images": skipped_total, "overflow_updates": overflow_updates,
