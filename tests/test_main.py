@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,17 @@ def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logg
             os.kill(worker_pid, signal.SIGKILL)
 
 
+def test_the_lock_file_names_its_holder_only(tmp_path):
+    """The lock file of a run that ended still names it; the next holder replaces that line (the busy message quotes
+    the whole file)."""
+    (tmp_path / run_folder.LOCK_NAME).write_text("pid 1 on a-host-long-gone")
+    lock = run_folder.lock_run_folder(tmp_path)
+    try:
+        assert (tmp_path / run_folder.LOCK_NAME).read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    finally:
+        lock.close()
+
+
 def test_a_file_system_without_locks_trains_unlocked(tmp_path, monkeypatch, caplog):
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -383,6 +395,23 @@ def test_a_non_finite_value_is_a_nan_scalar_that_log_txt_reads_back(tmp_path, ca
     scalars = _tensorboard_scalars(tmp_path / run_folder.TENSORBOARD_DIR)
     assert scalars[("train_loss", 0)] == [0.5] and math.isnan(scalars[("val_loss", 0)][0])
     assert math.isnan(scalars[("ema_loss", 0)][0])
+
+
+def test_scalars_written_twice_are_rebuilt_once(tmp_path, caplog):
+    """An epoch whose scalars were written, then written again (its end-of-epoch outputs completed twice, say), holds
+    every (tag, step) twice: the check at start counts them, so the folder is written anew with each scalar once."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    records = [{"epoch": 0, "train_loss": 0.5, "lr": 1e-3}, {"epoch": 1, "train_loss": 0.25, "lr": 5e-4}]
+    for record in records:
+        run_folder.write_json_record(tmp_path / run_folder.JSON_LOG_NAME, record)
+    with SummaryWriter(str(tmp_path / run_folder.TENSORBOARD_DIR)) as writer:
+        for record in [*records, records[1]]:
+            run_folder.add_record_scalars(writer, record)
+    with caplog.at_level(logging.WARNING):
+        run_folder.open_tensorboard(tmp_path).close()
+    assert "does not mirror log.txt (scalars missing or repeated)" in caplog.text
+    assert _tensorboard_scalars(tmp_path / run_folder.TENSORBOARD_DIR) == _record_scalars(records)
 
 
 def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tmp_path, isolated_logging,
