@@ -62,9 +62,12 @@ from classification.run_folder import (
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import (
     DistributedContext,
+    MainRankFailedError,
     average_batchnorm_statistics,
+    broadcast_object,
     cleanup,
     init_distributed,
+    on_main_rank,
 )
 from classification.utils.flops import model_flops
 from classification.utils.logging import setup_logging
@@ -289,8 +292,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     if nothing_to_train:
         logger.warning("nothing left to train: %s ends epoch %d and TRAIN.EPOCHS is %d (raise it to train on); the "
                        "run's config.yaml is left as it was", start.resume_path, start_epoch - 1, config.TRAIN.EPOCHS)
-    if ctx.is_main:
-        _prepare_run_folder(config, output_dir, start.position, write_config=not nothing_to_train)
+    on_main_rank(ctx.is_main, lambda: _prepare_run_folder(config, output_dir, start.position,
+                                                          write_config=not nothing_to_train))
 
     latest_path = output_dir / ckpt.LATEST_NAME
 
@@ -302,7 +305,7 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                                      Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema),
                                      ctx.is_main)
 
-    writer = open_tensorboard(output_dir) if ctx.is_main else None
+    writer = on_main_rank(ctx.is_main, lambda: open_tensorboard(output_dir))
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
@@ -385,11 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as held:
             if mode == "train":  # a run refused there writes nothing into the folder of the run that trains there
                 held.enter_context(run_folder_lock(output_dir, ctx))
+            output_error = None
             try:
                 setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[mode])
             except OSError as err:  # e.g. --output names a file, or a folder we may not write to
-                sys.stderr.write(f"output error: cannot write the run's folder {output_dir} "
-                                 f"({type(err).__name__}: {err.strerror or err}); give another --output or --tag\n")
+                output_error = (f"output error: cannot write the run's folder {output_dir} "
+                                f"({type(err).__name__}: {err.strerror or err}); give another --output or --tag")
+            output_error = broadcast_object(output_error)  # only rank 0 writes there; every rank stops
+            if output_error:
+                if ctx.is_main:
+                    sys.stderr.write(f"{output_error}\n")
                 return 2
             logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
             for line in backend_report():
@@ -399,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
         logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
         return 2
+    except MainRankFailedError as err:  # rank 0 logs its own error
+        logger.error("%s", err)
+        return 1
     except KeyboardInterrupt:
         logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}" if mode == "train" else "")
         return INTERRUPTED_STATUS

@@ -33,7 +33,7 @@ from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
 from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
-from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object
+from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, on_main_rank
 
 try:
     import fcntl
@@ -153,15 +153,17 @@ def save_training_checkpoint(path: Path, state: TrainingState, position: Positio
     complete it.
     """
     rng_states = all_gather_objects(ckpt.capture_rng_state())
-    if not is_main:
-        return
-    ema = state.model_ema.module.state_dict() if state.model_ema else None
-    ckpt.atomic_save({
-        "model": state.model.state_dict(), "model_ema": ema, "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict(), **position._asdict(), "rng_states": rng_states,
-        "config": state.config.dump(), CLASSES_KEY: state.classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
-    }, path)
-    logger.info("saved %s (epoch %d, step %d)", path, position.epoch, position.step)
+
+    def write() -> None:
+        ema = state.model_ema.module.state_dict() if state.model_ema else None
+        ckpt.atomic_save({
+            "model": state.model.state_dict(), "model_ema": ema, "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), **position._asdict(), "rng_states": rng_states,
+            "config": state.config.dump(), CLASSES_KEY: state.classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
+        }, path)
+        logger.info("saved %s (epoch %d, step %d)", path, position.epoch, position.step)
+
+    on_main_rank(is_main, write)
 
 
 def trained_classes(checkpoint: object) -> list[str] | None:
@@ -176,8 +178,8 @@ def trained_classes(checkpoint: object) -> list[str] | None:
 def newest_checkpoint(output_dir: Path, ctx: DistributedContext) -> tuple[str, tuple[int, int]] | None:
     """Rank 0's pick of the newest valid checkpoint in ``output_dir`` and its (epoch, step) position, or None; the
     same on every rank."""
-    found = ckpt.find_resume_checkpoint(output_dir) if ctx.is_main else None
-    return broadcast_object((str(found[0]), found[1]) if found else None)
+    found = on_main_rank(ctx.is_main, lambda: ckpt.find_resume_checkpoint(output_dir), share_result=True)
+    return (str(found[0]), found[1]) if found else None
 
 
 def in_run_folder(path: str | Path, output_dir: Path) -> bool:
@@ -198,7 +200,8 @@ def choose_resume_checkpoint(config: CfgNode, ctx: DistributedContext, output_di
     given = config.MODEL.RESUME
     given_inside = bool(given) and in_run_folder(given, output_dir)
     if not config.TRAIN.AUTO_RESUME and not given_inside:
-        earlier = broadcast_object(sorted(p.name for p in output_dir.glob(ckpt.CHECKPOINT_GLOB)) if ctx.is_main else [])
+        earlier = on_main_rank(ctx.is_main, lambda: sorted(path.name for path in output_dir.glob(ckpt.CHECKPOINT_GLOB)),
+                               share_result=True)
         if earlier:
             raise ConfigError(f"TRAIN.AUTO_RESUME is False, but {output_dir} holds the checkpoints of an earlier run "
                               f"({', '.join(earlier)}), which this run would overwrite and mix with its own: give "
@@ -535,8 +538,9 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: Position
     config = state.config
     names = ["best", "numbered", "ema", "log"]
     if completing:
-        missing = _missing_epoch_outputs(output_dir, epoch, outputs, config, state.model_ema is not None)
-        names = broadcast_object(missing if ctx.is_main else None)
+        names = on_main_rank(ctx.is_main, lambda: _missing_epoch_outputs(output_dir, epoch, outputs, config,
+                                                                          state.model_ema is not None),
+                             share_result=True)
         if names:
             logger.warning("completing what a crash left unwritten of epoch %d: %s", epoch, ", ".join(names))
     paths = {"best": output_dir / ckpt.BEST_NAME, "numbered": _numbered_path(output_dir, epoch)}
@@ -544,11 +548,13 @@ def finish_epoch(output_dir: Path, epoch: int, outputs: dict, position: Position
     for name, path in paths.items():
         if name in names and wanted[name]:
             save_training_checkpoint(path, state, position, ctx.is_main, epoch_outputs=outputs)
-    if not ctx.is_main:
-        return
-    if "ema" in names and state.model_ema is not None:
-        ckpt.atomic_save({"model": state.model_ema.module.state_dict(), "epoch": epoch + 1, "config": config.dump(),
-                          CLASSES_KEY: state.classes}, output_dir / ckpt.EMA_NAME)
-    if "log" in names:
-        write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
-        add_record_scalars(writer, outputs["record"])
+
+    def write() -> None:
+        if "ema" in names and state.model_ema is not None:
+            ckpt.atomic_save({"model": state.model_ema.module.state_dict(), "epoch": epoch + 1,
+                              "config": config.dump(), CLASSES_KEY: state.classes}, output_dir / ckpt.EMA_NAME)
+        if "log" in names:
+            write_json_record(output_dir / JSON_LOG_NAME, outputs["record"])
+            add_record_scalars(writer, outputs["record"])
+
+    on_main_rank(ctx.is_main, write)

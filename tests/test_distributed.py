@@ -6,6 +6,7 @@ Run as a script, this file is the driver: it trains through ``main.train`` and s
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,76 @@ def test_collectives_average_the_statistics_and_reduce_over_ranks(tmp_path):
         rank, statistics, reduced = results.get(timeout=60)
         assert statistics == [[0.5] * 3 + [2.0] * 3, [0.5] * 2 + [2.0] * 2], rank
         assert reduced == (0.0, 3.0), rank
+
+
+def _on_main_rank_worker(rank: int, world_size: int, init_file: str, results) -> None:
+    """One gloo rank: rank 0's result shared or kept, then a failure of rank 0's work heard by both ranks."""
+    from classification.utils.distributed import MainRankFailedError, on_main_rank
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+    def fails() -> None:
+        raise OSError(28, "No space left on device")
+
+    try:
+        outcome = [on_main_rank(rank == 0, lambda: f"made by rank {rank}", share_result=True),
+                   on_main_rank(rank == 0, lambda: f"made by rank {rank}")]
+        try:
+            on_main_rank(rank == 0, fails)
+        except (OSError, MainRankFailedError) as err:
+            outcome.append(f"{type(err).__name__}: {err}")
+        results.put((rank, outcome))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_failure_of_rank_0s_own_work_stops_every_rank(tmp_path):
+    """What rank 0 does alone (writing the run's files) either succeeds on every rank or raises on every rank: rank 0
+    its own error, the others one that names it, instead of waiting for a rank 0 that has gone."""
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    torch.multiprocessing.start_processes(_on_main_rank_worker, args=(2, str(tmp_path / "init"), results), nprocs=2,
+                                          start_method="spawn")
+    outcomes = dict(results.get(timeout=60) for _ in range(2))
+    assert outcomes[0] == ["made by rank 0", "made by rank 0", "OSError: [Errno 28] No space left on device"]
+    assert outcomes[1] == ["made by rank 0", None, "MainRankFailedError: stopped because rank 0 failed (OSError: "
+                           "[Errno 28] No space left on device); rank 0's log says more"]
+
+
+# A torchrun worker: main.py whose rank 0 cannot write checkpoints (a full disk).
+FULL_DISK_ON_RANK_0 = """
+import os, sys
+import main
+from classification.utils import checkpoint as ckpt
+
+def full_disk(obj, path):
+    raise ckpt.CheckpointWriteError(f"cannot write {path}: No space left on device")
+
+if os.environ["RANK"] == "0":
+    ckpt.atomic_save = full_disk
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_both_ranks_in_one_line_each(tmp_path, start_run):
+    from test_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=2)
+    driver = tmp_path / "driver.py"
+    driver.write_text(FULL_DISK_ON_RANK_0)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), env.get(
+        "PYTHONPATH", "")]))
+    run, log = start_run("full", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={WORLD_SIZE}", str(driver),
+                                  *_main_args(data, tmp_path / "out", 2)], env)
+    assert run.wait(timeout=RUN_TIMEOUT_SECONDS) != 0
+    text = log.read_text(errors="replace")
+    assert re.search(r"ERROR: cannot write \S+checkpoint_latest.pth: No space left on device", text), log_tail(log)
+    assert re.search(r"\[rank 1\] .*ERROR: stopped because rank 0 failed \(CheckpointWriteError: cannot write "
+                     r"\S+checkpoint_latest.pth: No space left on device\); rank 0's log says more", text), log_tail(log)
+    workers = text.split("failed (exitcode")[0]  # what the ranks wrote, before torchrun's own report and traceback
+    assert "ERROR: stopped because" in workers and "Traceback" not in workers, log_tail(log)
 
 
 def test_two_gloo_ranks_match_each_other_and_one_process(tmp_path, start_run):

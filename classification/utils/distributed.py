@@ -2,11 +2,20 @@
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class MainRankFailedError(RuntimeError):
+    """Raised on the other ranks when work that rank 0 does alone (writing the run's files) failed there; rank 0 raises
+    its own error, which says what went wrong."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +121,29 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def on_main_rank(is_main: bool, work: Callable[[], T], share_result: bool = False) -> T | None:
+    """Collective: rank 0 does ``work`` (say, writes or reads the run's files), and every rank learns whether it
+    failed. Rank 0 raises its own error, the others :class:`MainRankFailedError` naming it: no rank is left waiting
+    in a later collective for a rank 0 that has gone (under gloo it would die with the transport's traceback).
+
+    Returns:
+        ``work``'s result on rank 0; on the other ranks too with ``share_result`` (it must pickle), else None.
+    """
+    result, error = None, None
+    if is_main:
+        try:
+            result = work()
+        except Exception as err:  # re-raised below, once the other ranks have heard of it
+            error = err
+    failure = None if error is None else f"{type(error).__name__}: {error}"
+    failure, shared = broadcast_object((failure, result if share_result else None))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise MainRankFailedError(f"stopped because rank 0 failed ({failure}); rank 0's log says more")
+    return result if is_main else shared
 
 
 def cleanup() -> None:
