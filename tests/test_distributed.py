@@ -153,7 +153,8 @@ def test_a_checkpoint_rank_0_cannot_write_stops_both_ranks_in_one_line_each(tmp_
     text = log.read_text(errors="replace")
     assert re.search(r"ERROR: cannot write \S+checkpoint_latest.pth: No space left on device", text), log_tail(log)
     assert re.search(r"\[rank 1\] .*ERROR: stopped because rank 0 failed \(CheckpointWriteError: cannot write "
-                     r"\S+checkpoint_latest.pth: No space left on device\); rank 0's log says more", text), log_tail(log)
+                     r"\S+checkpoint_latest.pth: No space left on device\); rank 0's log says more", text), \
+        log_tail(log)
     workers = text.split("failed (exitcode")[0]  # what the ranks wrote, before torchrun's own report and traceback
     assert "ERROR: stopped because" in workers and "Traceback" not in workers, log_tail(log)
 
