@@ -285,7 +285,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)
 
-    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes)
+    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes,
+                          len(data.train_set))
     start = _starting_point(config, ctx, state, lr_scheduler, updates_per_epoch, output_dir)
     start_epoch, start_step, _, max_accuracy, max_accuracy_ema = start.position
     nothing_to_train = start_epoch >= config.TRAIN.EPOCHS

@@ -50,6 +50,8 @@ ABANDONED_DIR = "abandoned"  # where a run that goes back moves the later checkp
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
+TRAIN_IMAGES_KEY = "train_images"  # of our training checkpoints: how many images the training set holds
+MAX_LISTED_CLASSES = 5  # class names an error lists per kind of difference
 LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_folder)
 LOCK_HELD_ERRNOS = (errno.EACCES, errno.EAGAIN)  # what lockf raises when another process holds the lock
 # What lockf raises on a file system without locks (NFS without lockd, Lustre mounted without locking, ...).
@@ -132,6 +134,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     config: CfgNode
     classes: list[str]  # the training set's class names in label order (--eval labels val/ by them)
+    train_images: int  # how many images train/ holds (a mid-epoch position is only valid on as many)
 
 
 class Position(NamedTuple):
@@ -159,7 +162,8 @@ def save_training_checkpoint(path: Path, state: TrainingState, position: Positio
         ckpt.atomic_save({
             "model": state.model.state_dict(), "model_ema": ema, "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), **position._asdict(), "rng_states": rng_states,
-            "config": state.config.dump(), CLASSES_KEY: state.classes, EPOCH_OUTPUTS_KEY: epoch_outputs,
+            "config": state.config.dump(), CLASSES_KEY: state.classes, TRAIN_IMAGES_KEY: state.train_images,
+            EPOCH_OUTPUTS_KEY: epoch_outputs,
         }, path)
         logger.info("saved %s (epoch %d, step %d)", path, position.epoch, position.step)
 
@@ -264,25 +268,50 @@ def config_differences(saved: CfgNode, config: CfgNode, notes: Mapping[str, str]
 
 
 def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.PathLike, config: CfgNode,
-                             world_size: int) -> None:
-    """A checkpoint saved in the middle of an epoch records its position as a step count: resuming it is only exact
-    with the batch size, gradient accumulation and process count it was saved with (``saved`` is its run's config).
+                             world_size: int, train_images: int) -> None:
+    """A checkpoint saved in the middle of an epoch records its position as a step count into the epoch's order of
+    the training images: resuming it is only exact with the batch size, gradient accumulation, process count and
+    number of training images (``train_images``) it was saved with (``saved`` is its run's config).
 
     Raises:
         TrainingCheckpointError: The position cannot be carried over; the message says what to change.
     """
     if checkpoint["step"] == 0:
         return
-    saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []))
-    layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size)
+    names = ("DATA.BATCH_SIZE", "TRAIN.ACCUMULATION_STEPS", "process count", "training images")
+    saved_layout = (saved.DATA.BATCH_SIZE, saved.TRAIN.ACCUMULATION_STEPS, len(checkpoint.get("rng_states") or []),
+                    checkpoint.get(TRAIN_IMAGES_KEY, train_images))  # a checkpoint without the count: not checked
+    layout = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, world_size, train_images)
     if layout != saved_layout:
+        changed = ", ".join(f"{name} {was} -> {now}" for name, was, now in zip(names, saved_layout, layout)
+                            if was != now)
         raise ckpt.TrainingCheckpointError(
             f"checkpoint {path} was saved in the middle of epoch {checkpoint['epoch']} (after {checkpoint['step']} "
-            f"steps) with DATA.BATCH_SIZE {saved_layout[0]}, TRAIN.ACCUMULATION_STEPS {saved_layout[1]} and "
-            f"{saved_layout[2]} process(es); this run has {layout[0]}, {layout[1]} and {layout[2]}, so its position in "
-            "the epoch would be wrong: resume with the saved values, or from an end-of-epoch checkpoint "
-            f"({ckpt.CHECKPOINT_GLOB.replace('*', 'epochNNNN')}, where the run kept one)"
+            f"steps), and this run differs in what that position depends on ({changed}), so its place in the epoch "
+            "would be wrong: resume with the saved values (and training images), or from an end-of-epoch checkpoint "
+            f"of the run ({ckpt.CHECKPOINT_GLOB.replace('*', 'epochNNNN')} or {ckpt.BEST_NAME}, where it kept one)"
         )
+
+
+def check_same_classes(saved: list[str] | None, classes: list[str], path: str | os.PathLike) -> None:
+    """A training checkpoint goes on training only on the class folders it was trained on: the labels are their
+    indices in sorted order, so another set of folders (one renamed, added or missing) would silently give the images
+    other labels. ``saved`` None (a checkpoint without a class list) is not checked.
+
+    Raises:
+        TrainingCheckpointError: The class lists differ; the message says how.
+    """
+    if saved is None or saved == classes:
+        return
+    gone, new = [name for name in saved if name not in classes], [name for name in classes if name not in saved]
+    how = "; ".join(f"{what}: {', '.join(names[:MAX_LISTED_CLASSES])}{' ...' if len(names) > MAX_LISTED_CLASSES else ''}"
+                    f" ({len(names)})" for what, names in (("only in the checkpoint", gone), ("only here", new))
+                    if names) or "the same names in another order"
+    raise ckpt.TrainingCheckpointError(
+        f"checkpoint {path} was trained on other classes than this run's train/ holds ({how}; {len(saved)} classes "
+        f"there, {len(classes)} here): resumed, the images would get other labels. Resume on the class folders it was "
+        "trained on, or "
+        "start a new run from its weights with --pretrained and another --tag")
 
 
 def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr_scheduler: Scheduler,
@@ -299,7 +328,8 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = saved_config(checkpoint)
-    check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size)
+    check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size, state.train_images)
+    check_same_classes(trained_classes(checkpoint), state.classes, path)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = updates_before(epoch, step, updates_per_epoch, config.TRAIN.ACCUMULATION_STEPS)
     # Both configs hold their learning rates scaled to their own total batch; a derived MESA start is named.
@@ -330,7 +360,10 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     for group, values in zip(optimizer.param_groups, hyperparameters):
         group.update(values)  # the saved state brings back the saved settings: the config's win
     lr_scheduler.step_update(num_updates=num_updates)
-    state.scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"] or not state.scaler.is_enabled():
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    else:  # saved without fp16 (AMP off or bf16), whose scaler holds nothing: fp16 starts with a fresh loss scale
+        logger.warning("%s was saved without AMP fp16: the fp16 loss scale starts afresh", path)
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == ctx.world_size:
         ckpt.restore_rng_state(rng_states[ctx.rank])

@@ -157,7 +157,7 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_keeps_the_counters(tmp_p
         seen.append((steps_done, num_updates, scaler.get_scale(), optimizer.param_groups[0]["lr"]))
         save_training_checkpoint(  # what main.py writes after an update (TRAIN.SAVE_STEPS)
             tmp_path / f"update{num_updates}.pth",
-            TrainingState(model, None, optimizer, scaler, config, ["a", "b", "c"]),
+            TrainingState(model, None, optimizer, scaler, config, ["a", "b", "c"], 12),
             Position(epoch, steps_done, num_updates, 0.0, 0.0), is_main=True)
 
     stats = train_one_epoch(model, nn.CrossEntropyLoss(), batches, optimizer, scheduler, scaler, torch.device("cpu"),

@@ -260,17 +260,25 @@ def test_config_differences_name_changed_keys_but_not_where_the_run_is():
 def test_a_mid_epoch_checkpoint_needs_the_batch_layout_it_was_saved_with(tmp_path):
     saved = get_defaults()
     config = get_defaults()
-    mid_epoch = make_training_checkpoint(2, 5, saved.dump())
-    run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1)
+    mid_epoch = {**make_training_checkpoint(2, 5, saved.dump()), run_folder.TRAIN_IMAGES_KEY: 1000}
+    run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1, train_images=1000)
     config.DATA.BATCH_SIZE = saved.DATA.BATCH_SIZE // 2
     with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was saved in the middle of epoch 2 \(after 5 "
-                       r"steps\) with DATA.BATCH_SIZE 128, TRAIN.ACCUMULATION_STEPS 1 and 1 process"):
-        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1)
-    with pytest.raises(ckpt.TrainingCheckpointError, match="this run has 128, 1 and 2"):  # another process count
-        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", get_defaults(), world_size=2)
+                       r"steps\), and this run differs in what that position depends on \(DATA.BATCH_SIZE 128 -> 64\)"):
+        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", config, world_size=1, train_images=1000)
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(process count 1 -> 2\)"):
+        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", get_defaults(), world_size=2,
+                                            train_images=1000)
+    # Images added to train/ (or removed) change the epoch's order of the images: the step count means nothing.
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(training images 1000 -> 1100\)"):
+        run_folder.check_mid_epoch_position(mid_epoch, saved, "c.pth", get_defaults(), world_size=1,
+                                            train_images=1100)
+    # A checkpoint without the count (written before it was saved) is not checked for it.
+    run_folder.check_mid_epoch_position(make_training_checkpoint(2, 5, saved.dump()), saved, "c.pth", get_defaults(),
+                                        world_size=1, train_images=1100)
     # At an epoch boundary the position is the epoch alone: any layout resumes it.
     end_of_epoch = make_training_checkpoint(3, 0, saved.dump())
-    run_folder.check_mid_epoch_position(end_of_epoch, saved, "c.pth", config, world_size=2)
+    run_folder.check_mid_epoch_position(end_of_epoch, saved, "c.pth", config, world_size=2, train_images=1100)
 
 
 def test_an_outside_resume_yields_to_the_runs_own_checkpoint_at_least_as_far_along(tmp_path, isolated_logging):
@@ -609,6 +617,75 @@ def test_a_dataset_error_in_a_loader_worker_is_one_line(data, tmp_path, isolated
     assert len(errors) == 1 and errors[0].endswith("every file failed to open or decode"), errors
 
 
+def test_resume_refuses_other_class_folders(tmp_path):
+    """The labels are the class folders' sorted indices: a folder renamed, added or removed since the checkpoint would
+    silently give the images other labels."""
+    check = run_folder.check_same_classes
+    check(["cat", "dog"], ["cat", "dog"], "c.pth")
+    check(None, ["cat", "dog"], "c.pth")  # a checkpoint without a class list: nothing to compare
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"c.pth was trained on other classes than this run's "
+                       r"train/ holds \(only in the checkpoint: 1 \(1\); only here: 1x \(1\); 3 classes there, 3 "
+                       r"here\): resumed, the images would get other labels.*--pretrained and another --tag"):
+        check(["0", "1", "2"], ["0", "1x", "2"], "c.pth")
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(only in the checkpoint: 0, 1, 2, 3, 4 ... \(6\); 12 "
+                       r"classes there, 6 here\)"):
+        check([str(c) for c in range(12)], [str(c) for c in range(6, 12)], "c.pth")
+    model = nn.Linear(4, 2)
+    config = get_defaults()
+    optimizer = main.build_optimizer(config, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    run_folder.save_training_checkpoint(tmp_path / "c.pth", run_folder.TrainingState(
+        model, None, optimizer, scaler, config, ["cat", "dog"], 4), run_folder.Position(1, 0, 2, 0.0, 0.0), True)
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["cat", "cow"], 4)
+    with pytest.raises(ckpt.TrainingCheckpointError, match="only in the checkpoint: dog"):
+        run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(),
+                                   main.build_scheduler(config, optimizer, 2), updates_per_epoch=2)
+
+
+def test_a_run_resumed_on_renamed_class_folders_stops(data, tmp_path, isolated_logging):
+    renamed = tmp_path / "data"
+    shutil.copytree(data, renamed)
+    run_dir = tmp_path / "defmamba_tiny" / "default"
+    assert _run(renamed, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    for split in ("train", "val"):
+        (renamed / split / "class1").rename(renamed / split / "class1x")
+    assert _run(renamed, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "2")) == 2
+    assert "was trained on other classes than this run's train/ holds (only in the checkpoint: class1 (1); only " \
+           "here: class1x (1)" in _log(run_dir)
+    assert len((run_dir / "log.txt").read_text().splitlines()) == 1
+
+
+def test_resume_into_fp16_from_a_run_without_it_starts_a_fresh_loss_scale(tmp_path, caplog):
+    """AMP off or bf16 saves an empty scaler state, which torch's GradScaler refuses to load: an fp16 run resumed from
+    it starts with a fresh scale (logged); the other way, fp16's saved scale is simply not used."""
+    model = nn.Linear(4, 2)
+    config = get_defaults()
+    optimizer = main.build_optimizer(config, model)
+
+    def state(scaler: torch.amp.GradScaler) -> run_folder.TrainingState:
+        return run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"], 4)
+
+    def resume(path: Path, scaler: torch.amp.GradScaler) -> None:
+        run_folder.resume_training(str(path), state(scaler), main.init_distributed(),
+                                   main.build_scheduler(config, optimizer, 2), updates_per_epoch=2)
+
+    position = run_folder.Position(1, 0, 2, 0.0, 0.0)
+    run_folder.save_training_checkpoint(tmp_path / "off.pth", state(torch.amp.GradScaler("cpu", enabled=False)),
+                                        position, True)
+    fp16 = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with caplog.at_level(logging.WARNING):
+        resume(tmp_path / "off.pth", fp16)
+    assert "off.pth was saved without AMP fp16: the fp16 loss scale starts afresh" in caplog.text
+    assert fp16.get_scale() == 1024.0
+    saved_scale = torch.amp.GradScaler("cpu", init_scale=8.0)
+    saved_scale.scale(torch.ones(()))  # the scale tensor exists once something was scaled
+    run_folder.save_training_checkpoint(tmp_path / "fp16.pth", state(saved_scale), position, True)
+    resumed = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    resume(tmp_path / "fp16.pth", resumed)
+    assert resumed.get_scale() == 8.0  # fp16 to fp16: the saved scale goes on
+    resume(tmp_path / "fp16.pth", torch.amp.GradScaler("cpu", enabled=False))  # fp16 to off: nothing to restore
+
+
 def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_path, isolated_logging, caplog):
     """Resumed with another batch size, weight decay and length: the first resumed update already runs at the new
     schedule's learning rate for the position (epoch x the new updates per epoch), with the new weight decay."""
@@ -623,11 +700,11 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
                                                "1"], 2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     run_folder.save_training_checkpoint(
-        tmp_path / "c.pth", run_folder.TrainingState(model, None, optimizer, scaler, saved_config, ["a", "b"]),
+        tmp_path / "c.pth", run_folder.TrainingState(model, None, optimizer, scaler, saved_config, ["a", "b"], 4),
         run_folder.Position(epoch=1, step=0, num_updates=2, max_accuracy=0.0, max_accuracy_ema=0.0), is_main=True)
     new_opts = ["TRAIN.EPOCHS", "4", "DATA.BATCH_SIZE", "2", "TRAIN.WEIGHT_DECAY", "0.2"]
     config, model, optimizer, scheduler = setup(new_opts, 4)
-    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"], 4)
     position, outputs = run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(), scheduler,
                                                    updates_per_epoch=4)
     # Epoch 1 starts after 4 updates of the new batch; None: saved without the outputs of a finished epoch.
@@ -641,7 +718,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
 
     # Settings that regroup the parameters cannot take the saved optimizer state: one clear error.
     config, model, optimizer, scheduler = setup([*new_opts, "TRAIN.NO_DECAY_SSM", "True"], 4)
-    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"], 4)
     with pytest.raises(ckpt.TrainingCheckpointError, match="optimizer state does not fit this run's parameter groups"):
         run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(), scheduler,
                                    updates_per_epoch=4)
@@ -649,7 +726,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     # In the middle of an epoch, with gradient accumulation: 4 steps of 2 batches each are 2 updates into epoch 1.
     accumulating = ["TRAIN.EPOCHS", "4", "TRAIN.ACCUMULATION_STEPS", "2"]
     config, model, optimizer, scheduler = setup(accumulating, 5)
-    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"])
+    state = run_folder.TrainingState(model, None, optimizer, scaler, config, ["a", "b"], 4)
     run_folder.save_training_checkpoint(tmp_path / "mid.pth", state, run_folder.Position(1, 4, 7, 0.0, 0.0), True)
     position, _ = run_folder.resume_training(str(tmp_path / "mid.pth"), state, main.init_distributed(), scheduler,
                                              updates_per_epoch=5)
