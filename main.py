@@ -239,11 +239,11 @@ class StartingPoint(NamedTuple):
 
 
 def _starting_point(config: CfgNode, ctx: DistributedContext, state: TrainingState, lr_scheduler: Scheduler,
-                    updates_per_epoch: int, output_dir: Path) -> StartingPoint:
-    """Restores the checkpoint to resume (choose_resume_checkpoint) into ``state`` and ``lr_scheduler``, if any, and
-    says where training starts; without one, at TRAIN.START_EPOCH. The best accuracies of another run's checkpoint
-    (fine-tuning) are not this run's: they count from 0."""
-    resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
+                    updates_per_epoch: int, output_dir: Path, resume_path: str, records_checked: bool) -> StartingPoint:
+    """Restores ``resume_path`` (the checkpoint :func:`choose_resume_checkpoint` chose; its records already checked
+    when ``records_checked``) into ``state`` and ``lr_scheduler``, if any, and says where training starts; without
+    one, at TRAIN.START_EPOCH. The best accuracies of another run's checkpoint (fine-tuning) are not this run's: they
+    count from 0."""
     if not resume_path:
         epoch = config.TRAIN.START_EPOCH
         return StartingPoint(Position(epoch, 0, epoch * updates_per_epoch, 0.0, 0.0), "", False, None)
@@ -261,8 +261,11 @@ def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, writ
     """Rank 0, once the resume checks have passed: writes the config this run trains with (``write_config``), removes
     partial writes a crash left, and moves aside what the folder holds past ``start``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if write_config:
-        ckpt.atomic_write_text(config.dump(), output_dir / "config.yaml")
+    if write_config:  # without MODEL.RESUME: given again as --cfg, it continues this run, not from where it started
+        reusable = config.clone()
+        reusable.defrost()
+        reusable.MODEL.RESUME = ""
+        ckpt.atomic_write_text(reusable.dump(), output_dir / "config.yaml")
     for path in ckpt.remove_partial_saves(output_dir):
         logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)", path)
     set_aside_later_outputs(output_dir, (start.epoch, start.step))
@@ -273,6 +276,11 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     """The epoch loop with resume, evaluation, checkpoints and logs; :func:`main` holds the run folder's lock around
     it. Returns the process exit status."""
     data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
+    resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
+    if config.MODEL.PRETRAINED and not resume_path:  # a resumed run's weights come from its checkpoint
+        # Fine-tuning to another MODEL.NUM_CLASSES: a classifier of other shapes is left out (logged).
+        load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
+        logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
     model_without_ddp = model
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
@@ -287,7 +295,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
 
     state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes,
                           len(data.train_set))
-    start = _starting_point(config, ctx, state, lr_scheduler, updates_per_epoch, output_dir)
+    start = _starting_point(config, ctx, state, lr_scheduler, updates_per_epoch, output_dir, resume_path,
+                            records_checked)
     start_epoch, start_step, _, max_accuracy, max_accuracy_ema = start.position
     nothing_to_train = start_epoch >= config.TRAIN.EPOCHS
     if nothing_to_train:
@@ -434,11 +443,7 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
     model = build_model(config)
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
-    if config.MODEL.PRETRAINED and not config.EVAL_MODE:  # --eval picks its weights itself (load_eval_weights)
-        # Fine-tuning to another MODEL.NUM_CLASSES: a classifier of other shapes is left out (logged).
-        load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
-        logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
-    model.to(ctx.device)
+    model.to(ctx.device)  # the weights come later: --eval's (load_eval_weights), training's (--pretrained or resume)
     mode = run_mode(config)
     if mode == "throughput":
         run_throughput(config, ctx, model, amp_dtype)

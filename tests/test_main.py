@@ -596,8 +596,8 @@ def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail
     ckpt.atomic_save(mid_epoch, tmp_path / "mid.pth")
     assert _run(data, tmp_path, "--tag", "mid", "--resume", str(tmp_path / "mid.pth"), "--no-model-ema",
                 opts=("DATA.BATCH_SIZE", "2")) == 2
-    assert "this run has 2, 1 and 1, so its position in the epoch would be wrong" in _log(
-        tmp_path / "defmamba_tiny" / "mid")
+    assert "this run differs in what that position depends on (DATA.BATCH_SIZE 4 -> 2), so its place in the epoch " \
+           "would be wrong" in _log(tmp_path / "defmamba_tiny" / "mid")
     # The requeued command once more after the outside checkpoint was deleted: the run's own progress still counts.
     for path in first.glob("checkpoint_*.pth"):
         path.unlink()
@@ -640,6 +640,30 @@ def test_resume_refuses_other_class_folders(tmp_path):
     with pytest.raises(ckpt.TrainingCheckpointError, match="only in the checkpoint: dog"):
         run_folder.resume_training(str(tmp_path / "c.pth"), state, main.init_distributed(),
                                    main.build_scheduler(config, optimizer, 2), updates_per_epoch=2)
+
+
+def test_weights_a_run_started_from_are_not_needed_to_resume_it(data, tmp_path, isolated_logging):
+    """A fine-tune requeued after its --pretrained file has gone resumes its own checkpoint (its weights come from
+    there, not from the file), and a run's config.yaml does not carry the --resume it started from: given again as
+    --cfg with another --tag, it starts afresh instead of resuming where the first run started."""
+    first = tmp_path / "defmamba_tiny" / "default"
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    weights = tmp_path / "weights.pth"
+    shutil.copy(first / ckpt.LATEST_NAME, weights)
+    assert _run(data, tmp_path, "--no-model-ema", "--tag", "ft", "--pretrained", str(weights),
+                opts=("TRAIN.EPOCHS", "1")) == 0
+    weights.unlink()
+    assert _run(data, tmp_path, "--no-model-ema", "--tag", "ft", "--pretrained", str(weights),
+                opts=("TRAIN.EPOCHS", "2")) == 0
+    finetune = tmp_path / "defmamba_tiny" / "ft"
+    assert re.search(rf"resumed from {re.escape(str(finetune))}/checkpoint_\S+ at epoch 1 step 0", _log(finetune))
+    assert _run(data, tmp_path, "--no-model-ema", "--tag", "res", "--resume", str(first / ckpt.LATEST_NAME),
+                opts=("TRAIN.EPOCHS", "2")) == 0
+    resumed = tmp_path / "defmamba_tiny" / "res"
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["MODEL"]["RESUME"] == ""
+    assert main.main(["--cfg", str(resumed / "config.yaml"), "--tag", "again", "--data-path", str(data), "--output",
+                      str(tmp_path), "--opts", "TRAIN.EPOCHS", "1"]) == 0
+    assert "resumed from" not in _log(tmp_path / "defmamba_tiny" / "again")
 
 
 def test_a_run_resumed_on_renamed_class_folders_stops(data, tmp_path, isolated_logging):
