@@ -106,10 +106,12 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_skipped(tmp_path, cap
     time.sleep(0.01)
     (tmp_path / "checkpoint_epoch0009.pth").write_bytes(b"\x00garbage")
     (tmp_path / "checkpoint_incomplete.pth.123.tmp").write_bytes(good)  # a temp file is never a candidate
+    (tmp_path / "checkpoint_link.pth").symlink_to(tmp_path / "gone.pth")  # a link to a file deleted since
     with caplog.at_level(logging.WARNING):
         path, position = ckpt.find_resume_checkpoint(tmp_path)
     assert path.name == ckpt.BEST_NAME and position == (3, 4)
     assert ckpt.LATEST_NAME in caplog.text and "checkpoint_epoch0009.pth" in caplog.text
+    assert "checkpoint_link.pth is unreadable (FileNotFoundError" in caplog.text
     assert (tmp_path / ckpt.BEST_NAME).read_bytes() == good
 
 

@@ -7,6 +7,7 @@ updates so far (the learning-rate schedule is a function of it and the config); 
 """
 import errno
 import logging
+import math
 import os
 import pickle
 import random
@@ -249,6 +250,15 @@ def _load_candidate(path: Path, check_crc: bool) -> dict | None:
         return None
 
 
+def _modification_time(path: Path) -> float:
+    """``path``'s modification time; -inf for a link to a missing file or a file gone since it was listed (loading it
+    then reports it)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, tuple[int, int]] | None:
     """The newest valid training checkpoint in ``output_dir`` and its (epoch, step) position, or None.
 
@@ -259,7 +269,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, tuple[i
     Raises:
         CheckpointAccessError: A candidate cannot be read for a reason other than its content.
     """
-    by_mtime = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=lambda p: p.stat().st_mtime, reverse=True)
+    by_mtime = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=_modification_time, reverse=True)
     positions = []
     for path in by_mtime:
         checkpoint = _load_candidate(path, check_crc=False)
