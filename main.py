@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from yacs.config import CfgNode
 
 from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_weight
 from classification.data.build import DatasetError, build_eval_loader, build_loader
-from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
+from classification.engine import NonFiniteLossError, TrainingStopped, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
 from classification.models import (
     CheckpointError,
@@ -63,6 +64,7 @@ from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import (
     DistributedContext,
     MainRankFailedError,
+    any_rank,
     average_batchnorm_statistics,
     broadcast_object,
     cleanup,
@@ -77,6 +79,7 @@ logger = logging.getLogger("main")
 TEXT_LOG_NAMES = {"train": "train.log", "eval": "eval.log", "throughput": "throughput.log"}  # one per mode
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 INTERRUPTED_STATUS = 130  # the shell's status for a process ended by SIGINT (128 + 2)
+TERMINATED_STATUS = 143  # the shell's status for a process ended by SIGTERM (128 + 15)
 WORKER_TRACEBACK = "Original Traceback"  # how torch's DataLoader passes on an exception raised in a worker
 # Mistakes in what a run is given (config, data, checkpoints): reported in one line with exit status 2.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ckpt.TrainingCheckpointError, ckpt.CheckpointWriteError,
@@ -229,6 +232,30 @@ def run_throughput(config: CfgNode, ctx: DistributedContext, model: nn.Module, a
                 result["batch_size"], result["img_size"], result["img_size"], config.AMP, result["device"], per_process)
 
 
+class StopRequest:
+    """While held (a context manager), SIGTERM asks training to stop instead of killing the process: a cluster
+    scheduler's preemption or time limit, or torchrun stopping its workers, sends it some seconds before SIGKILL.
+    Training then stops at its next update, saves where it stands and ends with :data:`TERMINATED_STATUS`. Called, it
+    says whether SIGTERM came."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = signal.SIG_DFL
+
+    def __call__(self) -> bool:
+        return self.received
+
+    def _receive(self, signum: int, frame: object) -> None:
+        self.received = True
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = signal.signal(signal.SIGTERM, self._receive)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 class StartingPoint(NamedTuple):
     """Where a training run starts."""
 
@@ -300,8 +327,9 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     start_epoch, start_step, _, max_accuracy, max_accuracy_ema = start.position
     nothing_to_train = start_epoch >= config.TRAIN.EPOCHS
     if nothing_to_train:
-        logger.warning("nothing left to train: %s ends epoch %d and TRAIN.EPOCHS is %d (raise it to train on); the "
-                       "run's config.yaml is left as it was", start.resume_path, start_epoch - 1, config.TRAIN.EPOCHS)
+        logger.warning("nothing left to train: %s is at epoch %d step %d (epochs count from 0) and TRAIN.EPOCHS is %d "
+                       "(raise it to train on); the run's config.yaml is left as it was", start.resume_path,
+                       start_epoch, start_step, config.TRAIN.EPOCHS)
     on_main_rank(ctx.is_main, lambda: _prepare_run_folder(config, output_dir, start.position,
                                                           write_config=not nothing_to_train))
 
@@ -310,16 +338,24 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
         # Rank 0's BatchNorm statistics, left as they are (DDP gives every process rank 0's at the next forward):
         # saving mid-epoch must not change the run.
-        if num_updates % config.TRAIN.SAVE_STEPS == 0 and steps_done < steps_per_epoch:
-            save_training_checkpoint(latest_path, state,
-                                     Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema),
-                                     ctx.is_main)
+        save_training_checkpoint(latest_path, state,
+                                 Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema), ctx.is_main)
+
+    def saves_due(num_updates: int) -> bool:  # TRAIN.SAVE_STEPS
+        return config.TRAIN.SAVE_STEPS > 0 and num_updates % config.TRAIN.SAVE_STEPS == 0
+
+    def save_when_due(epoch: int, steps_done: int, num_updates: int) -> None:
+        if saves_due(num_updates) and steps_done < steps_per_epoch:
+            save_mid_epoch(epoch, steps_done, num_updates)
 
     writer = on_main_rank(ctx.is_main, lambda: open_tensorboard(output_dir))
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
-    try:
+    with contextlib.ExitStack() as held:
+        stop_requested = held.enter_context(StopRequest())
+        if writer is not None:
+            held.callback(writer.close)
         if start.finished_outputs is not None and start.own_checkpoint:  # what a crash after its last save left
             finish_epoch(output_dir, start_epoch - 1, start.finished_outputs, start.position, state, ctx, writer,
                          completing=True)
@@ -331,11 +367,15 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                     config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
                     clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
                     mixup_fn=data.mixup_fn, mesa_weight=mesa_weight(config, epoch), print_freq=config.PRINT_FREQ,
-                    step_hook=save_mid_epoch if config.TRAIN.SAVE_STEPS > 0 else None,
+                    step_hook=save_when_due, stop_requested=stop_requested,
                 )
             except NonFiniteLossError as err:
                 logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
                 return 1
+            except TrainingStopped as stopped:
+                if not saves_due(stopped.num_updates):  # else the step hook has just saved this position
+                    save_mid_epoch(stopped.epoch, stopped.steps_done, stopped.num_updates)
+                raise
             start_step = 0
             # Every process then evaluates, and rank 0 saves, the same BatchNorm statistics (the EMA's already are).
             average_batchnorm_statistics(model_without_ddp)
@@ -355,9 +395,8 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
             # The position first: a crash after it loses nothing, the resumed run writes the rest (finish_epoch).
             save_training_checkpoint(latest_path, state, position, ctx.is_main, epoch_outputs=outputs)
             finish_epoch(output_dir, epoch, outputs, position, state, ctx, writer, completing=False)
-    finally:
-        if writer is not None:
-            writer.close()
+            if epoch + 1 < config.TRAIN.EPOCHS and any_rank(stop_requested(), ctx.device):
+                raise TrainingStopped(epoch + 1, 0, position.num_updates)  # everything of the epoch is saved
     if not nothing_to_train:
         logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
                     f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
@@ -420,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     except MainRankFailedError as err:  # rank 0 logs its own error
         logger.error("%s", err)
         return 1
+    except TrainingStopped as stopped:
+        if ctx.is_main:
+            logger.error("SIGTERM: stopped at epoch %d step %d, saved there; %s", stopped.epoch, stopped.steps_done,
+                         how_to_continue(config, output_dir, started))
+        return TERMINATED_STATUS
     except KeyboardInterrupt:
         logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}" if mode == "train" else "")
         return INTERRUPTED_STATUS

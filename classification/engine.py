@@ -35,6 +35,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (on any process)."""
 
 
+class TrainingStopped(Exception):
+    """Every process stopped training after an update because one of them was asked to (``stop_requested``): the
+    run is at (``epoch``, ``steps_done``) with ``num_updates`` updates, in the middle of the epoch."""
+
+    def __init__(self, epoch: int, steps_done: int, num_updates: int) -> None:
+        super().__init__(f"stopped at epoch {epoch} step {steps_done}")
+        self.epoch, self.steps_done, self.num_updates = epoch, steps_done, num_updates
+
+
 class AverageMeter:
     """Running sum and count of a scalar, weighted by the number of items it covers."""
 
@@ -78,14 +87,18 @@ def updates_before(epoch: int, steps: int, updates_per_epoch: int, accumulation_
     return epoch * updates_per_epoch + steps // accumulation_steps
 
 
-def _check_finite_everywhere(loss_value: float, device: torch.device, epoch: int, step: int) -> None:
-    """Raises NonFiniteLossError on every process when the loss is NaN or infinite on any of them."""
-    finite = all_reduce_min(torch.tensor(float(math.isfinite(loss_value)), device=device))
-    if finite.item() == 0:
+def _stop_agreed(loss_value: float, stop_requested: bool, device: torch.device, epoch: int, step: int) -> bool:
+    """One all-reduce per step: raises NonFiniteLossError on every process when the loss is NaN or infinite on any
+    of them; else returns whether any of them was asked to stop (the same answer on every process: they stop at the
+    same step)."""
+    flags = all_reduce_min(torch.tensor([float(math.isfinite(loss_value)), float(not stop_requested)], device=device))
+    finite, none_stopping = flags.tolist()
+    if finite == 0:
         raise NonFiniteLossError(
             f"training loss is {loss_value} (on this or another process) at epoch {epoch} step {step}; stopping "
             "without saving. Lower the learning rate or try --amp bf16/off, and resume from the last good checkpoint."
         )
+    return none_stopping == 0
 
 
 def _optimizer_update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -126,6 +139,7 @@ def train_one_epoch(
     mesa_weight: float = 0.0,
     print_freq: int = 10,
     step_hook: StepHook | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Trains one epoch (or its remainder after ``start_step`` batches).
 
@@ -148,6 +162,8 @@ def train_one_epoch(
         mesa_weight: Weight of the self-distillation term from the EMA teacher (0: off).
         print_freq: Progress line every this many steps.
         step_hook: Called after every update (mid-epoch checkpoints).
+        stop_requested: Whether this process was asked to stop (a SIGTERM, say): once any process is, every one
+            stops after the next update that leaves steps of the epoch to run (the step hook runs first).
 
     Returns:
         Mean loss, last learning rate, mean finite gradient norm, skipped images, images/s (all processes), and the
@@ -155,6 +171,7 @@ def train_one_epoch(
 
     Raises:
         NonFiniteLossError: When the loss is NaN or infinite on any process; no update is made with it.
+        TrainingStopped: When a process was asked to stop (``stop_requested``); says where the run stands.
     """
     if mesa_weight > 0 and model_ema is None:
         raise ValueError("MESA needs the EMA model as its teacher")
@@ -167,6 +184,7 @@ def train_one_epoch(
     skipped_images = 0
     overflow_updates = 0
     images_seen = 0
+    stopping = False  # a process was asked to stop (stop_requested): every one stops after the next update
     optimizer.zero_grad(set_to_none=True)
     epoch_start = last = time.perf_counter()
     for step, (images, targets, skipped) in enumerate(data_loader, start=start_step):
@@ -187,7 +205,8 @@ def train_one_epoch(
                         teacher = torch.softmax(model_ema.module(images).float(), dim=-1)
                     loss = loss + mesa_weight * mesa_criterion(outputs, teacher)
             loss_value = loss.item()
-            _check_finite_everywhere(loss_value, device, epoch, step)
+            asked = stop_requested is not None and stop_requested()
+            stopping = _stop_agreed(loss_value, asked, device, epoch, step) or stopping  # at the next update
             scaler.scale(loss / accumulation_steps).backward()
         if is_update:
             grad_norm = _optimizer_update(model, optimizer, scaler, clip_grad, model_ema)
@@ -199,6 +218,8 @@ def train_one_epoch(
                 overflow_updates += 1
             if step_hook is not None:
                 step_hook(epoch, step + 1, num_updates)
+            if stopping and step + 1 < total_steps:  # at the epoch's end the caller evaluates and saves first
+                raise TrainingStopped(epoch, step + 1, num_updates)
         loss_meter.update(loss_value, images.shape[0])
         images_seen += images.shape[0]
         now = time.perf_counter()

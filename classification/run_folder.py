@@ -339,8 +339,8 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     differences = config_differences(saved, config, notes=notes)
     if differences:
         logger.warning("resuming from %s with a config that differs from its run's: %s; this run follows the new "
-                       "values (the learning-rate schedule too, from update %d on)", path, "; ".join(differences),
-                       num_updates)
+                       "values (the learning-rate schedule is the new config's, from update %d on)", path,
+                       "; ".join(differences), num_updates)
     load_weights(model, checkpoint, path)
     if model_ema is not None:
         if has_ema_weights(checkpoint):
@@ -469,9 +469,12 @@ def set_aside_later_outputs(output_dir: Path, position: tuple[int, int]) -> None
     if later_records:
         ckpt.atomic_write_text("".join(json_line(record) for record in later_records), folder / JSON_LOG_NAME)
         ckpt.atomic_write_text("".join(json_line(record) for record in records if record["epoch"] < epoch), log_path)
-    logger.warning("this run starts at epoch %d step %d, before what %s holds: moved %s and the log.txt records of "
-                   "epochs %s to %s", epoch, step, output_dir, [path.name for path in later] or "no file",
-                   sorted({record["epoch"] for record in later_records}) or "none", folder)
+    moved = [", ".join(path.name for path in later)] if later else []
+    if later_records:
+        epochs = sorted({record["epoch"] for record in later_records})
+        moved.append(f"the log.txt records of epoch{'s' if len(epochs) > 1 else ''} {', '.join(map(str, epochs))}")
+    logger.warning("this run starts at epoch %d step %d, before what %s holds: moved %s to %s", epoch, step,
+                   output_dir, " and ".join(moved), folder)
 
 
 def _scalar_items(record: dict) -> Iterator[tuple[str, float]]:

@@ -11,7 +11,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from classification.config import ConfigError, get_config
-from classification.engine import NonFiniteLossError, evaluate, throughput, train_one_epoch
+from classification.engine import NonFiniteLossError, TrainingStopped, evaluate, throughput, train_one_epoch
 from classification.lr_scheduler import build_scheduler
 from classification.models import build_model
 from classification.optim import build_optimizer, split_weight_decay
@@ -228,6 +228,23 @@ def test_nan_loss_stops_before_any_update():
     with pytest.raises(NonFiniteLossError, match="epoch 0 step 1"):
         _train(model, batches, accumulation_steps=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # step 0 was never applied
+
+
+def test_a_stop_request_ends_the_epoch_after_the_next_update_but_not_at_its_end():
+    """Asked to stop during step 0 with accumulation 2, the run completes the update of steps 0-1 (a mid-epoch
+    checkpoint can only sit between updates), calls the step hook, then stops; asked at the epoch's last update it
+    finishes the epoch (the caller evaluates and saves it whole)."""
+    requests = iter([True])  # the first step's question only: a SIGTERM that arrived before it
+
+    hooked = []
+    with pytest.raises(TrainingStopped) as stopped:
+        _train(Toy(), _batches(6, 2), accumulation_steps=2, stop_requested=lambda: next(requests, False),
+               step_hook=lambda epoch, steps, update: hooked.append((steps, update)))
+    assert (stopped.value.epoch, stopped.value.steps_done, stopped.value.num_updates) == (0, 2, 1)
+    assert hooked == [(2, 1)]
+    asked = iter([False, False, True])  # during the last step (the second update, a partial group)
+    stats = _train(Toy(), _batches(3, 2), accumulation_steps=2, stop_requested=lambda: next(asked))
+    assert math.isfinite(stats["loss"])
 
 
 def test_evaluate_top1_top5_match_hand_count():

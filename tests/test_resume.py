@@ -1,4 +1,4 @@
-"""SIGKILL in the middle of an epoch, restart, and end with the weights of the uninterrupted run."""
+"""SIGKILL or SIGTERM in the middle of an epoch, restart, and end with the weights of the uninterrupted run."""
 import os
 import re
 import signal
@@ -16,14 +16,14 @@ POLL_SECONDS = 0.01
 RUN_TIMEOUT_SECONDS = 240
 
 
-def _main_command(data: Path, output: Path) -> list[str]:
+def _main_command(data: Path, output: Path, save_steps: int = 1) -> list[str]:
     # Tiny DefMamba; everything random is on: drop path, Mixup/CutMix (numpy), random erasing and crops (per-sample
     # seeds), EMA and MESA from epoch 1. A checkpoint after every update (4 steps per epoch).
     return [sys.executable, str(REPO / "main.py"), "--data-path", str(data), "--output", str(output), "--amp", "off",
             "--deterministic", "--scan-backend", "torch", "--batch-size", "4", "--opts",
             "MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]",
             "MODEL.DEFMAMBA.DROP_PATH_RATE", "0.1", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
-            "AUG.AUTO_AUGMENT", "''", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.SAVE_STEPS", "1",
+            "AUG.AUTO_AUGMENT", "''", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.SAVE_STEPS", str(save_steps),
             "TRAIN.EMA.DECAY", "0.9", "TRAIN.MESA.WEIGHT", "0.5", "TRAIN.MESA.START_EPOCH", "1", "PRINT_FREQ", "2"]
 
 
@@ -51,6 +51,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, start_run)
     position = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", (run_dir / "train.log").read_text())
     assert position and int(position.group(2)) > 0, "the restart did not resume in the middle of an epoch"
 
+    _assert_same_end(reference_out, run_dir)
+
+
+def _assert_same_end(reference_out: Path, run_dir: Path) -> None:
+    """The run in ``run_dir`` ended where the reference did, with the same weights, EMA and optimizer state."""
     expected = torch.load(reference_out / "defmamba_tiny" / "default" / "checkpoint_latest.pth", weights_only=False)
     got = torch.load(run_dir / "checkpoint_latest.pth", weights_only=False)
     assert (got["epoch"], got["step"]) == (expected["epoch"], expected["step"]) == (2, 0)
@@ -60,3 +65,30 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, start_run)
     assert got["optimizer"]["state"].keys() == expected["optimizer"]["state"].keys()
     for index, state in expected["optimizer"]["state"].items():
         assert torch.equal(got["optimizer"]["state"][index]["exp_avg"], state["exp_avg"])
+
+
+def test_sigterm_saves_where_the_run_stands_and_resumes_it_exactly(tmp_path, start_run):
+    """A cluster's preemption or time limit sends SIGTERM, then SIGKILL some seconds later. Without TRAIN.SAVE_STEPS
+    a SIGKILL would lose the epoch so far; SIGTERM makes the run save at its next update and stop (status 143), and
+    the same command continues from there to the uninterrupted run's weights."""
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=16, val_per_class=2)
+    reference_out, stopped_out = tmp_path / "reference", tmp_path / "stopped"
+    reference, reference_log = start_run("reference", _main_command(data, reference_out, save_steps=0), _env())
+    victim, victim_log = start_run("victim", _main_command(data, stopped_out, save_steps=0), _env())
+    run_dir = stopped_out / "defmamba_tiny" / "default"
+    deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+    while "Train [0/2][2/8]" not in victim_log.read_text() and victim.poll() is None:
+        assert time.monotonic() < deadline, f"training did not start:\n{log_tail(victim_log)}"
+        time.sleep(POLL_SECONDS)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(timeout=RUN_TIMEOUT_SECONDS) == 143, log_tail(victim_log)
+    stop = re.search(r"ERROR: SIGTERM: stopped at epoch (\d+) step (\d+), saved there; the same command resumes from "
+                     r"the run's newest checkpoint", victim_log.read_text())
+    assert stop, log_tail(victim_log)
+    saved = torch.load(run_dir / "checkpoint_latest.pth", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (int(stop.group(1)), int(stop.group(2))) != (2, 0)
+
+    resumed, resumed_log = start_run("resumed", _main_command(data, stopped_out, save_steps=0), _env())
+    assert resumed.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(resumed_log)
+    assert reference.wait(timeout=RUN_TIMEOUT_SECONDS) == 0, log_tail(reference_log)
+    _assert_same_end(reference_out, run_dir)

@@ -84,6 +84,11 @@ def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is True on any process (the same answer on every process)."""
+    return all_reduce_min(torch.tensor(float(not flag), device=device)).item() == 0
+
+
 def average_batchnorm_statistics(model: torch.nn.Module) -> None:
     """Averages the BatchNorm running means and variances over processes, in place, in one all-reduce (a no-op in one
     process or without BatchNorm).
