@@ -468,7 +468,8 @@ def test_a_crash_between_the_end_of_epoch_writes_is_completed_on_resume(data, tm
     assert {name: (aside / name).read_bytes() for name in abandoned_bytes} == abandoned_bytes
     assert [record["epoch"] for record in run_folder.read_json_log(aside / "log.txt")[0]] == [1]
     assert re.search(r"this run starts at epoch 1 step 0, before what \S+ holds: moved checkpoint_epoch0001.pth, "
-                     r"checkpoint_latest.pth, model_ema.pth, tensorboard and the log.txt records of epoch 1 to \S+/from_epoch1_step0_",
+                     r"checkpoint_latest.pth, model_ema.pth, tensorboard and the log.txt records of epoch 1 to "
+                     r"\S+/from_epoch1_step0_",
                      _log(run_dir)), _log(run_dir)
     assert _run(data, tmp_path, opts=again) == 0
     assert "resumed from " + str(run_dir / ckpt.LATEST_NAME) + " at epoch 2 step 0" in _log(run_dir)
