@@ -18,13 +18,14 @@ RUN_TIMEOUT_SECONDS = 240
 
 def _main_command(data: Path, output: Path, save_steps: int = 1) -> list[str]:
     # Tiny DefMamba; everything random is on: drop path, Mixup/CutMix (numpy), random erasing and crops (per-sample
-    # seeds), EMA and MESA from epoch 1. A checkpoint after every update (4 steps per epoch) unless save_steps says otherwise.
+    # seeds), EMA and MESA from epoch 1. A checkpoint every save_steps updates (4 steps per epoch with 8 images).
     return [sys.executable, str(REPO / "main.py"), "--data-path", str(data), "--output", str(output), "--amp", "off",
             "--deterministic", "--scan-backend", "torch", "--batch-size", "4", "--opts",
             "MODEL.NUM_CLASSES", "2", "MODEL.DEFMAMBA.EMBED_DIM", "8", "MODEL.DEFMAMBA.DEPTHS", "[1, 1, 1, 1]",
             "MODEL.DEFMAMBA.DROP_PATH_RATE", "0.1", "DATA.IMG_SIZE", "32", "DATA.NUM_WORKERS", "0",
             "AUG.AUTO_AUGMENT", "''", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "1", "TRAIN.SAVE_STEPS",
-            str(save_steps), "TRAIN.EMA.DECAY", "0.9", "TRAIN.MESA.WEIGHT", "0.5", "TRAIN.MESA.START_EPOCH", "1", "PRINT_FREQ", "2"]
+            str(save_steps), "TRAIN.EMA.DECAY", "0.9", "TRAIN.MESA.WEIGHT", "0.5", "TRAIN.MESA.START_EPOCH", "1",
+            "PRINT_FREQ", "2"]
 
 
 def _env() -> dict:
