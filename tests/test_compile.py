@@ -4,9 +4,10 @@ The selective scan is the custom op ``defmamba::selective_scan`` under the compi
 """
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from classification.models.registry import create_model
-from classification.ops import custom_ops, selective_scan_fn
+from classification.ops import custom_ops, selective_scan_fn, selective_scan_ref
 from scan_cases import CASES, make_inputs
 
 NUM_CLASSES = 5
@@ -103,3 +104,51 @@ def test_compiled_scan_gives_every_eager_gradient(case, compiler, backend):
             assert t.grad.abs().max() > 0, name
             scale = t.grad.abs().max().item()
             torch.testing.assert_close(compiled_inputs[name].grad, t.grad, rtol=RTOL, atol=RTOL * scale, msg=name)
+
+
+@pytest.mark.parametrize("dtypes, expected", [
+    ((torch.float16, torch.float16), torch.float32),  # half inputs are computed in float32
+    ((torch.bfloat16, torch.float32), torch.float32),  # autocast: half projections, float32 parameters
+    ((torch.float32, torch.float64), torch.float64),  # promoted
+], ids=["fp16", "bf16-with-fp32-weights", "fp32-with-fp64-weights"])
+def test_fake_scan_gives_the_eager_output_dtype(dtypes, expected):
+    """The fake implementation (what the compiler plans with) promises y's dtype: the eager one."""
+    sequence_dtype, weight_dtype = dtypes
+    inputs = make_inputs(CASES[1], torch.float64)
+    inputs = {name: None if t is None else t.detach().to(weight_dtype if name in ("A", "D", "delta_bias")
+                                                          else sequence_dtype) for name, t in inputs.items()}
+    assert selective_scan_fn(**inputs, delta_softplus=True, backend="torch").dtype == expected
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in inputs.values()]
+        y = torch.ops.defmamba.selective_scan(*fake, True, "torch")
+    assert y.dtype == expected and y.shape == inputs["u"].shape
+
+
+def test_fake_scan_checks_the_inputs_at_trace_time():
+    inputs = {name: None if t is None else t.detach() for name, t in make_inputs(CASES[0], torch.float32).items()}
+    inputs["delta"] = inputs["delta"][..., 1:]
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in inputs.values()]
+        with pytest.raises(ValueError, match=r"delta: got shape \(2, 6, 96\), need \(2, 6, 97\)"):
+            torch.ops.defmamba.selective_scan(*fake, True, "torch")
+
+
+def test_backward_op_gives_zeros_for_the_gradients_not_asked_for():
+    """The opaque backward op: wanted gradients are ref's (float64), the others zeros of their input's shape, and an
+    absent D or delta_bias an empty tensor."""
+    case = CASES[3]  # no D, no delta_bias
+    inputs = make_inputs(case, torch.float64)
+    grad_y = torch.randn_like(inputs["u"])
+    needs_grad = [True, False, True, False, True, False, False]  # u, A, C
+    torch.full((4096,), float("nan"), dtype=torch.float64)  # leave freed memory that is not zero
+    grads = custom_ops.selective_scan_backward(grad_y, *inputs.values(), case.softplus, "torch", needs_grad)
+    leaves = [inputs[name] for name in ("u", "A", "C")]
+    expected = dict(zip(("u", "A", "C"), torch.autograd.grad(
+        selective_scan_ref(**inputs, delta_softplus=case.softplus), leaves, grad_y)))
+    for (name, t), grad in zip(inputs.items(), grads):
+        if t is None:
+            assert grad.numel() == 0, name
+        elif name in expected:
+            torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        else:
+            assert grad.shape == t.shape and torch.equal(grad, torch.zeros_like(t)), name

@@ -249,6 +249,53 @@ def test_digits_builder_rebuilds_a_damaged_dataset(tmp_path, caplog, damage):
     assert "already complete" in caplog.text
 
 
+def test_digits_images_and_split_are_sklearns_digits(tmp_path, caplog):
+    """At image_size 8 (no resampling) each PNG is its bundled digit, 0..16 scaled to 0..255; the split is the
+    stratified one the manifest's seed reproduces; another image size rebuilds, bicubically upscaled; a stray PNG is
+    loaded with the dataset, and said so."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    manifest = build_digits(tmp_path, image_size=8)
+    val = sorted(int(path.stem) for path in (tmp_path / "val").glob("*/*.png"))
+    for index in val[:40]:
+        pixels = np.asarray(Image.open(tmp_path / "val" / str(digits.target[index]) / f"{index:04d}.png"))
+        expected = np.rint(digits.images[index] * (255 / 16))
+        assert pixels.shape == (8, 8, 3) and np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=-1))
+    counts = np.bincount(digits.target[val], minlength=10)
+    assert np.all(np.abs(counts - 0.2 * np.bincount(digits.target)) < 1)  # stratified: 20 % of every class
+    _, expected_val = train_test_split(np.arange(len(digits.target)), test_size=0.2,
+                                       random_state=manifest["split_seed"], stratify=digits.target)
+    assert val == sorted(expected_val.tolist())
+
+    shutil.copy(next((tmp_path / "train" / "3").iterdir()), tmp_path / "train" / "3" / "extra.png")
+    with caplog.at_level(logging.INFO):
+        build_digits(tmp_path, image_size=8)
+    assert "already complete" in caplog.text
+    assert "1 PNG files that it does not list will be loaded with it (train/3/extra.png)" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        larger = build_digits(tmp_path, image_size=16)
+    assert larger["image_size"] == 16 and "built for another image size" in caplog.text
+    pixels = np.asarray(Image.open(tmp_path / "val" / str(digits.target[val[0]]) / f"{val[0]:04d}.png"))[..., 0]
+    assert pixels.shape == (16, 16)
+    # Nearest-neighbour upscaling would repeat each pixel in a 2 x 2 block and keep the 17 grey levels.
+    levels = set(np.rint(np.arange(17) * (255 / 16)).tolist())
+    assert not set(np.unique(pixels).tolist()) <= levels
+
+
+def test_digits_image_size_below_one_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from classification.data import digits
+
+    monkeypatch.setattr(sys, "argv", ["digits", "--root", str(tmp_path / "digits"), "--image-size", "0"])
+    with pytest.raises(SystemExit) as raised:
+        digits.main()
+    assert raised.value.code == 2 and "--image-size must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "digits").exists()
+
+
 def test_digits_builder_reports_a_root_it_cannot_write(tmp_path, monkeypatch):
     from classification.data import digits
 

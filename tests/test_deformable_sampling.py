@@ -83,6 +83,9 @@ def test_gradcheck_reference():
         ((2, 6, 4, 4), (3, 1, 4, 4, 2), "points: batch 3 does not match"),
         ((2, 6, 4, 4), (2, 4, 4, 4, 2), "4 groups do not divide the 6 feature channels"),
         ((2, 6, 0, 4), (2, 1, 4, 4, 2), r"features: got shape \(2, 6, 0, 4\), need a map of at least 1 x 1 pixel"),
+        ((2, 6, 4, 0), (2, 1, 4, 4, 2), r"features: got shape \(2, 6, 4, 0\), need a map of at least 1 x 1 pixel"),
+        ((2, 6, 4, 4), (1, 1, 4, 4, 2), "points: batch 1 does not match the features' batch 2"),  # would broadcast
+        ((2, 6, 4, 4), (2, 0, 4, 4, 2), "points: 0 groups do not divide the 6 feature channels"),
     ],
 )
 @pytest.mark.parametrize("sample", [bilinear_sample, bilinear_sample_ref])
@@ -100,3 +103,11 @@ def test_pixel_grid_puts_pixel_i_j_at_x_j_y_i():
     features = torch.randn(1, 4, 2, 3, dtype=torch.float64)
     points = grid.expand(1, 2, 2, 3, 2)
     torch.testing.assert_close(bilinear_sample(features, points), features, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("sample", [bilinear_sample, bilinear_sample_ref])
+def test_points_in_another_dtype_are_refused(sample):
+    features = torch.zeros(1, 2, 3, 3, dtype=torch.float32)
+    points = torch.zeros(1, 1, 2, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="points: dtype torch.float64 differs from the features' dtype torch.float32"):
+        sample(features, points)

@@ -85,6 +85,38 @@ def test_weight_decay_exempts_tagged_parameters_only():
     assert sorted(split_weight_decay(Toy(), no_decay_ssm=False)[0]) == ["A_log", "fc.weight", "table"]
 
 
+class Listed(nn.Module):
+    """One parameter per exemption rule other than 1-D: a 2-D ``.bias``, a name from ``no_weight_decay()``, a
+    keyword from ``no_weight_decay_keywords()``; a frozen parameter; two matrices that decay."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Module()
+        self.mix.weight = nn.Parameter(torch.ones(2, 2))
+        self.mix.bias = nn.Parameter(torch.ones(2, 2))
+        self.pos_embed = nn.Parameter(torch.ones(1, 3, 3))
+        self.rel_table = nn.Parameter(torch.ones(3, 3))
+        self.frozen = nn.Parameter(torch.ones(3, 3), requires_grad=False)
+        self.kernel = nn.Parameter(torch.ones(3, 3))
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    def no_weight_decay_keywords(self):
+        return {"table"}
+
+
+def test_weight_decay_exempts_listed_names_keywords_and_biases_and_skips_frozen_parameters():
+    decay, no_decay = split_weight_decay(Listed(), no_decay_ssm=False)
+    assert decay == ["kernel", "mix.weight"]  # model order: a module's own parameters before its children's
+    assert no_decay == ["pos_embed", "rel_table", "mix.bias"]
+    model = Listed()
+    optimizer = build_optimizer(_config(), model)
+    params = dict(model.named_parameters())
+    assert [[id(p) for p in group["params"]] for group in optimizer.param_groups] == [
+        [id(params[n]) for n in names] for names in (decay, no_decay)]
+
+
 def test_schedule_is_linear_warmup_then_cosine_per_update():
     cfg = _config("TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.LR_REFERENCE_BATCH", "0",
                   "TRAIN.BASE_LR", "1e-3", "TRAIN.WARMUP_LR", "1e-6", "TRAIN.MIN_LR", "1e-5")

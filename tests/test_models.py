@@ -262,6 +262,9 @@ def test_pretrained_cfg_gives_the_release_eval_transform(name):
     ("defmamba_tiny", dict(depths=(1, "2", 1, 1)), r"depths must be tuple\[int, \.\.\.\], got \(1, '2', 1, 1\)"),
     ("defmamba_tiny", dict(deform_points=1), r"deform_points must be bool, got 1 \(int\)"),
     ("damamba_tiny", dict(drop_path_rate=None), r"damamba_tiny: drop_path_rate must be float, got None"),
+    ("defmamba_tiny", dict(num_classes=True), r"num_classes must be int, got True \(bool\)"),  # bool is no int
+    ("damamba_tiny", dict(drop_path_rate=False), r"drop_path_rate must be float, got False \(bool\)"),
+    ("defmamba_tiny", dict(scan_branches="forward"), r"scan_branches must be tuple\[str, \.\.\.\], got 'forward'"),
 ])
 def test_create_model_checks_override_types(name, overrides, message):
     with pytest.raises(TypeError, match=message):
@@ -269,3 +272,28 @@ def test_create_model_checks_override_types(name, overrides, message):
     with torch.device("meta"):  # lists for tuples, ints for floats and None for an optional int are accepted
         create_model(name, depths=[1, 1, 1, 1], drop_path_rate=0)
         create_model("defmamba_tiny", dt_rank=None)
+
+
+def test_registry_lists_sorted_names_and_refuses_a_name_taken_by_another_module(monkeypatch):
+    from classification.models import registry
+
+    assert list_models() == sorted(list_models()) and set(PARAM_COUNTS) <= set(list_models())
+    monkeypatch.setattr(registry, "_ENTRYPOINTS", dict(registry._ENTRYPOINTS))
+    monkeypatch.setattr(registry.timm.models, "register_model", lambda fn: fn)
+
+    def registry_probe(pretrained=False, **kwargs):
+        return torch.nn.Identity()
+
+    def registry_probe_again(pretrained=False, **kwargs):  # the same module defining it again (a reload)
+        return torch.nn.Linear(1, 1)
+
+    registry_probe_again.__name__ = "registry_probe"
+    registry.register_model(registry_probe)
+    registry.register_model(registry_probe_again)
+    assert isinstance(create_model("registry_probe"), torch.nn.Linear)
+
+    def defmamba_tiny(pretrained=False, **kwargs):
+        return torch.nn.Identity()
+
+    with pytest.raises(ValueError, match="model 'defmamba_tiny' is already registered by classification.models.defmamba"):
+        registry.register_model(defmamba_tiny)

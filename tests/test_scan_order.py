@@ -80,7 +80,21 @@ def test_single_token():
 def test_rejects_bad_shapes(sort):
     with pytest.raises(ValueError, match="positions"):
         sort(torch.zeros(2, 3, 5), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"positions: expected \(batch, length\) = \(2, 5\), got \(1, 5\)"):
+        sort(torch.zeros(2, 3, 5), torch.zeros(1, 5))  # one row of positions would be broadcast over the batch
     with pytest.raises(ValueError, match="features"):
         sort(torch.zeros(2, 5), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="positions: expected a floating dtype, got torch.bool"):
         sort(torch.zeros(2, 3, 5), torch.zeros(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("sort", SORTS)
+def test_tied_positions_keep_their_raster_order(sort):
+    """Equal positions are scanned in raster order (a stable sort); long rows, where an unstable sort reorders ties."""
+    length = 200
+    positions = torch.randint(0, 4, (2, length), generator=torch.Generator().manual_seed(0)).double()
+    features = torch.arange(length, dtype=torch.float64).expand(2, 1, length).contiguous()
+    sorted_features, order = sort(features, positions)
+    expected = [sorted(range(length), key=lambda index: (row[index], index)) for row in positions.tolist()]
+    assert order.tolist() == expected
+    assert sorted_features[:, 0].tolist() == expected

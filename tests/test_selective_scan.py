@@ -125,6 +125,16 @@ def test_torch_backend_chunking(monkeypatch, case, blocked):
     _assert_close(actual, run_scan(selective_scan_ref, inputs, case.softplus, _grad_y(case)), 1e-10)
 
 
+def test_torch_backend_budget_of_no_whole_number_of_blocks(monkeypatch):
+    """A budget of 10 steps with blocks of 3 steps: chunks of whole blocks, y and every gradient still ref's."""
+    case = ScanCase(batch=2, channels=4, length=23, state_size=2, groups=2)
+    monkeypatch.setitem(ss.CHUNK_ELEMENTS, "cpu", 10 * case.batch * case.channels * case.state_size)
+    monkeypatch.setattr(ss, "BLOCKED_SCAN_MIN_STEPS", 4)
+    inputs = make_inputs(case)
+    actual = run_scan(functools.partial(selective_scan_fn, backend="torch"), inputs, case.softplus, _grad_y(case))
+    _assert_close(actual, run_scan(selective_scan_ref, inputs, case.softplus, _grad_y(case)), 1e-10)
+
+
 @pytest.mark.parametrize(
     "backend, chunk_elements",
     [("ref", None), ("torch", None), ("torch", 4 * 4 * 2)],
@@ -330,6 +340,67 @@ def test_missing_kernel_module_reads_as_not_installed():
     assert ss.kernel_module("no_such_backend") is None
 
 
+def test_auto_on_cuda_warns_only_when_it_falls_back(monkeypatch, caplog):
+    """No warning when `cuda` runs; falling back to `torch` (no GPU kernel at all) warns with cuda's reason."""
+    ss._warn_slower_backend.cache_clear()
+    monkeypatch.setattr(ss, "kernel_module", {"cuda": _fake_kernel(), "triton": _fake_kernel()}.get)
+    with caplog.at_level(logging.WARNING, logger=ss.__name__):
+        assert resolve_backend("auto", "cuda") == "cuda"
+    assert not [record for record in caplog.records if record.levelno == logging.WARNING]
+    monkeypatch.setattr(ss, "kernel_module", {}.get)
+    with caplog.at_level(logging.WARNING, logger=ss.__name__):
+        assert resolve_backend("auto", "cuda") == "torch"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == ["selective scan: backend='auto' on cuda tensors runs 'torch', slower than 'cuda': backend "
+                        "'cuda' is not installed (no module classification.ops.selective_scan_cuda)"]
+    ss._warn_slower_backend.cache_clear()
+
+
+def test_other_device_types_run_torch_first():
+    """A device type without an auto order (here meta) gets `torch`, and lists it before `ref`."""
+    assert resolve_backend("auto", "meta") == "torch"
+    assert available_backends("meta") == ["torch", "ref"]
+
+
+def test_a_kernel_returning_half_still_gives_a_float32_y(monkeypatch):
+    kernel = _fake_kernel(accepts_half=True)
+    float32_scan = kernel.scan
+    kernel.scan = lambda *args: float32_scan(*args).half()
+    monkeypatch.setattr(ss, "kernel_module", {"cpu": kernel}.get)
+    case = ScanCase(batch=1, channels=2, length=5, state_size=3, groups=1)
+    inputs = make_inputs(case, torch.float16)
+    y = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
+    assert y.dtype == torch.float32
+    expected = selective_scan_ref(**cast_inputs(inputs, torch.float64), delta_softplus=True)
+    assert relative_error(y, expected) < 4 * torch.finfo(torch.float16).eps
+
+
+def test_a_kernel_module_missing_a_dependency_raises(monkeypatch):
+    """Only the kernel module itself being absent reads as "not installed"; a module it imports that is missing (here
+    triton) is an error of the installation, raised as such."""
+    def import_module(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(ss.importlib, "import_module", import_module)
+    with pytest.raises(ModuleNotFoundError, match="No module named 'triton'"):
+        ss.kernel_module.__wrapped__("triton")  # the uncached function
+
+
+@pytest.mark.parametrize("width", [1, 7, 640, 4095, 4096, 5000])
+@pytest.mark.parametrize("length", [1, 63, 64, 100, 3137, 10**6])
+def test_chunk_plan_fills_the_budget_in_whole_blocks(width, length):
+    """A chunk holds as many steps as the CPU budget allows (all of L when it fits), rounded down to whole blocks of
+    about sqrt(chunk) steps; states of 4096 elements or more per step, and chunks under 64 steps, are one block."""
+    budget = ss.CHUNK_ELEMENTS["cpu"]
+    chunk, block_len = ss._chunk_plan(length, width, torch.device("cpu"))
+    fitting = min(length, budget // width)  # steps the budget holds (all widths here fit one step)
+    assert chunk % block_len == 0 and fitting - block_len < chunk <= fitting
+    if width >= 4096 or fitting < 64:
+        assert block_len == chunk == fitting
+    else:
+        assert block_len ** 2 <= fitting < (block_len + 1) ** 2
+
+
 # --------------------------------------------------------------------------------------------------- input checks
 
 
@@ -352,9 +423,11 @@ BAD_INPUTS = [
     ("delta", torch.randn(2, 6, 4), r"delta: got shape \(2, 6, 4\), need \(2, 6, 5\) \(the shape of u\)"),
     ("A", torch.randn(6, 4, 1), r"A: got shape \(6, 4, 1\), need \(6, N\) with N >= 1"),
     ("A", torch.randn(5, 4), r"A: got shape \(5, 4\), need \(6, N\)"),
+    ("A", torch.randn(6, 0), r"A: got shape \(6, 0\), need \(6, N\) with N >= 1"),
     ("B", torch.randn(2, 3, 4, 7), r"B: got shape \(2, 3, 4, 7\), need \(batch=2, groups, N=4, L=5\)"),
     ("B", torch.randn(2, 3, 5), r"B: got shape \(2, 3, 5\), need .* or \(2, 4, 5\) for one group"),
     ("B", torch.randn(2, 4, 4, 5), r"B: got shape \(2, 4, 4, 5\) with 4 groups, which do not divide the 6 ch"),
+    ("B", torch.randn(2, 0, 4, 5), r"B: got shape \(2, 0, 4, 5\) with 0 groups, which do not divide the 6 ch"),
     ("C", torch.randn(2, 1, 4, 5), r"C: got shape \(2, 1, 4, 5\), need \(2, 3, 4, 5\) \(the groups of B, 3\)"),
     ("D", torch.randn(3), r"D: got shape \(3,\), need \(6,\) \(one value per channel of u\)"),
     ("delta_bias", torch.randn(6, 1), r"delta_bias: got shape \(6, 1\), need \(6,\)"),

@@ -218,9 +218,13 @@ def test_visualize_damamba_sampling_points_are_the_models(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--stage", "7"], "stages 0..3"),
+    (["--stage", "4"], "stages 0..3"),
     (["--block", "2"], "stage 0 has blocks 0..0"),
+    (["--block", "1"], "stage 0 has blocks 0..0"),
+    (["--block", "-1"], "stage 0 has blocks 0..0"),
     (["--figures", "erf"], "DAMamba has no erf figure"),
     (["--group", "5"], "sampling groups 0..0"),
+    (["--group", "1"], "sampling groups 0..0"),
     (["--checkpoint", "no_such.pth"], "checkpoint file not found: no_such.pth"),
     (["--image", "no_such.png"], "--image no_such.png: no such file"),
 ])
@@ -369,3 +373,65 @@ def test_visualize_position_out_of_range_writes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="--position 7 -1"):
         visualize.main(["--cfg", cfg, "--position", "7", "-1", "--output-dir", str(out), "--dpi", str(DPI)])
     assert not out.exists() or not list(out.iterdir())
+    with pytest.raises(SystemExit, match="--position 0 8: stage 0 block 0 has a 8x8 token map"):
+        visualize.main(["--cfg", cfg, "--position", "0", "8", "--output-dir", str(out), "--dpi", str(DPI)])
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_points_figure_places_token_centres_on_the_image(tmp_path):
+    """A 2 x 4 token map over an 8 x 8 image: token (i, j) covers image rows 4i..4i+3 and columns 2j..2j+1, so its
+    centre is at x = 2j + 0.5, y = 4i + 1.5, and a shift of (0.25, 0.5) tokens is (0.5, 2) image pixels."""
+    reference = visualize.pixel_grid(2, 4, torch.empty(0))
+    point_set = visualize.PointSet(reference, reference + torch.tensor([0.25, 0.5]))
+    figure = visualize.plot_points(point_set, visualize.load_image(None, 8), "test", tmp_path / "p.png", DPI)
+    arrows = figure.axes[0].collections[0]
+    rows, cols = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
+    assert arrows.X.tolist() == pytest.approx((2 * cols + 0.5).flatten().tolist())
+    assert arrows.Y.tolist() == pytest.approx((4 * rows + 1.5).flatten().tolist())
+    assert arrows.U.tolist() == pytest.approx([0.5] * 8) and arrows.V.tolist() == pytest.approx([2.0] * 8)
+
+
+def test_points_figure_thins_to_at_most_the_arrows_asked_for(tmp_path):
+    side, arrows_per_side = 41, 8  # 41 tokens do not split into 8 equal steps: every 6th token, 7 per side
+    grid = visualize.pixel_grid(side, side, torch.empty(0))
+    figure = visualize.plot_points(visualize.PointSet(grid, grid), visualize.load_image(None, side), "test",
+                                   tmp_path / "p.png", DPI, arrows_per_side)
+    assert figure.axes[0].collections[0].N == 7 * 7
+
+
+def test_model_input_is_the_image_in_0_1_normalised_per_channel():
+    with torch.device("meta"):
+        model = build_model(get_config(argparse.Namespace(opts=["MODEL.NAME", "defmamba_tiny"]), world_size=1))
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    image[..., 0], image[..., 1], image[..., 2] = 255, 0, 51  # 1, 0 and 0.2 in [0, 1]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, the models' pretrained_cfg
+    expected = [(value - m) / s for value, m, s in zip((1.0, 0.0, 0.2), mean, std)]
+    batch = visualize.to_model_input(image, model)
+    assert batch.shape == (1, 3, 4, 4) and batch.dtype == torch.float32
+    for channel, value in enumerate(expected):
+        torch.testing.assert_close(batch[0, channel], torch.full((4, 4), value), rtol=1e-6, atol=1e-6)
+
+
+def test_visualize_needs_at_least_one_arrow_per_side(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        visualize.main(["--cfg", _config_file(tmp_path, "da", TINY_DAMAMBA), "--arrows-per-side", "0",
+                        "--output-dir", str(tmp_path / "f")])
+    assert raised.value.code == 2
+    assert "--img-size, --dpi and --arrows-per-side must be >= 1" in capsys.readouterr().err
+
+
+def test_run_tool_ends_a_message_exit_with_status_2_and_passes_numeric_exits(capsys):
+    from classification.cli import run_tool
+
+    def fails():
+        raise SystemExit("tool: a usage error")
+
+    with pytest.raises(SystemExit) as raised:
+        run_tool(fails)
+    assert raised.value.code == 2 and capsys.readouterr().err == "tool: a usage error\n"
+    for code in (0, 1, 3):  # --help, an error status of the tool's own
+        with pytest.raises(SystemExit) as raised:
+            run_tool(lambda: sys.exit(code))
+        assert raised.value.code == code
+    assert capsys.readouterr().err == ""
+    run_tool(lambda: None)  # returns normally
