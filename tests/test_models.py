@@ -295,5 +295,6 @@ def test_registry_lists_sorted_names_and_refuses_a_name_taken_by_another_module(
     def defmamba_tiny(pretrained=False, **kwargs):
         return torch.nn.Identity()
 
-    with pytest.raises(ValueError, match="model 'defmamba_tiny' is already registered by classification.models.defmamba"):
+    with pytest.raises(ValueError, match="model 'defmamba_tiny' is already registered by "
+                                         "classification.models.defmamba"):
         registry.register_model(defmamba_tiny)
