@@ -316,6 +316,10 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     optimizer = build_optimizer(config, model_without_ddp)
     steps_per_epoch = len(data.train_loader)
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
+    if config.TRAIN.ACCUMULATION_STEPS > steps_per_epoch:
+        logger.warning("TRAIN.ACCUMULATION_STEPS %d is more than the %d steps of an epoch: each epoch is one update of "
+                       "fewer images than the total batch the learning rates were scaled for",
+                       config.TRAIN.ACCUMULATION_STEPS, steps_per_epoch)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
     criterion = build_criterion(config, mixup=data.mixup_fn is not None)

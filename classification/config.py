@@ -403,6 +403,9 @@ def _validate_training_run(cfg: CN) -> None:
     if cfg.TRAIN.START_EPOCH >= cfg.TRAIN.EPOCHS:
         raise ConfigError(f"TRAIN.START_EPOCH {cfg.TRAIN.START_EPOCH} must be below TRAIN.EPOCHS {cfg.TRAIN.EPOCHS}: "
                           f"the run would train no epoch")
+    if cfg.TRAIN.MIN_LR > cfg.TRAIN.BASE_LR:
+        raise ConfigError(f"TRAIN.MIN_LR {cfg.TRAIN.MIN_LR:g} is above TRAIN.BASE_LR {cfg.TRAIN.BASE_LR:g} (both as "
+                          "scaled to the total batch): the cosine schedule would raise the learning rate as it goes")
     # build_mixup applies timm's Mixup when either alpha is > 0; it asserts an even batch in every mode.
     if (cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0) and cfg.DATA.BATCH_SIZE % 2:
         raise ConfigError(f"DATA.BATCH_SIZE must be even with Mixup/CutMix on (AUG.MIXUP {cfg.AUG.MIXUP}, AUG.CUTMIX "

@@ -306,6 +306,9 @@ def test_real_tiny_defmamba_is_built_from_config():
     (["TRAIN.EMA.DECAY", "1.0"], r"TRAIN\.EMA\.DECAY must be in \[0, 1\), got 1\.0"),  # would freeze the EMA
     (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "1"], r"TRAIN\.START_EPOCH 5 must be below TRAIN\.EPOCHS 1"),
     (["TRAIN.START_EPOCH", "5", "TRAIN.EPOCHS", "5"], r"TRAIN\.START_EPOCH 5 must be below TRAIN\.EPOCHS 5"),
+    (["TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.MIN_LR", "1.0", "TRAIN.BASE_LR", "0.002"],
+     r"TRAIN\.MIN_LR 1 is above TRAIN\.BASE_LR 0\.002 \(both as scaled to the total batch\): the cosine schedule "
+     r"would raise"),
     (["MODEL.DAMAMBA.DIMS", "[16, 16, 16, 16]"],
      r"MODEL\.DAMAMBA\.DIMS=\[16, 16, 16, 16\]: the MODEL\.DAMAMBA\.\* keys only apply to MODEL\.TYPE 'damamba', but "
      r"MODEL\.TYPE is 'defmamba'"),

@@ -63,6 +63,28 @@ def test_missing_empty_and_mismatched_folders(tmp_path):
         build_datasets(tiny_config(root))
 
 
+def test_hidden_folders_are_not_classes_and_spare_outputs_are_named(tmp_path, caplog):
+    """A notebook's .ipynb_checkpoints/ in train/ and val/ would be class 0 and shift every real label by one; a
+    folder with fewer classes than MODEL.NUM_CLASSES trains, with a warning."""
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
+    for split in ("train", "val"):
+        hidden = root / split / ".ipynb_checkpoints"
+        hidden.mkdir()
+        shutil.copy(next((root / split / "class1").iterdir()), hidden / "copy.png")
+    with caplog.at_level(logging.WARNING):
+        train_set, val_set = build_datasets(tiny_config(root))
+    assert train_set.classes == val_set.classes == ["class0", "class1"]
+    assert train_set.class_to_idx == {"class0": 0, "class1": 1} and len(train_set) == 2
+    assert "outputs are never a target" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        build_datasets(tiny_config(root, "MODEL.NUM_CLASSES", "5"))
+    assert "has 2 classes and MODEL.NUM_CLASSES is 5: the model's other 3 outputs are never a target" in caplog.text
+    only_hidden = tmp_path / "hidden" / "train" / ".cache"
+    only_hidden.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"train is empty"):
+        build_datasets(tiny_config(tmp_path / "hidden"))
+
+
 def test_eval_labels_val_images_by_the_trained_class_list(tmp_path, caplog):
     """ImageFolder numbers the folders it finds: a val/ without class1 of 3 would label class2's images 1. With the
     trained class list each folder keeps its trained label; a class the weights never saw is an error. Without a list,

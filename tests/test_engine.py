@@ -117,6 +117,15 @@ def test_weight_decay_exempts_listed_names_keywords_and_biases_and_skips_frozen_
         [id(params[n]) for n in names] for names in (decay, no_decay)]
 
 
+def test_a_warm_up_as_long_as_the_run_is_named(caplog):
+    with caplog.at_level(logging.WARNING):
+        build_scheduler(_config("TRAIN.EPOCHS", "5", "TRAIN.WARMUP_EPOCHS", "4"), build_optimizer(_config(), Toy()), 3)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        build_scheduler(_config("TRAIN.EPOCHS", "5", "TRAIN.WARMUP_EPOCHS", "5"), build_optimizer(_config(), Toy()), 3)
+    assert "TRAIN.WARMUP_EPOCHS 5 is not below TRAIN.EPOCHS 5: the warm-up never reaches TRAIN.BASE_LR" in caplog.text
+
+
 def test_schedule_is_linear_warmup_then_cosine_per_update():
     cfg = _config("TRAIN.EPOCHS", "10", "TRAIN.WARMUP_EPOCHS", "2", "TRAIN.LR_REFERENCE_BATCH", "0",
                   "TRAIN.BASE_LR", "1e-3", "TRAIN.WARMUP_LR", "1e-6", "TRAIN.MIN_LR", "1e-5")

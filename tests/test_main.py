@@ -670,6 +670,15 @@ def test_weights_a_run_started_from_are_not_needed_to_resume_it(data, tmp_path, 
     assert "resumed from" not in _log(tmp_path / "defmamba_tiny" / "again")
 
 
+def test_accumulating_more_steps_than_an_epoch_has_is_named(data, tmp_path, isolated_logging):
+    assert _run(data, tmp_path, "--no-model-ema", "--accumulation-steps", "2", opts=("TRAIN.EPOCHS", "1")) == 0
+    assert "is more than the" not in _log(tmp_path / "defmamba_tiny" / "default")  # 2 steps of 4 images: one update
+    assert _run(data, tmp_path, "--no-model-ema", "--accumulation-steps", "3", "--tag", "short",
+                opts=("TRAIN.EPOCHS", "1")) == 0
+    assert "TRAIN.ACCUMULATION_STEPS 3 is more than the 2 steps of an epoch: each epoch is one update" in _log(
+        tmp_path / "defmamba_tiny" / "short")
+
+
 def test_a_run_resumed_on_renamed_class_folders_stops(data, tmp_path, isolated_logging):
     renamed = tmp_path / "data"
     shutil.copytree(data, renamed)

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -66,6 +67,14 @@ class SafeImageFolder(ImageFolder):
         except FileNotFoundError as err:  # torchvision: a class folder without a file of an image extension
             raise DatasetNotFoundError(f"dataset folder {root}: {err}") from err
         self.replace_unreadable = replace_unreadable
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class folders of ``directory`` in sorted order, without hidden ones (``.ipynb_checkpoints``, say, which
+        ImageFolder would take for a class and shift every later label)."""
+        classes = class_folder_names(Path(directory))
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: label for label, name in enumerate(classes)}
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor | None, int, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -193,11 +202,16 @@ def dataset_root(config: CfgNode) -> Path:
     return Path(config.DATA.DATA_PATH)
 
 
+def class_folder_names(root: Path) -> list[str]:
+    """The sorted names of the class folders in ``root``: its sub-folders but hidden ones (names starting with a dot)."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+
+
 def check_image_folder(root: Path) -> None:
     """Raises DatasetNotFoundError with a clear message when ``root`` is missing, has no class folder or no image."""
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset folder {root} does not exist")
-    classes = [d for d in root.iterdir() if d.is_dir()]
+    classes = [root / name for name in class_folder_names(root)]
     if not classes:
         raise DatasetNotFoundError(f"dataset folder {root} is empty: it needs one sub-folder of images per class")
     if not any(f.is_file() for d in classes for f in d.iterdir()):
@@ -232,6 +246,11 @@ def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
     if len(train_set.classes) > config.MODEL.NUM_CLASSES:
         raise DatasetError(f"{root} has {len(train_set.classes)} classes but MODEL.NUM_CLASSES is "
                            f"{config.MODEL.NUM_CLASSES}")
+    if len(train_set.classes) < config.MODEL.NUM_CLASSES:
+        logger.warning("%s has %d classes and MODEL.NUM_CLASSES is %d: the model's other %d outputs are never a "
+                       "target (set MODEL.NUM_CLASSES %d unless that is meant)", root, len(train_set.classes),
+                       config.MODEL.NUM_CLASSES, config.MODEL.NUM_CLASSES - len(train_set.classes),
+                       len(train_set.classes))
     return train_set, val_set
 
 
