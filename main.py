@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -311,6 +312,11 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
     model_without_ddp = model
     if ctx.distributed:
         model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        if ctx.device.type == "cpu":
+            # The CPU's depthwise-conv weight gradients (C, 1, k, k) differ from the weights' strides only along the
+            # size-1 dimension, which DDP reports as a layout mismatch on every rank; the copy into its bucket is the
+            # same either way.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # After DDP construction, which broadcast rank 0's weights: every rank's EMA starts from the same weights.
     model_ema = build_model_ema(config, model_without_ddp)
     optimizer = build_optimizer(config, model_without_ddp)
