@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -254,7 +254,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        # None: a handler installed from C, which Python cannot put back; the default then.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
 
 class StartingPoint(NamedTuple):
@@ -289,10 +290,13 @@ def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, writ
     """Rank 0, once the resume checks have passed: writes the config this run trains with (``write_config``), removes
     partial writes a crash left, and moves aside what the folder holds past ``start``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    if write_config:  # without MODEL.RESUME: given again as --cfg, it continues this run, not from where it started
+    if write_config:
         reusable = config.clone()
-        reusable.defrost()
-        reusable.MODEL.RESUME = ""
+        if config.MODEL.RESUME and in_run_folder(config.MODEL.RESUME, output_dir):
+            # Going back on purpose: given again as --cfg, the config continues the run instead of going back again,
+            # and with another --tag starts afresh. An outside MODEL.RESUME stays (the run's own progress wins).
+            reusable.defrost()
+            reusable.MODEL.RESUME = ""
         ckpt.atomic_write_text(reusable.dump(), output_dir / "config.yaml")
     for path in ckpt.remove_partial_saves(output_dir):
         logger.warning("removed %s, a partial write cut short by a crash (the file it was to replace is intact)", path)
@@ -300,12 +304,16 @@ def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, writ
 
 
 def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
-          output_dir: Path) -> int:
+          output_dir: Path, stop_requested: Callable[[], bool]) -> int:
     """The epoch loop with resume, evaluation, checkpoints and logs; :func:`main` holds the run folder's lock around
-    it. Returns the process exit status."""
+    it. When ``stop_requested()`` (SIGTERM, :class:`StopRequest`) on any rank, every rank stops after the next
+    update, saves there and raises :class:`TrainingStopped`. Returns the process exit status."""
     data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
-    if config.MODEL.PRETRAINED and not resume_path:  # a resumed run's weights come from its checkpoint
+    if config.MODEL.PRETRAINED and resume_path:
+        logger.info("--pretrained %s is not read: the weights come from %s, which the run resumes",
+                    config.MODEL.PRETRAINED, resume_path)
+    elif config.MODEL.PRETRAINED:
         # Fine-tuning to another MODEL.NUM_CLASSES: a classifier of other shapes is left out (logged).
         load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
@@ -363,7 +371,6 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                 count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
     start_time = time.time()
     with contextlib.ExitStack() as held:
-        stop_requested = held.enter_context(StopRequest())
         if writer is not None:
             held.callback(writer.close)
         if start.finished_outputs is not None and start.own_checkpoint:  # what a crash after its last save left
@@ -417,7 +424,7 @@ def how_to_continue(config: CfgNode, output_dir: Path, started: float) -> str:
     """What continues a training run interrupted after starting at time ``started``: the same command, unless this
     run saved checkpoints and the command would not resume them: a --resume going back in the run's folder (it would
     go back again: drop it), or no auto-resume (--resume of the furthest of them)."""
-    own = [path for path in output_dir.glob(ckpt.CHECKPOINT_GLOB) if path.stat().st_mtime >= started]
+    own = [path for path in output_dir.glob(ckpt.CHECKPOINT_GLOB) if ckpt.modification_time(path) >= started]
     if not own:
         return "nothing was saved since the start: the same command starts the same way"
     given = config.MODEL.RESUME
@@ -443,46 +450,58 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = output_dir_of(config)
     mode = run_mode(config)
     setup_logging(None, ctx.rank, TEXT_LOG_NAMES[mode])  # the console only, until the folder is this run's
+    stop_requested = StopRequest()
+    with contextlib.ExitStack() as held:
+        if mode == "train":  # SIGTERM asks training to stop, until main returns (a second one as well)
+            held.enter_context(stop_requested)
+        try:
+            return _run_logged(config, ctx, output_dir, mode, held, stop_requested)
+        except USER_ERRORS as err:  # the message says what to change; a traceback would bury it
+            # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
+            logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
+            return 2
+        except MainRankFailedError as err:  # rank 0 logs its own error
+            logger.error("%s", err)
+            return 1
+        except TrainingStopped as stopped:
+            if ctx.is_main:
+                logger.error("SIGTERM: stopped at epoch %d step %d, saved there; %s", stopped.epoch,
+                             stopped.steps_done, how_to_continue(config, output_dir, started))
+            return TERMINATED_STATUS
+        except KeyboardInterrupt:
+            logger.error("interrupted%s",
+                         f"; {how_to_continue(config, output_dir, started)}" if mode == "train" else "")
+            return INTERRUPTED_STATUS
+        finally:
+            cleanup()
+
+
+def _run_logged(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode: str, held: contextlib.ExitStack,
+                stop_requested: Callable[[], bool]) -> int:
+    """:func:`main` once the config is read: a training run takes its folder's lock (held until ``held`` closes),
+    then the folder's text log is opened and the run goes on (:func:`run`). Returns the exit status."""
+    if mode == "train":  # a run refused there writes nothing into the folder of the run that trains there
+        held.enter_context(run_folder_lock(output_dir, ctx))
+    output_error = None
     try:
-        with contextlib.ExitStack() as held:
-            if mode == "train":  # a run refused there writes nothing into the folder of the run that trains there
-                held.enter_context(run_folder_lock(output_dir, ctx))
-            output_error = None
-            try:
-                setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[mode])
-            except OSError as err:  # e.g. --output names a file, or a folder we may not write to
-                output_error = (f"output error: cannot write the run's folder {output_dir} "
-                                f"({type(err).__name__}: {err.strerror or err}); give another --output or --tag")
-            output_error = broadcast_object(output_error)  # only rank 0 writes there; every rank stops
-            if output_error:
-                if ctx.is_main:
-                    sys.stderr.write(f"{output_error}\n")
-                return 2
-            logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
-            for line in backend_report():
-                logger.info("%s", line)
-            return run(config, ctx, output_dir)
-    except USER_ERRORS as err:  # the message says what to change; a traceback would bury it
-        # Raised in a data-loader worker, the message holds the worker's traceback; its last line is the message.
-        logger.error("%s", str(err).strip().splitlines()[-1] if WORKER_TRACEBACK in str(err) else err)
-        return 2
-    except MainRankFailedError as err:  # rank 0 logs its own error
-        logger.error("%s", err)
-        return 1
-    except TrainingStopped as stopped:
+        setup_logging(output_dir, ctx.rank, TEXT_LOG_NAMES[mode])
+    except OSError as err:  # e.g. --output names a file, or a folder we may not write to
+        output_error = (f"output error: cannot write the run's folder {output_dir} "
+                        f"({type(err).__name__}: {err.strerror or err}); give another --output or --tag")
+    output_error = broadcast_object(output_error)  # only rank 0 writes there; every rank stops
+    if output_error:
         if ctx.is_main:
-            logger.error("SIGTERM: stopped at epoch %d step %d, saved there; %s", stopped.epoch, stopped.steps_done,
-                         how_to_continue(config, output_dir, started))
-        return TERMINATED_STATUS
-    except KeyboardInterrupt:
-        logger.error("interrupted%s", f"; {how_to_continue(config, output_dir, started)}" if mode == "train" else "")
-        return INTERRUPTED_STATUS
-    finally:
-        cleanup()
+            sys.stderr.write(f"{output_error}\n")
+        return 2
+    logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
+    for line in backend_report():
+        logger.info("%s", line)
+    return run(config, ctx, output_dir, stop_requested)
 
 
-def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
-    """Builds the model and runs the mode the config asks for. Returns the exit status."""
+def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, stop_requested: Callable[[], bool]) -> int:
+    """Builds the model and runs the mode the config asks for (training stops early when ``stop_requested()``).
+    Returns the exit status."""
     try:  # a forced backend that cannot run here fails now, before any work, with the reason and the build command
         scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
     except RuntimeError as err:
@@ -505,7 +524,7 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path) -> int:
     if mode == "eval":
         run_eval(config, ctx, model, amp_dtype, load_eval_weights(config, ctx, model, output_dir))
         return 0
-    return train(config, ctx, model, amp_dtype, output_dir)
+    return train(config, ctx, model, amp_dtype, output_dir, stop_requested)
 
 
 if __name__ == "__main__":

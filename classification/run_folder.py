@@ -331,8 +331,8 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = saved_config(checkpoint)
+    check_same_classes(trained_classes(checkpoint), state.classes, path)  # first: it says more than an image count
     check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size, state.train_images)
-    check_same_classes(trained_classes(checkpoint), state.classes, path)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = updates_before(epoch, step, updates_per_epoch, config.TRAIN.ACCUMULATION_STEPS)
     # Both configs hold their learning rates scaled to their own total batch; a derived MESA start is named.

@@ -2,8 +2,11 @@
 import argparse
 import json
 import logging
+import multiprocessing
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +354,29 @@ def test_a_training_folder_without_any_readable_image_is_a_dataset_error(tmp_pat
     train_set, _ = build_datasets(tiny_config(root))
     with pytest.raises(DatasetError, match="no readable image in .*train: every file failed"):
         train_set[0]
+
+
+def _worker_that_outlives_foreign_sigterms() -> None:
+    from classification.data import build
+
+    build._exit_on_sigterm_from_parent_only()
+    time.sleep(60)
+
+
+def test_a_loader_worker_ignores_a_foreign_sigterm_and_exits_on_its_parents():
+    """A scheduler's SIGTERM to the whole group leaves the workers running (the training process stops after its
+    update and ends them); the parent's own SIGTERM (DataLoader shutdown, multiprocessing at exit) ends one quietly."""
+    worker = multiprocessing.get_context("fork").Process(target=_worker_that_outlives_foreign_sigterms, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.5)  # the worker has blocked SIGTERM and waits for it
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+        worker.join(timeout=1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from the parent
+        worker.join(timeout=10)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+

@@ -53,7 +53,7 @@ def _driver() -> None:
     main.set_determinism(config, ctx.rank)
     model = build_model(config).to(ctx.device)
     torch.save(model.state_dict(), weights_dir / f"initial_rank{ctx.rank}_of{ctx.world_size}.pt")
-    status = main.train(config, ctx, model, None, main.output_dir_of(config))
+    status = main.train(config, ctx, model, None, main.output_dir_of(config), stop_requested=lambda: False)
     torch.save(model.state_dict(), weights_dir / f"rank{ctx.rank}_of{ctx.world_size}.pt")
     sys.exit(status)
 

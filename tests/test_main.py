@@ -150,9 +150,9 @@ def test_ctrl_c_is_one_line_that_says_how_to_continue(data, tmp_path, isolated_l
     train = main.train
     saves = []
 
-    def interrupted(config, ctx, model, amp_dtype, output_dir):
+    def interrupted(config, ctx, model, amp_dtype, output_dir, stop_requested):
         if saves:  # what this run saved before the interrupt: a finished first epoch
-            train(config, ctx, model, amp_dtype, output_dir)
+            train(config, ctx, model, amp_dtype, output_dir, stop_requested)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(main, "train", interrupted)
@@ -187,6 +187,12 @@ if worker == 0:
 print(os.getpid(), worker, flush=True)
 time.sleep(60)
 """
+
+
+def test_how_to_continue_passes_over_a_link_to_a_missing_checkpoint(tmp_path):
+    (tmp_path / "checkpoint_old.pth").symlink_to(tmp_path / "gone.pth")
+    assert main.how_to_continue(get_defaults(), tmp_path, started=0.0) == (
+        "nothing was saved since the start: the same command starts the same way")
 
 
 def test_a_folder_another_run_trains_in_is_refused(data, tmp_path, isolated_logging, capsys):
@@ -648,8 +654,9 @@ def test_resume_refuses_other_class_folders(tmp_path):
 
 def test_weights_a_run_started_from_are_not_needed_to_resume_it(data, tmp_path, isolated_logging):
     """A fine-tune requeued after its --pretrained file has gone resumes its own checkpoint (its weights come from
-    there, not from the file), and a run's config.yaml does not carry the --resume it started from: given again as
-    --cfg with another --tag, it starts afresh instead of resuming where the first run started."""
+    there, not from the file). A run's config.yaml keeps an outside --resume (given again, the run's own progress
+    wins), but not a --resume of one of its own checkpoints: given again as --cfg with another --tag, it starts
+    afresh instead of going back to that checkpoint of the first run."""
     first = tmp_path / "defmamba_tiny" / "default"
     assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
     weights = tmp_path / "weights.pth"
@@ -661,11 +668,15 @@ def test_weights_a_run_started_from_are_not_needed_to_resume_it(data, tmp_path, 
                 opts=("TRAIN.EPOCHS", "2")) == 0
     finetune = tmp_path / "defmamba_tiny" / "ft"
     assert re.search(rf"resumed from {re.escape(str(finetune))}/checkpoint_\S+ at epoch 1 step 0", _log(finetune))
-    assert _run(data, tmp_path, "--no-model-ema", "--tag", "res", "--resume", str(first / ckpt.LATEST_NAME),
+    assert f"--pretrained {weights} is not read: the weights come from {finetune}/checkpoint_" in _log(finetune)
+    outside = str(first / ckpt.EPOCH_NAME.format(epoch=0))
+    assert _run(data, tmp_path, "--no-model-ema", "--tag", "res", "--resume", outside,
                 opts=("TRAIN.EPOCHS", "2")) == 0
-    resumed = tmp_path / "defmamba_tiny" / "res"
-    assert yaml.safe_load((resumed / "config.yaml").read_text())["MODEL"]["RESUME"] == ""
-    assert main.main(["--cfg", str(resumed / "config.yaml"), "--tag", "again", "--data-path", str(data), "--output",
+    assert yaml.safe_load((tmp_path / "defmamba_tiny" / "res" / "config.yaml").read_text())["MODEL"]["RESUME"] == \
+        outside
+    assert _run(data, tmp_path, "--no-model-ema", "--resume", outside, opts=("TRAIN.EPOCHS", "2")) == 0
+    assert yaml.safe_load((first / "config.yaml").read_text())["MODEL"]["RESUME"] == ""
+    assert main.main(["--cfg", str(first / "config.yaml"), "--tag", "again", "--data-path", str(data), "--output",
                       str(tmp_path), "--opts", "TRAIN.EPOCHS", "1"]) == 0
     assert "resumed from" not in _log(tmp_path / "defmamba_tiny" / "again")
 

@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -203,7 +205,8 @@ def dataset_root(config: CfgNode) -> Path:
 
 
 def class_folder_names(root: Path) -> list[str]:
-    """The sorted names of the class folders in ``root``: its sub-folders but hidden ones (names starting with a dot)."""
+    """The sorted names of the class folders in ``root``: its sub-folders but hidden ones (a name starting with a
+    dot)."""
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
@@ -254,11 +257,32 @@ def build_datasets(config: CfgNode) -> tuple[SafeImageFolder, SafeImageFolder]:
     return train_set, val_set
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seeds python and numpy in a worker from its torch seed (torch seeds itself per worker)."""
+def _init_worker(worker_id: int) -> None:
+    """Seeds python and numpy in a loader worker from its torch seed (torch seeds itself per worker), and makes it
+    outlive a SIGTERM from anyone but its parent (:func:`_exit_on_sigterm_from_parent_only`)."""
     worker_seed = torch.initial_seed() % NUMPY_SEED_LIMIT
     random.seed(worker_seed)
     np.random.seed(worker_seed)
+    _exit_on_sigterm_from_parent_only()
+
+
+def _exit_on_sigterm_from_parent_only() -> None:
+    """In a loader worker: a SIGTERM from the parent (shutting its workers down) ends it quietly, as torch's own
+    handler does; one from anyone else is ignored. A scheduler or torchrun signals the whole process group, and a
+    worker ended by that would crash the training process, which on SIGTERM first finishes its update and saves
+    (:class:`main.StopRequest`), then ends its workers itself. A worker whose parent died exits by torch's watchdog.
+    Where the sender cannot be told (no ``sigwaitinfo``: macOS, Windows), torch's handling stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait_for_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def build_mixup(config: CfgNode) -> Mixup | None:
@@ -272,7 +296,7 @@ def build_mixup(config: CfgNode) -> Mixup | None:
 
 def _loader_options(config: CfgNode, pin_memory: bool) -> dict:
     return dict(num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory and config.DATA.PIN_MEMORY,
-                collate_fn=collate_with_skips, worker_init_fn=_seed_worker,
+                collate_fn=collate_with_skips, worker_init_fn=_init_worker,
                 generator=torch.Generator().manual_seed(config.SEED))
 
 

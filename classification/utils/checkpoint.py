@@ -250,7 +250,7 @@ def _load_candidate(path: Path, check_crc: bool) -> dict | None:
         return None
 
 
-def _modification_time(path: Path) -> float:
+def modification_time(path: Path) -> float:
     """``path``'s modification time; -inf for a link to a missing file or a file gone since it was listed (loading it
     then reports it)."""
     try:
@@ -269,7 +269,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path, tuple[i
     Raises:
         CheckpointAccessError: A candidate cannot be read for a reason other than its content.
     """
-    by_mtime = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=_modification_time, reverse=True)
+    by_mtime = sorted(Path(output_dir).glob(CHECKPOINT_GLOB), key=modification_time, reverse=True)
     positions = []
     for path in by_mtime:
         checkpoint = _load_candidate(path, check_crc=False)

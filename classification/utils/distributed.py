@@ -140,7 +140,7 @@ def on_main_rank(is_main: bool, work: Callable[[], T], share_result: bool = Fals
     if is_main:
         try:
             result = work()
-        except Exception as err:  # re-raised below, once the other ranks have heard of it
+        except BaseException as err:  # re-raised below (Ctrl-C too), once the other ranks have heard of it
             error = err
     failure = None if error is None else f"{type(error).__name__}: {error}"
     failure, shared = broadcast_object((failure, result if share_result else None))
