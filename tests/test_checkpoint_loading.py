@@ -116,8 +116,12 @@ def test_weights_only_names_what_it_refuses(tmp_path, released):
 
 
 def test_new_classifier_keeps_the_models_own_when_the_class_count_differs(released, caplog):
-    with pytest.raises(CheckpointError, match=r"shape mismatches \[head\.fc\.weight"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches \[head\.fc\.weight.*only the classifier differs "
+                       r"\(another number of classes\): new_classifier=True loads the rest"):
         load_checkpoint(small_model(num_classes=12), released)
+    with pytest.raises(CheckpointError) as other_width:  # more than the classifier: no such hint
+        load_checkpoint(small_model(embed_dim=32, num_classes=12), released)
+    assert "only the classifier differs" not in str(other_width.value)
     model = small_model(num_classes=12)
     initial_head = {key: value.clone() for key, value in model.state_dict().items() if key.startswith("head.fc.")}
     with caplog.at_level(logging.WARNING):

@@ -60,16 +60,21 @@ def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
     return None
 
 
+def _classifier_prefix(model: nn.Module) -> str | None:
+    """``"<name>."`` of the model's classifier module (timm's ``get_classifier()``), None when it has none."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    name = next((name for name, module in model.named_modules() if module is classifier), None)
+    return f"{name}." if name else None
+
+
 def _without_mismatched_classifier(state_dict: dict[str, Tensor],
                                    model: nn.Module) -> tuple[dict[str, Tensor], set[str], str | None]:
     """``state_dict`` without the classifier's entries when their shapes differ from ``model``'s, the model's
     classifier keys that then keep their initialisation, and what to log once the load succeeds; else ``state_dict``
     unchanged, no key and None."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    name = next((name for name, module in model.named_modules() if module is classifier), None)
-    if not name:
+    prefix = _classifier_prefix(model)
+    if prefix is None:
         raise CheckpointError(f"{type(model).__name__} has no classifier module (timm's get_classifier()) to replace")
-    prefix = f"{name}."
 
     def shapes(tensors: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in tensors.items() if key.startswith(prefix)}
@@ -259,14 +264,17 @@ def load_checkpoint(
         state_dict, own_classifier, classifier_note = _without_mismatched_classifier(state_dict, model)
     missing = [key for key in expected if key not in state_dict and key not in own_classifier]
     unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
-    ]
+    mismatched_keys = [key for key, value in expected.items()
+                       if key in state_dict and state_dict[key].shape != value.shape]
+    mismatched = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+                  for key in mismatched_keys]
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches {_listing(mismatched)}")
+        classifier = _classifier_prefix(model)
+        if classifier and all(key.startswith(classifier) for key in mismatched_keys):
+            problems.append("only the classifier differs (another number of classes): new_classifier=True loads the "
+                            "rest and keeps the model's own classifier, as --pretrained does")
     if strict and missing:
         problems.append(f"{len(missing)} missing keys {_listing(missing)}")
     if strict and unexpected:
