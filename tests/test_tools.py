@@ -235,6 +235,17 @@ def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
     assert message in str(raised.value)
 
 
+def test_visualize_draws_only_the_erfs_of_a_block_without_a_deformable_branch(tmp_path):
+    """Table 4's raster, local and continuous ablations scan without deformable points: by default their ERFs only;
+    asking for the points is explained."""
+    cfg = _config_file(tmp_path, "local", TINY_DEFMAMBA.replace("DEPTHS: [1, 2, 1, 1]",
+                                                                "DEPTHS: [1, 2, 1, 1], SCAN_BRANCHES: [forward, local]"))
+    written = visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), "--img-size", "32"])
+    assert list(written) == ["erf"] and list(written["erf"][1]) == ["forward", "local"]
+    with pytest.raises(SystemExit, match="stage 0 block 0 has no deformable branch"):
+        visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), "--figures", "points"])
+
+
 def test_visualize_reads_a_16_bit_image_as_its_8_bit_levels(tmp_path):
     levels = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (64, 1))  # a horizontal grey ramp, 64 x 64
     Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "eight.png")

@@ -357,7 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arrows-per-side", type=int, default=DEFAULT_ARROWS_PER_SIDE,
                         help="points figure: draw every k-th token so that at most this many arrows span a side")
     parser.add_argument("--figures", nargs="+", choices=FIGURES,
-                        help="figures to write (default: all the model family supports)")
+                        help="figures to write (default: all the block supports: a DefMamba block without a "
+                             "deformable branch has only erf)")
     parser.add_argument("--output-dir", default="output/figures", help="folder for the PNGs (created)")
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
@@ -377,6 +378,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def default_figures(model: nn.Module, stage: int, block: int) -> tuple[str, ...]:
+    """The figures the block can show: those of its family, but only the ERFs for a DefMamba block without a
+    deformable branch (Table 4's raster, local and continuous ablations)."""
+    supported = FAMILY_FIGURES.get(type(model), ())
+    try:
+        check_block(model, stage, block)
+    except UsageError:  # said when the figures' data is computed
+        return supported
+    if isinstance(model, DefMamba) and model.stages[stage].blocks[block].mixer.deformable is None:
+        return (ERF,)
+    return supported
+
+
 def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     """Writes the figures; returns figure name -> (PNG path, the data it plots).
 
@@ -391,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
         raise SystemExit(f"visualize: {type(model).__name__} is neither a DefMamba nor a DAMamba")
-    figures = args.figures or supported
+    figures = args.figures or default_figures(model, args.stage, args.block)
     unsupported = [name for name in figures if name not in supported]
     if unsupported:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
