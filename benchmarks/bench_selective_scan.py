@@ -154,10 +154,14 @@ def benchmark(shape: Shape, backends: list[str], device: torch.device, repeats: 
             }
         )
     ref = next((r for r in rows if r["backend"] == "ref"), None)
-    for row in rows:
-        row["forward_speedup"] = ref["forward"] / row["forward"] if ref else float("nan")
-        row["both_speedup"] = ref["both"] / row["both"] if ref else float("nan")
+    for row in rows:  # None: ref was not timed (--backends without it), so there is no baseline
+        row["forward_speedup"] = ref["forward"] / row["forward"] if ref else None
+        row["both_speedup"] = ref["both"] / row["both"] if ref else None
     return rows
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -170,8 +174,8 @@ def format_table(rows: list[dict]) -> str:
         s = r["shape"]
         lines.append(
             f"| {s.name} ({s.channels}, {s.length}, {s.state_size}, {s.groups}) | {r['backend']} "
-            f"| {r['forward'] * 1e3:.1f} | {r['forward_speedup']:.1f} | {r['forward'] / r['floor']:.1f} "
-            f"| {r['both'] * 1e3:.1f} | {r['both_speedup']:.1f} | {r['both'] / r['floor']:.1f} "
+            f"| {r['forward'] * 1e3:.1f} | {_ratio(r['forward_speedup'])} | {r['forward'] / r['floor']:.1f} "
+            f"| {r['both'] * 1e3:.1f} | {_ratio(r['both_speedup'])} | {r['both'] / r['floor']:.1f} "
             f"| {r['peak_mb']:.0f} |"
         )
     return "\n".join(lines)

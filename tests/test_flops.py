@@ -1,5 +1,6 @@
 """model_flops: the released DefMamba counter's numbers, and what each switch adds."""
 import pytest
+import torch
 
 from classification.models import DefMamba, create_model
 from classification.models.defmamba import DSSM, selective_scan_fn
@@ -42,3 +43,10 @@ def test_switches_add_exactly_the_scan_and_the_sampling():
     assert model.training  # restored
     assert all(module.scan_fn is selective_scan_fn for module in model.modules() if isinstance(module, DSSM))
 
+
+
+def test_a_model_on_the_meta_device_is_explained():
+    with torch.device("meta"):
+        model = create_model("defmamba_tiny")
+    with pytest.raises(ValueError, match="model_flops runs the model once: build it on a device with values"):
+        model_flops(model, 224)

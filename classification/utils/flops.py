@@ -125,6 +125,9 @@ def model_flops(
     if include_sampling is None:
         include_sampling = getattr(type(model), "flops_include_sampling", True)
     reference = next(model.parameters())
+    if reference.is_meta:
+        raise ValueError("model_flops runs the model once: build it on a device with values (the CPU will do); the "
+                         "meta device only gives shapes (the parameter count works there)")
     image = torch.zeros(1, input_channels(model), height, width, dtype=reference.dtype, device=reference.device)
 
     scan_flops: list[int] = []
