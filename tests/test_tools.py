@@ -238,8 +238,8 @@ def test_visualize_bad_input_is_explained(tmp_path, argv, message, capsys):
 def test_visualize_draws_only_the_erfs_of_a_block_without_a_deformable_branch(tmp_path):
     """Table 4's raster, local and continuous ablations scan without deformable points: by default their ERFs only;
     asking for the points is explained."""
-    cfg = _config_file(tmp_path, "local", TINY_DEFMAMBA.replace("DEPTHS: [1, 2, 1, 1]",
-                                                                "DEPTHS: [1, 2, 1, 1], SCAN_BRANCHES: [forward, local]"))
+    local = TINY_DEFMAMBA.replace("DEPTHS: [1, 2, 1, 1]", "DEPTHS: [1, 2, 1, 1], SCAN_BRANCHES: [forward, local]")
+    cfg = _config_file(tmp_path, "local", local)
     written = visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), "--img-size", "32"])
     assert list(written) == ["erf"] and list(written["erf"][1]) == ["forward", "local"]
     with pytest.raises(SystemExit, match="stage 0 block 0 has no deformable branch"):
