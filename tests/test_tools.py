@@ -3,6 +3,7 @@ import argparse
 import csv
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,8 @@ def _block_input(model: torch.nn.Module, image: torch.Tensor, stage: int, block:
 
 
 def _chelsea_input(model: torch.nn.Module, size: int) -> torch.Tensor:
-    return visualize.to_model_input(visualize.load_image(None, size), model)
+    """The image as visualize gives it to a DefMamba: resized bilinearly (the family's DATA.INTERPOLATION)."""
+    return visualize.to_model_input(visualize.load_image(None, size, "bilinear"), model)
 
 
 def test_model_table_csv_counts_are_the_models(tmp_path, capsys):
@@ -205,7 +207,7 @@ def test_visualize_damamba_sampling_points_are_the_models(tmp_path):
     assert list(written) == ["points"]  # DAMamba's only figure by default
     assert _png_size(tmp_path / "points.png") == (PANEL_PIXELS, PANEL_PIXELS)
 
-    image = visualize.to_model_input(visualize.load_image(str(photo), size), model)
+    image = visualize.to_model_input(visualize.load_image(str(photo), size, "bicubic"), model)
     assert image.shape == (1, 3, size, size)
     target = model.stages[stage].blocks[0]
     with torch.no_grad():
@@ -246,12 +248,30 @@ def test_visualize_draws_only_the_erfs_of_a_block_without_a_deformable_branch(tm
         visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), "--figures", "points"])
 
 
+def test_visualize_refuses_options_that_change_nothing(tmp_path, capsys):
+    defmamba = _config_file(tmp_path, "de", TINY_DEFMAMBA)
+    damamba = _config_file(tmp_path, "da", TINY_DAMAMBA)
+    checkpoint, _ = _trained_like_checkpoint(tmp_path, damamba)
+    for argv, message in (
+        (["--cfg", defmamba, "--group", "1"], "--group picks a DAMamba sampling group: it changes nothing here"),
+        (["--cfg", defmamba, "--figures", "points", "--position", "1", "1"], "--position picks the erf figure's token"),
+        (["--cfg", damamba, "--position", "1", "1"], "--position picks the erf figure's token"),
+        (["--cfg", damamba, "--checkpoint", checkpoint, "--seed", "3"], "--seed seeds the random weights without"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            visualize.main([*argv, "--output-dir", str(tmp_path / "figures")])
+    assert not (tmp_path / "figures").exists()
+    written = visualize.main(["--cfg", defmamba, "--figures", "erf", "erf", "--output-dir", str(tmp_path)])
+    assert list(written) == ["erf"]  # once
+
+
 def test_visualize_reads_a_16_bit_image_as_its_8_bit_levels(tmp_path):
     levels = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (64, 1))  # a horizontal grey ramp, 64 x 64
     Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "eight.png")
     Image.fromarray(levels * 257).save(tmp_path / "sixteen.png")  # Pillow writes mode I;16
     assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
-    eight, sixteen = (visualize.load_image(str(tmp_path / name), 32) for name in ("eight.png", "sixteen.png"))
+    eight, sixteen = (visualize.load_image(str(tmp_path / name), 32, "bicubic")
+                      for name in ("eight.png", "sixteen.png"))
     assert np.array_equal(sixteen, eight) and len(np.unique(sixteen)) > 2
 
 
@@ -297,7 +317,7 @@ def test_points_figure_thins_large_maps(tmp_path):
     side, arrows_per_side = 40, 8  # every 5th token: 8 x 8 arrows
     grid = torch.stack(torch.meshgrid(torch.arange(side * 1.0), torch.arange(side * 1.0), indexing="xy"), dim=-1)
     point_set = visualize.PointSet(grid, grid + 0.25)
-    image = visualize.load_image(None, 4 * side)
+    image = visualize.load_image(None, 4 * side, "bicubic")
     figure = visualize.plot_points(point_set, image, "test", tmp_path / "p.png", DPI, arrows_per_side)
     arrows = figure.axes[0].collections[0]
     assert arrows.N == arrows_per_side ** 2
@@ -330,7 +350,7 @@ def test_a_config_naming_a_gpu_backend_runs_in_the_tools_on_the_cpu(tmp_path, ca
     rows = model_table.main([cfg, "--device", "cpu", "--img-size", str(IMG_SIZE), "--batch-size", "1", "--warmup", "0",
                              "--iters", "1"])
     assert rows[0].images_per_sec > 0
-    model, _ = visualize.build(visualize.parse_args(["--cfg", cfg]))
+    model, _, _ = visualize.build(visualize.parse_args(["--cfg", cfg]))
     assert {module.scan_backend for module in model.modules() if hasattr(module, "scan_backend")} == {"auto"}
     assert visualize.main(["--cfg", cfg, "--figures", "scan_order", "--output-dir", str(tmp_path), "--dpi", str(DPI)])
     for tool, argv in ((model_table, [cfg, "--device", "cpu", "--no-throughput"]), (visualize, ["--cfg", cfg])):
@@ -358,7 +378,7 @@ def test_visualize_use_ema_needs_ema_weights(tmp_path):
     ema = {key: value + 1 for key, value in model.state_dict().items()}
     with_ema = tmp_path / "with_ema.pth"
     torch.save({"model": model.state_dict(), "model_ema": ema}, with_ema)
-    loaded, _ = visualize.build(visualize.parse_args(["--cfg", cfg, "--checkpoint", str(with_ema), "--use-ema"]))
+    loaded, _, _ = visualize.build(visualize.parse_args(["--cfg", cfg, "--checkpoint", str(with_ema), "--use-ema"]))
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, ema[key])
 
@@ -394,7 +414,8 @@ def test_points_figure_places_token_centres_on_the_image(tmp_path):
     centre is at x = 2j + 0.5, y = 4i + 1.5, and a shift of (0.25, 0.5) tokens is (0.5, 2) image pixels."""
     reference = visualize.pixel_grid(2, 4, torch.empty(0))
     point_set = visualize.PointSet(reference, reference + torch.tensor([0.25, 0.5]))
-    figure = visualize.plot_points(point_set, visualize.load_image(None, 8), "test", tmp_path / "p.png", DPI)
+    figure = visualize.plot_points(point_set, visualize.load_image(None, 8, "bicubic"), "test", tmp_path / "p.png",
+                                   DPI)
     arrows = figure.axes[0].collections[0]
     rows, cols = torch.meshgrid(torch.arange(2.0), torch.arange(4.0), indexing="ij")
     assert arrows.X.tolist() == pytest.approx((2 * cols + 0.5).flatten().tolist())
@@ -405,7 +426,7 @@ def test_points_figure_places_token_centres_on_the_image(tmp_path):
 def test_points_figure_thins_to_at_most_the_arrows_asked_for(tmp_path):
     side, arrows_per_side = 41, 8  # 41 tokens do not split into 8 equal steps: every 6th token, 7 per side
     grid = visualize.pixel_grid(side, side, torch.empty(0))
-    figure = visualize.plot_points(visualize.PointSet(grid, grid), visualize.load_image(None, side), "test",
+    figure = visualize.plot_points(visualize.PointSet(grid, grid), visualize.load_image(None, side, "bicubic"), "test",
                                    tmp_path / "p.png", DPI, arrows_per_side)
     assert figure.axes[0].collections[0].N == 7 * 7
 

@@ -39,6 +39,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
+from timm.data.transforms import str_to_pil_interp
 from torch import Tensor, nn
 
 from classification.config import ConfigError, get_config
@@ -67,6 +68,7 @@ FIGURES = (POINTS, ORDER, ERF)
 FAMILY_FIGURES = {DefMamba: FIGURES, DAMamba: (POINTS,)}
 PANEL_INCHES = 4.0  # each panel is PANEL_INCHES x PANEL_INCHES; a figure is panels x 1
 DEFAULT_DPI = 100
+DEFAULT_SEED = 0  # of the random weights without --checkpoint
 DEFAULT_IMG_SIZE = 224
 DEFAULT_ARROWS_PER_SIDE = 16  # Figure 5(a) thins larger token maps to this many arrows per side
 POINT_MARKER_SIZE = 6  # scatter marker area of the points, in points^2
@@ -94,14 +96,15 @@ class UsageError(ValueError):
     line. Other errors, from inside the model, keep their traceback."""
 
 
-def load_image(path: str | None, size: int) -> np.ndarray:
-    """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized and centre-cropped: (size, size, 3).
+def load_image(path: str | None, size: int, interpolation: str) -> np.ndarray:
+    """The photograph at ``path`` (default: scikit-image's ``chelsea``) resized with ``interpolation`` (a name of
+    :data:`classification.config.INTERPOLATIONS`, the model's DATA.INTERPOLATION) and centre-cropped: (size, size, 3).
 
     Raises:
         UsageError: ``path`` does not exist or is not a readable image (the message names it).
     """
     def fit(image: Image.Image) -> np.ndarray:
-        return np.array(ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC))
+        return np.array(ImageOps.fit(image, (size, size), method=str_to_pil_interp(interpolation)))
 
     if path is None:
         return fit(Image.fromarray(skimage.data.chelsea()))
@@ -318,15 +321,18 @@ def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple
     return figure
 
 
-def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
-    """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), and the image size."""
+def build(args: argparse.Namespace) -> tuple[nn.Module, int, str]:
+    """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), the image size, and the
+    resize interpolation the model is evaluated with (DATA.INTERPOLATION of ``--cfg``, else the release's)."""
     config = get_config(argparse.Namespace(cfg=args.cfg, scan_backend=args.scan_backend), world_size=1) if args.cfg \
         else None
-    torch.manual_seed(args.seed)
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    torch.manual_seed(seed)
     if config is not None:
-        model, img_size = build_model(config), config.DATA.IMG_SIZE
+        model, img_size, interpolation = build_model(config), config.DATA.IMG_SIZE, config.DATA.INTERPOLATION
     else:
         model, img_size = create_model(args.model, scan_backend=args.scan_backend), DEFAULT_IMG_SIZE
+        interpolation = model.pretrained_cfg["interpolation"]
     if args.checkpoint:
         checkpoint = read_checkpoint(args.checkpoint, weights_only=False)
         if args.use_ema and not (isinstance(checkpoint, dict) and has_ema_weights(checkpoint)):
@@ -334,8 +340,8 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, int]:
                                   f"TRAIN.EMA.ENABLE, or a bare weights file); drop --use-ema")
         load_checkpoint(model, checkpoint, use_ema=args.use_ema)
     else:
-        logger.warning("no --checkpoint: random weights (seed %d)", args.seed)
-    return model.eval(), args.img_size or img_size
+        logger.warning("no --checkpoint: random weights (seed %d)", seed)
+    return model.eval(), args.img_size or img_size, interpolation
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -363,7 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
     parser.add_argument("--dpi", type=int, default=DEFAULT_DPI,
                         help=f"pixels per inch; a panel is {PANEL_INCHES:g} x {PANEL_INCHES:g} inches")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights without --checkpoint")
+    parser.add_argument("--seed", type=int, help=f"seed of the random weights without --checkpoint (default "
+                                                  f"{DEFAULT_SEED})")
     add_scan_backend_option(parser)
     args = parser.parse_args(argv)
     check_scan_backend(parser, args.scan_backend, torch.device("cpu"))
@@ -398,18 +405,24 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     """
     args = parse_args(argv)
     try:
-        model, img_size = build(args)
-        image = load_image(args.image, img_size)
+        model, img_size, interpolation = build(args)
+        image = load_image(args.image, img_size, interpolation)
     except (ConfigError, CheckpointError, UsageError) as err:
         raise SystemExit(f"visualize: {err}") from err
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
         raise SystemExit(f"visualize: {type(model).__name__} is neither a DefMamba nor a DAMamba")
-    figures = args.figures or default_figures(model, args.stage, args.block)
+    figures = list(dict.fromkeys(args.figures)) if args.figures else default_figures(model, args.stage, args.block)
     unsupported = [name for name in figures if name not in supported]
     if unsupported:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
                          f"{' '.join(supported)}")
+    ignored = {"--group picks a DAMamba sampling group": args.group != 0 and not isinstance(model, DAMamba),
+               "--position picks the erf figure's token": args.position is not None and ERF not in figures,
+               "--seed seeds the random weights without --checkpoint": args.seed is not None and bool(args.checkpoint)}
+    if any(ignored.values()):  # an option that changes nothing here was most likely meant for something else
+        raise SystemExit("visualize: " + "; ".join(f"{what}: it changes nothing here"
+                                                   for what, given in ignored.items() if given))
     # Every figure's data is computed (and every input checked) before the first PNG is written.
     try:
         batch = to_model_input(image, model)
