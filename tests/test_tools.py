@@ -102,7 +102,7 @@ def test_model_table_csv_counts_are_the_models(tmp_path, capsys):
     for cfg, row in zip(configs, parsed):
         model = _model_of(cfg)
         assert int(row["params"]) == sum(param.numel() for param in model.parameters())
-        assert float(row["gflops"]) == model_flops(model, IMG_SIZE) / 1e9
+        assert float(row["gflops"]) == model_flops(model, IMG_SIZE) / 1e9 and row["gflops_counted"] == "release"
         assert row["images_per_sec"] == row["device"] == row["batch_size"] == row["amp"] == ""
         assert int(row["img_size"]) == IMG_SIZE
     # --flops-all counts the scan and the sampling too (DAMamba's release convention leaves them out).
@@ -111,6 +111,7 @@ def test_model_table_csv_counts_are_the_models(tmp_path, capsys):
     model = _model_of(configs[1])
     complete = model_flops(model, IMG_SIZE, include_scan=True, include_sampling=True)
     assert float(row["gflops"]) == complete / 1e9 and complete > model_flops(model, IMG_SIZE)
+    assert row["gflops_counted"] == "all"
 
 
 def test_model_table_markdown_registry_names_and_throughput(capsys):

@@ -41,7 +41,9 @@ logger = logging.getLogger("model_table")
 DEFAULT_MODELS = ("defmamba_tiny", "defmamba_small", "defmamba_base")
 YAML_SUFFIXES = (".yaml", ".yml")
 DEVICE_TYPES = ("cpu", "cuda")  # what engine.throughput synchronises and engine.describe_device names
-CSV_COLUMNS = ("model", "params", "gflops", "images_per_sec", "img_size", "batch_size", "amp", "device")
+CSV_COLUMNS = ("model", "params", "gflops", "gflops_counted", "images_per_sec", "img_size", "batch_size", "amp",
+               "device")
+FLOPS_CONVENTIONS = {False: "release", True: "all"}  # gflops_counted: the family's released convention, or --flops-all
 GIGA = 1e9
 
 
@@ -131,14 +133,17 @@ def format_markdown(rows: list[Row], img_size: int, caption: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_csv(rows: list[Row], img_size: int, batch_size: int | None, amp: str, device: str | None) -> str:
-    """CSV with a header line; GFLOPs at full precision, empty throughput fields when not measured."""
+def format_csv(rows: list[Row], img_size: int, batch_size: int | None, amp: str, device: str | None,
+               flops_all: bool) -> str:
+    """CSV with a header line; GFLOPs at full precision with the convention they were counted in, empty throughput
+    fields when not measured."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         measured = row.images_per_sec is not None
-        writer.writerow([row.model, row.params, repr(row.gflops), repr(row.images_per_sec) if measured else "",
+        writer.writerow([row.model, row.params, repr(row.gflops), FLOPS_CONVENTIONS[flops_all],
+                         repr(row.images_per_sec) if measured else "",
                          img_size, batch_size if measured else "", amp if measured else "",
                          device if measured else ""])
     return buffer.getvalue()
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit(f"model_table: {err}") from err
     device_name = describe_device(device) if with_throughput else None
     if args.csv:
-        sys.stdout.write(format_csv(rows, args.img_size, args.batch_size, args.amp, device_name))
+        sys.stdout.write(format_csv(rows, args.img_size, args.batch_size, args.amp, device_name, args.flops_all))
         return rows
     flops_note = "scan and sampling counted" if args.flops_all else "each family's released convention"
     caption = f"GFLOPs: multiply-adds of one image, {flops_note}."
