@@ -480,6 +480,10 @@ def _run_logged(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode
                 stop_requested: Callable[[], bool]) -> int:
     """:func:`main` once the config is read: a training run takes its folder's lock (held until ``held`` closes),
     then the folder's text log is opened and the run goes on (:func:`run`). Returns the exit status."""
+    try:  # a forced backend that cannot run here fails now, before anything is written, with the reason and the fix
+        scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
+    except RuntimeError as err:
+        raise ConfigError(f"MODEL.SCAN_BACKEND {config.MODEL.SCAN_BACKEND} (--scan-backend): {err}") from err
     if mode == "train":  # a run refused there writes nothing into the folder of the run that trains there
         held.enter_context(run_folder_lock(output_dir, ctx))
     output_error = None
@@ -496,18 +500,14 @@ def _run_logged(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode
     logger.info("world size %d, device %s, output %s", ctx.world_size, ctx.device, output_dir)
     for line in backend_report():
         logger.info("%s", line)
+    logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
+                ctx.device)
     return run(config, ctx, output_dir, stop_requested)
 
 
 def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, stop_requested: Callable[[], bool]) -> int:
     """Builds the model and runs the mode the config asks for (training stops early when ``stop_requested()``).
     Returns the exit status."""
-    try:  # a forced backend that cannot run here fails now, before any work, with the reason and the build command
-        scan_backend = resolve_backend(config.MODEL.SCAN_BACKEND, ctx.device)
-    except RuntimeError as err:
-        raise ConfigError(f"MODEL.SCAN_BACKEND {config.MODEL.SCAN_BACKEND} (--scan-backend): {err}") from err
-    logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
-                ctx.device)
     set_determinism(config, ctx.rank)
     amp_dtype = AMP_DTYPES[config.AMP]
     if amp_dtype is torch.float16 and ctx.device.type == "cpu":

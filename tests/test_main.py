@@ -526,17 +526,20 @@ def test_damamba_trains_resumes_and_evaluates(data, tmp_path, isolated_logging):
     assert re.search(r"eval on 6 images: top-1 .* GFLOPs", _log(run_dir, "eval"))
 
 
-def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(data, tmp_path, isolated_logging):
+def test_backend_report_is_logged_and_an_unavailable_forced_backend_fails_first(data, tmp_path, isolated_logging,
+                                                                                 capsys):
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "1")) == 0
     log = _log(tmp_path / "defmamba_tiny" / "default", "throughput")
     assert f"cpu: backend='auto' uses {resolve_backend('auto', 'cpu')!r}" in log
     assert "selective scan: MODEL.SCAN_BACKEND=torch runs as 'torch' on cpu" in log
     forced = tmp_path / "forced"
-    assert main.main(["--data-path", str(data), "--output", str(forced), "--scan-backend", "cuda", "--eval",
-                      "--opts", *TINY_DEFMAMBA, *TINY_DATA]) == 2
-    log = _log(forced / "defmamba_tiny" / "default", "eval")
-    assert "MODEL.SCAN_BACKEND cuda (--scan-backend): backend 'cuda' runs on cuda tensors, not cpu" in log
-    assert not list((forced / "defmamba_tiny" / "default").glob("*.pth"))
+    capsys.readouterr()
+    for mode in (["--eval"], []):  # before anything is written: no folder, no log, no lock
+        assert main.main(["--data-path", str(data), "--output", str(forced), "--scan-backend", "cuda", *mode,
+                          "--opts", *TINY_DEFMAMBA, *TINY_DATA]) == 2
+        out = capsys.readouterr().out
+        assert "MODEL.SCAN_BACKEND cuda (--scan-backend): backend 'cuda' runs on cuda tensors, not cpu" in out
+        assert not forced.exists()
 
 
 def _log(run_dir: Path, mode: str = "train") -> str:
