@@ -30,6 +30,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
+from classification.data.build import MAX_LISTED_CLASSES
 from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
@@ -51,7 +52,6 @@ TENSORBOARD_DIR = "tensorboard"
 EPOCH_OUTPUTS_KEY = "epoch_outputs"  # of an end-of-epoch checkpoint: {"record": log.txt line, "is_best": bool}
 CLASSES_KEY = "classes"  # of our checkpoints: the training set's class names in label order
 TRAIN_IMAGES_KEY = "train_images"  # of our training checkpoints: how many images the training set holds
-MAX_LISTED_CLASSES = 5  # class names an error lists per kind of difference
 LOCK_NAME = ".lock"  # held by the process that trains in the folder (lock_run_folder)
 LOCK_HELD_ERRNOS = (errno.EACCES, errno.EAGAIN)  # what lockf raises when another process holds the lock
 # What lockf raises on a file system without locks (NFS without lockd, Lustre mounted without locking, ...).
