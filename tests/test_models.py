@@ -184,6 +184,10 @@ def test_classifier_reset_and_pruning(name):
         assert model.forward_intermediates(image(), indices=kept, intermediates_only=True)[0].shape[1] == (
             model.feature_info[1]["num_chs"]
         )
+        with pytest.raises(RuntimeError, match=r"keeps only its first 2 stages \(prune_intermediate_layers\), whose "
+                           rf"{model.feature_info[1]['num_chs']} features its head \(built for "
+                           rf"{model.num_features}\) cannot take: call forward_intermediates"):
+            model(image())
 
 
 @pytest.mark.parametrize("name", MODELS)

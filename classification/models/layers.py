@@ -208,7 +208,13 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Image (batch, in_chans, height, width) -> logits (batch, num_classes)."""
-        return self.forward_head(self.forward_features(x))
+        features = self.forward_features(x)
+        if features.shape[1] != self.num_features:  # the stages feeding the head were pruned away
+            raise RuntimeError(
+                f"{type(self).__name__} keeps only its first {len(self.stages)} stages (prune_intermediate_layers), "
+                f"whose {features.shape[1]} features its head (built for {self.num_features}) cannot take: call "
+                "forward_intermediates(x, intermediates_only=True)")
+        return self.forward_head(features)
 
     def forward_intermediates(
         self,
