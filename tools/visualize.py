@@ -15,9 +15,10 @@ For one block (``--stage``, ``--block``, 0-based) of a DefMamba or DAMamba model
   raster order, before averaging and gating) summed over channels; drawn on a log colour scale.
 
 Points are drawn in image pixels: a point ``p`` of an ``h x w`` map of an ``S x S`` image is at
-``(p + 0.5) * S / side - 0.5``. The image is resized (short side to ``--img-size``, bicubic), centre-cropped to a
-square and normalised with the model's mean and std. Weights: ``--checkpoint`` (ours from ``main.py`` or a released
-one; read with ``torch.load(weights_only=False)``, so only files you trust), else random (seeded) weights.
+``(p + 0.5) * S / side - 0.5``. The image is resized (short side to ``--img-size``, with the model's
+DATA.INTERPOLATION), centre-cropped to a square and normalised with the model's mean and std. Weights:
+``--checkpoint`` (ours from ``main.py`` or a released one; read with ``torch.load(weights_only=False)``, so only files
+you trust), else random (seeded) weights.
 
 Usage::
 
