@@ -434,3 +434,9 @@ def test_opts_values_as_python_literals_or_yaml_flow_lists():
         assert get_config(_args(opts=["TAG", text]), world_size=1).TAG == text
     with pytest.raises(ConfigError, match=r"TRAIN\.EPOCHS must be of type int \(like 300\), got 'abc'"):
         get_config(_args(opts=["TRAIN.EPOCHS", "abc"]))
+
+
+def test_a_minimum_learning_rate_equal_to_the_base_one_is_a_constant_schedule():
+    config = get_config(_args(opts=["TRAIN.LR_REFERENCE_BATCH", "0", "TRAIN.MIN_LR", "0.002", "TRAIN.BASE_LR",
+                                    "0.002"]), world_size=1)
+    assert config.TRAIN.MIN_LR == config.TRAIN.BASE_LR == pytest.approx(0.002)

@@ -18,8 +18,8 @@ from torchvision.transforms import InterpolationMode
 
 from classification.config import get_config
 from classification.data.build import (
-    DatasetError, ResumableDistributedSampler, ShardSampler, build_datasets, build_eval_loader, build_loader,
-    build_mixup, build_transform, sample_seed,
+    DatasetError, DatasetNotFoundError, ResumableDistributedSampler, SafeImageFolder, ShardSampler, build_datasets,
+    build_eval_loader, build_loader, build_mixup, build_transform, sample_seed,
 )
 from classification.data.digits import build_digits
 
@@ -380,3 +380,18 @@ def test_a_loader_worker_ignores_a_foreign_sigterm_and_exits_on_its_parents():
         if worker.is_alive():
             worker.kill()
 
+
+
+def test_one_class_fewer_than_the_model_has_outputs_is_named(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
+    with caplog.at_level(logging.WARNING):
+        build_datasets(tiny_config(root, "MODEL.NUM_CLASSES", "3"))
+    assert "has 2 classes and MODEL.NUM_CLASSES is 3: the model's other 1 outputs are never a target (set " \
+           "MODEL.NUM_CLASSES 2 unless that is meant)" in caplog.text
+
+
+def test_a_folder_with_only_hidden_folders_has_no_class_folder(tmp_path):
+    (tmp_path / "split" / ".ipynb_checkpoints").mkdir(parents=True)
+    (tmp_path / "split" / "notes.png").write_bytes(b"")  # a file at the top is no class either
+    with pytest.raises(DatasetNotFoundError, match=r"no class folder in"):
+        SafeImageFolder(str(tmp_path / "split"), transform=None, replace_unreadable=False)

@@ -88,9 +88,17 @@ def test_collectives_average_the_statistics_and_reduce_over_ranks(tmp_path):
         assert reduced == (0.0, 3.0), rank
 
 
+def test_any_rank_in_one_process_is_this_processs_flag():
+    from classification.utils.distributed import any_rank
+
+    assert any_rank(True, torch.device("cpu")) is True
+    assert any_rank(False, torch.device("cpu")) is False
+
+
 def _on_main_rank_worker(rank: int, world_size: int, init_file: str, results) -> None:
     """One gloo rank: rank 0's result shared or kept, then a failure of rank 0's work heard by both ranks."""
-    from classification.utils.distributed import MainRankFailedError, on_main_rank
+    from classification.run_folder import newest_checkpoint
+    from classification.utils.distributed import DistributedContext, MainRankFailedError, on_main_rank
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
 
@@ -100,6 +108,9 @@ def _on_main_rank_worker(rank: int, world_size: int, init_file: str, results) ->
     try:
         outcome = [on_main_rank(rank == 0, lambda: f"made by rank {rank}", share_result=True),
                    on_main_rank(rank == 0, lambda: f"made by rank {rank}")]
+        # A caller that shares: rank 0 reads the run folder, every rank gets its pick.
+        ctx = DistributedContext(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+        outcome.append(newest_checkpoint(Path(init_file).parent / "run", ctx))
         try:
             on_main_rank(rank == 0, fails)
         except (OSError, MainRankFailedError) as err:
@@ -112,14 +123,58 @@ def _on_main_rank_worker(rank: int, world_size: int, init_file: str, results) ->
 def test_a_failure_of_rank_0s_own_work_stops_every_rank(tmp_path):
     """What rank 0 does alone (writing the run's files) either succeeds on every rank or raises on every rank: rank 0
     its own error, the others one that names it, instead of waiting for a rank 0 that has gone."""
+    from test_checkpoint import make_training_checkpoint
+
+    (tmp_path / "run").mkdir()
+    saved = tmp_path / "run" / "checkpoint_latest.pth"
+    torch.save(make_training_checkpoint(3, 2), saved)
     context = torch.multiprocessing.get_context("spawn")
     results = context.Queue()
     torch.multiprocessing.start_processes(_on_main_rank_worker, args=(2, str(tmp_path / "init"), results), nprocs=2,
                                           start_method="spawn")
     outcomes = dict(results.get(timeout=60) for _ in range(2))
-    assert outcomes[0] == ["made by rank 0", "made by rank 0", "OSError: [Errno 28] No space left on device"]
-    assert outcomes[1] == ["made by rank 0", None, "MainRankFailedError: stopped because rank 0 failed (OSError: "
-                           "[Errno 28] No space left on device); rank 0's log says more"]
+    pick = (str(saved), (3, 2))
+    assert outcomes[0] == ["made by rank 0", "made by rank 0", pick, "OSError: [Errno 28] No space left on device"]
+    assert outcomes[1] == ["made by rank 0", None, pick, "MainRankFailedError: stopped because rank 0 failed "
+                           "(OSError: [Errno 28] No space left on device); rank 0's log says more"]
+
+
+def _interrupted_on_main_rank_worker(rank: int, world_size: int, init_file: str, results) -> None:
+    """One gloo rank: Ctrl-C (KeyboardInterrupt) on rank 0 in the middle of its own work."""
+    from classification.utils.distributed import MainRankFailedError, on_main_rank
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    try:
+        try:
+            on_main_rank(rank == 0, interrupted)
+            outcome = "nothing raised"
+        except (KeyboardInterrupt, MainRankFailedError) as err:
+            outcome = f"{type(err).__name__}: {err}"
+        torch.distributed.barrier()  # both ranks are still in step after it
+        results.put((rank, outcome))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ctrl_c_in_rank_0s_own_work_reaches_every_rank(tmp_path):
+    """Ctrl-C is not an Exception, but rank 0 must still tell the others before it goes: else they would wait in the
+    next collective for a rank 0 that has stopped."""
+    results = torch.multiprocessing.get_context("spawn").Queue()
+    workers = torch.multiprocessing.start_processes(_interrupted_on_main_rank_worker, nprocs=2, join=False,
+                                                    args=(2, str(tmp_path / "init"), results), start_method="spawn")
+    try:
+        outcomes = dict(results.get(timeout=60) for _ in range(2))
+        while not workers.join(timeout=30):
+            pass
+    finally:
+        for process in workers.processes:
+            process.kill()
+    assert outcomes == {0: "KeyboardInterrupt: ", 1: "MainRankFailedError: stopped because rank 0 failed "
+                        "(KeyboardInterrupt: ); rank 0's log says more"}
 
 
 # A torchrun worker: main.py whose rank 0 cannot write checkpoints (a full disk).

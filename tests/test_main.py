@@ -786,3 +786,103 @@ def test_resume_takes_the_configs_optimizer_settings_and_schedule_position(tmp_p
     expected.step_update(num_updates=7)
     assert [group["lr"] for group in optimizer.param_groups] == [
         group["lr"] for group in expected.optimizer.param_groups]
+
+
+def test_class_lists_in_another_order_are_other_labels_and_five_names_are_listed_whole():
+    """The labels are indices into the class list: the same names in another order label the images differently. The
+    message lists at most five names of each side, with ... only when some are left out."""
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(the same names in another order; 2 classes there, 2 "
+                       r"here\)"):
+        run_folder.check_same_classes(["cat", "dog"], ["dog", "cat"], "c.pth")
+    with pytest.raises(ckpt.TrainingCheckpointError) as five_gone:
+        run_folder.check_same_classes(list("abcdefg"), list("fg"), "c.pth")
+    assert "only in the checkpoint: a, b, c, d, e (5);" in str(five_gone.value)
+
+
+def _linear_state(config, classes: list[str], train_images: int, scaler: torch.amp.GradScaler | None = None):
+    model = nn.Linear(4, 2)
+    optimizer = main.build_optimizer(config, model)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    return run_folder.TrainingState(model, None, optimizer, scaler, config, classes, train_images), optimizer
+
+
+def test_a_mid_epoch_checkpoint_resumed_on_another_number_of_training_images_stops(tmp_path):
+    """The saved step count is a place in the epoch's order of the training images, which another image count
+    reshuffles: resume_training refuses it; an end-of-epoch checkpoint resumes on any count."""
+    config = get_defaults()
+    state, _ = _linear_state(config, ["a", "b"], 8)
+    run_folder.save_training_checkpoint(tmp_path / "mid.pth", state, run_folder.Position(1, 1, 3, 0.0, 0.0), True)
+    run_folder.save_training_checkpoint(tmp_path / "end.pth", state, run_folder.Position(1, 0, 2, 0.0, 0.0), True)
+    grown, optimizer = _linear_state(config, ["a", "b"], 9)
+    scheduler = main.build_scheduler(config, optimizer, 2)
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(training images 8 -> 9\)"):
+        run_folder.resume_training(str(tmp_path / "mid.pth"), grown, main.init_distributed(), scheduler, 2)
+    position, _ = run_folder.resume_training(str(tmp_path / "end.pth"), grown, main.init_distributed(), scheduler, 2)
+    assert (position.epoch, position.step) == (1, 0)
+    same, optimizer = _linear_state(config, ["a", "b"], 8)
+    position, _ = run_folder.resume_training(str(tmp_path / "mid.pth"), same, main.init_distributed(),
+                                             main.build_scheduler(config, optimizer, 2), 2)
+    assert (position.epoch, position.step) == (1, 1)
+
+
+def test_resume_without_fp16_from_a_run_without_it_says_nothing_of_a_loss_scale(tmp_path, caplog):
+    config = get_defaults()
+    state, optimizer = _linear_state(config, ["a", "b"], 4)
+    run_folder.save_training_checkpoint(tmp_path / "off.pth", state, run_folder.Position(1, 0, 2, 0.0, 0.0), True)
+    with caplog.at_level(logging.WARNING):
+        run_folder.resume_training(str(tmp_path / "off.pth"), state, main.init_distributed(),
+                                   main.build_scheduler(config, optimizer, 2), updates_per_epoch=2)
+    assert "loss scale" not in caplog.text
+
+
+def test_a_stop_request_takes_sigterm_while_held_and_gives_the_previous_handler_back():
+    received = []
+
+    def previous(signum, frame):
+        received.append(signum)
+
+    old = signal.signal(signal.SIGTERM, previous)
+    try:
+        with main.StopRequest() as stop_requested:
+            assert not stop_requested()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop_requested() and received == []
+        assert signal.getsignal(signal.SIGTERM) is previous
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_sigterm_asks_only_training_to_stop(tmp_path, isolated_logging, monkeypatch):
+    """--eval and --throughput keep the default SIGTERM (they save nothing to stop at); training takes it while it
+    runs, and gives it back when main returns."""
+    handlers = {}
+
+    def record(config, ctx, output_dir, mode, held, stop_requested):
+        handlers[mode] = signal.getsignal(signal.SIGTERM)
+        return 0
+
+    monkeypatch.setattr(main, "_run_logged", record)
+    before = signal.getsignal(signal.SIGTERM)
+    common = ["--output", str(tmp_path), "--data-path", str(tmp_path)]
+    for extra in (["--eval", "--resume", str(tmp_path / "c.pth")], ["--throughput"], []):
+        assert main.main([*common, *extra]) == 0
+        assert signal.getsignal(signal.SIGTERM) is before
+    assert handlers["eval"] is before and handlers["throughput"] is before
+    assert handlers["train"] is not before and callable(handlers["train"])
+
+
+def test_sigterm_while_the_last_epoch_is_saved_lets_the_run_end_done(data, tmp_path, isolated_logging, monkeypatch):
+    """Nothing is left to stop at once the last epoch is saved: the run ends as done (status 0), not stopped."""
+    asked = []
+    finish_epoch = main.finish_epoch
+
+    def sigterm_while_saving(*args, **kwargs):
+        asked.append(True)  # SIGTERM arrives while the epoch's outputs are written
+        return finish_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(main, "finish_epoch", sigterm_while_saving)
+    monkeypatch.setattr(main.StopRequest, "__call__", lambda self: bool(asked))
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "1")) == 0
+    assert asked and "training done in" in _log(tmp_path / "defmamba_tiny" / "default")

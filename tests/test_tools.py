@@ -3,6 +3,7 @@ import argparse
 import csv
 import importlib.util
 import io
+import logging
 import re
 import subprocess
 import sys
@@ -468,3 +469,57 @@ def test_run_tool_ends_a_message_exit_with_status_2_and_passes_numeric_exits(cap
         assert raised.value.code == code
     assert capsys.readouterr().err == ""
     run_tool(lambda: None)  # returns normally
+
+
+def test_visualize_resizes_with_the_configs_interpolation_and_seeds_with_seed(tmp_path):
+    """The photograph is resized as the model is evaluated (DATA.INTERPOLATION); --seed gives the random weights of
+    that seed."""
+    cfg = _config_file(tmp_path, "bilinear", TINY_DEFMAMBA.replace("DATA: {IMG_SIZE: 32}",
+                                                                   "DATA: {IMG_SIZE: 32, INTERPOLATION: bilinear}"))
+    model, img_size, interpolation = visualize.build(visualize.parse_args(["--cfg", cfg, "--seed", "3"]))
+    assert (img_size, interpolation) == (32, "bilinear")
+    torch.manual_seed(3)
+    expected = _model_of(cfg).state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    default, *_ = visualize.build(visualize.parse_args(["--cfg", cfg]))
+    assert not torch.equal(default.state_dict()["head.fc.weight"], expected["head.fc.weight"])
+    import skimage.data
+    from PIL import ImageOps
+    chelsea = Image.fromarray(skimage.data.chelsea())
+    bilinear = np.array(ImageOps.fit(chelsea, (32, 32), method=Image.Resampling.BILINEAR))
+    assert np.array_equal(visualize.load_image(None, 32, interpolation), bilinear)
+    assert not np.array_equal(bilinear, np.array(ImageOps.fit(chelsea, (32, 32), method=Image.Resampling.BICUBIC)))
+
+
+def test_bench_selective_scan_table_has_a_dash_where_ref_was_not_timed(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS.parent / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_selective_scan", TOOLS.parent / "benchmarks" /
+                                                  "bench_selective_scan.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = bench.Shape("s", 4, 8, 2, 1)
+    timings = dict(shape=shape, forward=0.002, both=0.006, floor=0.001, peak_mb=3.0)
+    table = bench.format_table([{**timings, "backend": "torch", "forward_speedup": None, "both_speedup": None},
+                                {**timings, "backend": "ref", "forward_speedup": 1.0, "both_speedup": 1.0}])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert rows == [["s (4, 8, 2, 1)", "torch", "2.0", "-", "2.0", "6.0", "-", "6.0", "3"],
+                    ["s (4, 8, 2, 1)", "ref", "2.0", "1.0", "2.0", "6.0", "1.0", "6.0", "3"]]
+
+
+def test_visualize_seeds_random_weights_and_draws_a_figure_named_twice_once(tmp_path, monkeypatch, caplog):
+    """--seed without --checkpoint is what it is for; a figure named twice is computed and written once."""
+    cfg = _config_file(tmp_path, "de", TINY_DEFMAMBA)
+    computed = []
+    erfs = visualize.effective_receptive_fields
+
+    def counted(*args, **kwargs):
+        computed.append(args[2:4])
+        return erfs(*args, **kwargs)
+
+    monkeypatch.setattr(visualize, "effective_receptive_fields", counted)
+    with caplog.at_level(logging.INFO, logger="visualize"):
+        written = visualize.main(["--cfg", cfg, "--seed", "3", "--figures", "erf", "erf", "--output-dir",
+                                  str(tmp_path / "figures")])
+    assert list(written) == ["erf"] and len(computed) == 1
+    assert [record.getMessage() for record in caplog.records if record.getMessage().startswith("wrote ")] == [
+        f"wrote {tmp_path / 'figures' / 'erf.png'}"]
