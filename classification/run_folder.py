@@ -303,18 +303,18 @@ def check_same_classes(saved: list[str] | None, classes: list[str], path: str | 
     """
     if saved is None or saved == classes:
         return
-    gone, new = [name for name in saved if name not in classes], [name for name in classes if name not in saved]
+
     def listed(names: list[str]) -> str:
         return f"{', '.join(names[:MAX_LISTED_CLASSES])}{' ...' if len(names) > MAX_LISTED_CLASSES else ''}"
 
+    gone, new = [name for name in saved if name not in classes], [name for name in classes if name not in saved]
     how = "; ".join(f"{what}: {listed(names)} ({len(names)})"
                     for what, names in (("only in the checkpoint", gone), ("only here", new)) if names)
     how = how or "the same names in another order"
     raise ckpt.TrainingCheckpointError(
         f"checkpoint {path} was trained on other classes than this run's train/ holds ({how}; {len(saved)} classes "
         f"there, {len(classes)} here): resumed, the images would get other labels. Resume on the class folders it was "
-        "trained on, or "
-        "start a new run from its weights with --pretrained and another --tag")
+        "trained on, or start a new run from its weights with --pretrained and another --tag")
 
 
 def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr_scheduler: Scheduler,

@@ -386,10 +386,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def default_figures(model: nn.Module, stage: int, block: int) -> tuple[str, ...]:
-    """The figures the block can show: those of its family, but only the ERFs for a DefMamba block without a
+def default_figures(model: nn.Module, supported: tuple[str, ...], stage: int, block: int) -> tuple[str, ...]:
+    """The figures the block can show: its family's (``supported``), but only the ERFs for a DefMamba block without a
     deformable branch (Table 4's raster, local and continuous ablations)."""
-    supported = FAMILY_FIGURES.get(type(model), ())
     try:
         check_block(model, stage, block)
     except UsageError:  # said when the figures' data is computed
@@ -413,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     supported = FAMILY_FIGURES.get(type(model))
     if supported is None:
         raise SystemExit(f"visualize: {type(model).__name__} is neither a DefMamba nor a DAMamba")
-    figures = list(dict.fromkeys(args.figures)) if args.figures else default_figures(model, args.stage, args.block)
+    figures = (list(dict.fromkeys(args.figures)) if args.figures
+               else default_figures(model, supported, args.stage, args.block))
     unsupported = [name for name in figures if name not in supported]
     if unsupported:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
