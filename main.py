@@ -32,7 +32,14 @@ from yacs.config import CfgNode
 
 from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_weight
 from classification.data.build import DatasetError, build_eval_loader, build_loader
-from classification.engine import NonFiniteLossError, TrainingStopped, evaluate, throughput, train_one_epoch
+from classification.engine import (
+    NonFiniteLossError,
+    TrainingStopped,
+    evaluate,
+    throughput,
+    train_one_epoch,
+    warn_if_slow_autocast,
+)
 from classification.lr_scheduler import build_scheduler
 from classification.models import (
     CheckpointError,
@@ -510,9 +517,7 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, stop_request
     Returns the exit status."""
     set_determinism(config, ctx.rank)
     amp_dtype = AMP_DTYPES[config.AMP]
-    if amp_dtype is torch.float16 and ctx.device.type == "cpu":
-        logger.warning("AMP fp16 on the CPU: autocast to float16 runs slowly on most CPUs (few have fast float16 "
-                       "kernels); --amp bf16 or --amp off is usually faster there")
+    warn_if_slow_autocast(ctx.device, amp_dtype)
     model = build_model(config)
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)

@@ -77,6 +77,13 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {threads} {'thread' if threads == 1 else 'threads'})"
 
 
+def warn_if_slow_autocast(device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """Logs a warning for float16 autocast on the CPU, which is slower than no autocast there."""
+    if amp_dtype is torch.float16 and device.type == "cpu":
+        logger.warning("AMP fp16 on the CPU: autocast to float16 runs slowly on most CPUs (few have fast float16 "
+                       "kernels); --amp bf16 or --amp off is usually faster there")
+
+
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 

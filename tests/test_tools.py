@@ -129,6 +129,17 @@ def test_model_table_markdown_registry_names_and_throughput(capsys):
     assert "batch 2, 224x224" in out and "on cpu (" in out
 
 
+def test_model_table_warns_of_fp16_autocast_on_the_cpu_only_when_timing(tmp_path, caplog):
+    cfg = _config_file(tmp_path, "def", TINY_DEFMAMBA)
+    timed = [cfg, "--img-size", str(IMG_SIZE), "--batch-size", "1", "--warmup", "0", "--iters", "1", "--device", "cpu"]
+    for argv, warned in ((timed + ["--amp", "fp16"], True), (timed + ["--amp", "bf16"], False),
+                         ([cfg, "--img-size", str(IMG_SIZE), "--amp", "fp16", "--no-throughput"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            model_table.main(argv)
+        assert ("AMP fp16 on the CPU: autocast to float16 runs slowly" in caplog.text) == warned, argv
+
+
 def test_model_table_rejects_unknown_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         model_table.main(["defmamba_huge", "--no-throughput"])
@@ -253,15 +264,18 @@ def test_visualize_draws_only_the_erfs_of_a_block_without_a_deformable_branch(tm
 def test_visualize_refuses_options_that_change_nothing(tmp_path, capsys):
     defmamba = _config_file(tmp_path, "de", TINY_DEFMAMBA)
     damamba = _config_file(tmp_path, "da", TINY_DAMAMBA)
-    checkpoint, _ = _trained_like_checkpoint(tmp_path, damamba)
     for argv, message in (
         (["--cfg", defmamba, "--group", "1"], "--group picks a DAMamba sampling group: it changes nothing here"),
         (["--cfg", defmamba, "--figures", "points", "--position", "1", "1"], "--position picks the erf figure's token"),
         (["--cfg", damamba, "--position", "1", "1"], "--position picks the erf figure's token"),
-        (["--cfg", damamba, "--checkpoint", checkpoint, "--seed", "3"], "--seed seeds the random weights without"),
     ):
         with pytest.raises(SystemExit, match=re.escape(message)):
             visualize.main([*argv, "--output-dir", str(tmp_path / "figures")])
+    # Refused as a usage error before the checkpoint is read.
+    with pytest.raises(SystemExit) as refused:
+        visualize.main(["--cfg", damamba, "--checkpoint", str(tmp_path / "absent.pth"), "--seed", "3"])
+    assert refused.value.code == 2
+    assert "--seed seeds the random weights without --checkpoint: it changes nothing here" in capsys.readouterr().err
     assert not (tmp_path / "figures").exists()
     written = visualize.main(["--cfg", defmamba, "--figures", "erf", "erf", "--output-dir", str(tmp_path)])
     assert list(written) == ["erf"]  # once

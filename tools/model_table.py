@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from classification.config import AMP_DTYPES, AMP_MODES, ConfigError, get_config
-from classification.engine import describe_device, throughput
+from classification.engine import describe_device, throughput, warn_if_slow_autocast
 from classification.models import build_model, create_model, is_model, list_models
 from classification.cli import add_scan_backend_option, check_scan_backend, run_tool
 from classification.utils.flops import input_channels, model_flops
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     device = args.device
     with_throughput = not args.no_throughput
+    if with_throughput:
+        warn_if_slow_autocast(device, AMP_DTYPES[args.amp])
     try:
         rows = [measure(spec, args.scan_backend, args.img_size, device, args.batch_size, args.warmup, args.iters,
                         AMP_DTYPES[args.amp], with_throughput, args.flops_all) for spec in args.models]

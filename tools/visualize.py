@@ -379,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--model {args.model!r} is not registered; choose from {', '.join(list_models())}")
     if args.img_size is not None and args.img_size < 1 or args.dpi < 1 or args.arrows_per_side < 1:
         parser.error("--img-size, --dpi and --arrows-per-side must be >= 1")
+    if args.seed is not None and args.checkpoint:
+        parser.error("--seed seeds the random weights without --checkpoint: it changes nothing here")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output-dir {args.output_dir}: exists and is not a folder")
     if Path(args.prefix).name != args.prefix:
@@ -419,8 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
         raise SystemExit(f"visualize: {type(model).__name__} has no {' / '.join(unsupported)} figure; it supports "
                          f"{' '.join(supported)}")
     ignored = {"--group picks a DAMamba sampling group": args.group != 0 and not isinstance(model, DAMamba),
-               "--position picks the erf figure's token": args.position is not None and ERF not in figures,
-               "--seed seeds the random weights without --checkpoint": args.seed is not None and bool(args.checkpoint)}
+               "--position picks the erf figure's token": args.position is not None and ERF not in figures}
     if any(ignored.values()):  # an option that changes nothing here was most likely meant for something else
         raise SystemExit("visualize: " + "; ".join(f"{what}: it changes nothing here"
                                                    for what, given in ignored.items() if given))
