@@ -30,7 +30,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
-from classification.data.build import MAX_LISTED_CLASSES
+from classification.data.build import list_classes
 from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
@@ -304,11 +304,8 @@ def check_same_classes(saved: list[str] | None, classes: list[str], path: str | 
     if saved is None or saved == classes:
         return
 
-    def listed(names: list[str]) -> str:
-        return f"{', '.join(names[:MAX_LISTED_CLASSES])}{' ...' if len(names) > MAX_LISTED_CLASSES else ''}"
-
     gone, new = [name for name in saved if name not in classes], [name for name in classes if name not in saved]
-    how = "; ".join(f"{what}: {listed(names)} ({len(names)})"
+    how = "; ".join(f"{what}: {list_classes(names)} ({len(names)})"
                     for what, names in (("only in the checkpoint", gone), ("only here", new)) if names)
     how = how or "the same names in another order"
     raise ckpt.TrainingCheckpointError(

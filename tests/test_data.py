@@ -110,7 +110,7 @@ def test_eval_labels_val_images_by_the_trained_class_list(tmp_path, caplog):
     (root / "val" / "class1").mkdir()
     shutil.copy(root / "val" / "class0" / "0.png", root / "val" / "class1" / "0.png")
     (root / "val" / "class1").rename(root / "val" / "zebra")
-    with pytest.raises(DatasetError, match=r"holds classes the weights were not trained on: \['zebra'\] \(1 of 3"):
+    with pytest.raises(DatasetError, match=r"holds classes the weights were not trained on: zebra \(1 of 3"):
         build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained)
 
 

@@ -325,6 +325,12 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
 
 
+def list_classes(names: Sequence[str]) -> str:
+    """The first :data:`MAX_LISTED_CLASSES` class names for a message, comma-separated, with " ..." when there are
+    more."""
+    return f"{', '.join(names[:MAX_LISTED_CLASSES])}{' ...' if len(names) > MAX_LISTED_CLASSES else ''}"
+
+
 def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence[str] | None, num_classes: int) -> None:
     """Gives the val images the labels the weights were trained with, in place.
 
@@ -352,9 +358,9 @@ def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence
     index = {name: label for label, name in enumerate(trained_classes)}
     unknown = [name for name in val_set.classes if name not in index]
     if unknown:
-        raise DatasetError(f"{root} holds classes the weights were not trained on: {unknown[:MAX_LISTED_CLASSES]}"
-                           f"{' ...' if len(unknown) > MAX_LISTED_CLASSES else ''} ({len(unknown)} of "
-                           f"{len(val_set.classes)}; they were trained on {len(trained_classes)} classes)")
+        raise DatasetError(f"{root} holds classes the weights were not trained on: {list_classes(unknown)} "
+                           f"({len(unknown)} of {len(val_set.classes)}; they were trained on {len(trained_classes)} "
+                           "classes)")
     if val_set.classes != list(trained_classes):
         logger.info("%s holds %d of the %d classes the weights were trained on: labelled by the trained class list",
                     root, len(val_set.classes), len(trained_classes))
