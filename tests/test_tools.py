@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from classification.config import get_config
+from classification.config import ConfigError, get_config
 from classification.models import build_model
 from classification.utils.flops import model_flops
 
@@ -259,6 +259,18 @@ def test_visualize_draws_only_the_erfs_of_a_block_without_a_deformable_branch(tm
     assert list(written) == ["erf"] and list(written["erf"][1]) == ["forward", "local"]
     with pytest.raises(SystemExit, match="stage 0 block 0 has no deformable branch"):
         visualize.main(["--cfg", cfg, "--output-dir", str(tmp_path), "--figures", "points"])
+
+
+def test_tools_take_the_config_of_a_finished_run(tmp_path):
+    """A run's config may say it is done training (here START_EPOCH past EPOCHS, which main.py refuses to train):
+    the tools read only its model and data keys."""
+    finished = _config_file(tmp_path, "done", TINY_DEFMAMBA + "TRAIN: {EPOCHS: 2, START_EPOCH: 5}\n")
+    with pytest.raises(ConfigError, match="START_EPOCH"):
+        get_config(argparse.Namespace(cfg=finished), world_size=1)
+    written = visualize.main(["--cfg", finished, "--output-dir", str(tmp_path), "--figures", "scan_order"])
+    assert list(written) == ["scan_order"]
+    rows = model_table.main([finished, "--img-size", str(IMG_SIZE), "--no-throughput"])
+    assert rows[0].params == sum(param.numel() for param in _model_of(_config_file(tmp_path, "tiny", TINY_DEFMAMBA)).parameters())
 
 
 def test_visualize_refuses_options_that_change_nothing(tmp_path, capsys):

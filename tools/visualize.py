@@ -211,7 +211,7 @@ def block_map_size(model: nn.Module, image: Tensor, stage: int, block: int) -> t
     """(h, w) of the token map of one block for ``image``."""
     with torch.no_grad():
         x = block_input(model, image, stage, block)
-    return tuple(x.shape[1:3]) if isinstance(model, DefMamba) else tuple(x.shape[2:4])
+    return tuple(model.to_nchw(x).shape[-2:])
 
 
 def effective_receptive_fields(model: nn.Module, image: Tensor, stage: int, block: int,
@@ -325,8 +325,9 @@ def plot_erf(maps: dict[str, Tensor], position: tuple[int, int], map_size: tuple
 def build(args: argparse.Namespace) -> tuple[nn.Module, int, str]:
     """The model of ``--cfg`` or ``--model`` with the checkpoint's weights (random when none), the image size, and the
     resize interpolation the model is evaluated with (DATA.INTERPOLATION of ``--cfg``, else the release's)."""
-    config = get_config(argparse.Namespace(cfg=args.cfg, scan_backend=args.scan_backend), world_size=1) if args.cfg \
-        else None
+    # Checked as for main.py --eval: the model and data keys, not the training run's (epochs, Mixup, ...).
+    config = get_config(argparse.Namespace(cfg=args.cfg, eval=True, scan_backend=args.scan_backend), world_size=1) \
+        if args.cfg else None
     seed = DEFAULT_SEED if args.seed is None else args.seed
     torch.manual_seed(seed)
     if config is not None:
