@@ -270,7 +270,8 @@ def test_tools_take_the_config_of_a_finished_run(tmp_path):
     written = visualize.main(["--cfg", finished, "--output-dir", str(tmp_path), "--figures", "scan_order"])
     assert list(written) == ["scan_order"]
     rows = model_table.main([finished, "--img-size", str(IMG_SIZE), "--no-throughput"])
-    assert rows[0].params == sum(param.numel() for param in _model_of(_config_file(tmp_path, "tiny", TINY_DEFMAMBA)).parameters())
+    model = _model_of(_config_file(tmp_path, "tiny", TINY_DEFMAMBA))
+    assert rows[0].params == sum(param.numel() for param in model.parameters())
 
 
 def test_visualize_refuses_options_that_change_nothing(tmp_path, capsys):
