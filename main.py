@@ -31,9 +31,10 @@ from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_weight
-from classification.data.build import DatasetError, build_eval_loader, build_loader
+from classification.data.build import Data, DatasetError, build_eval_loader, build_loader
 from classification.engine import (
     NonFiniteLossError,
+    StepHook,
     TrainingStopped,
     evaluate,
     throughput,
@@ -310,11 +311,21 @@ def _prepare_run_folder(config: CfgNode, output_dir: Path, start: Position, writ
     set_aside_later_outputs(output_dir, (start.epoch, start.step))
 
 
-def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
-          output_dir: Path, stop_requested: Callable[[], bool]) -> int:
-    """The epoch loop with resume, evaluation, checkpoints and logs; :func:`main` holds the run folder's lock around
-    it. When ``stop_requested()`` (SIGTERM, :class:`StopRequest`) on any rank, every rank stops after the next
-    update, saves there and raises :class:`TrainingStopped`. Returns the process exit status."""
+class Training(NamedTuple):
+    """What the epoch loop works with (:func:`set_up_training`)."""
+
+    model: nn.Module  # what trains: the DDP wrapper of ``state.model`` when distributed
+    state: TrainingState
+    data: Data
+    criterion: nn.Module
+    lr_scheduler: Scheduler
+    updates_per_epoch: int
+    start: StartingPoint
+
+
+def set_up_training(config: CfgNode, ctx: DistributedContext, model: nn.Module, output_dir: Path) -> Training:
+    """Data, DDP, EMA, optimizer, schedule and loss for ``model``, with the weights and state training starts from:
+    the checkpoint it resumes, else MODEL.PRETRAINED, else ``model``'s own."""
     data = build_loader(config, ctx.rank, ctx.world_size, pin_memory=ctx.device.type == "cuda")
     resume_path, records_checked = choose_resume_checkpoint(config, ctx, output_dir)
     if config.MODEL.PRETRAINED and resume_path:
@@ -324,17 +335,17 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
         # Fine-tuning to another MODEL.NUM_CLASSES: a classifier of other shapes is left out (logged).
         load_checkpoint(model, config.MODEL.PRETRAINED, new_classifier=True)
         logger.info("loaded weights from %s", config.MODEL.PRETRAINED)
-    model_without_ddp = model
+    trained = model
     if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        trained = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
         if ctx.device.type == "cpu":
             # The CPU's depthwise-conv weight gradients (C, 1, k, k) differ from the weights' strides only along the
             # size-1 dimension, which DDP reports as a layout mismatch on every rank; the copy into its bucket is the
             # same either way.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # After DDP construction, which broadcast rank 0's weights: every rank's EMA starts from the same weights.
-    model_ema = build_model_ema(config, model_without_ddp)
-    optimizer = build_optimizer(config, model_without_ddp)
+    model_ema = build_model_ema(config, model)
+    optimizer = build_optimizer(config, model)
     steps_per_epoch = len(data.train_loader)
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     if config.TRAIN.ACCUMULATION_STEPS > steps_per_epoch:
@@ -343,87 +354,120 @@ def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype:
                        config.TRAIN.ACCUMULATION_STEPS, steps_per_epoch)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.AMP == "fp16")
-    criterion = build_criterion(config, mixup=data.mixup_fn is not None)
-
-    state = TrainingState(model_without_ddp, model_ema, optimizer, scaler, config, data.train_set.classes,
-                          len(data.train_set))
+    state = TrainingState(model, model_ema, optimizer, scaler, config, data.train_set.classes, len(data.train_set))
     start = _starting_point(config, ctx, state, lr_scheduler, updates_per_epoch, output_dir, resume_path,
                             records_checked)
-    start_epoch, start_step, _, max_accuracy, max_accuracy_ema = start.position
-    nothing_to_train = start_epoch >= config.TRAIN.EPOCHS
+    return Training(trained, state, data, build_criterion(config, mixup=data.mixup_fn is not None), lr_scheduler,
+                    updates_per_epoch, start)
+
+
+class MidEpochCheckpoints(NamedTuple):
+    """``checkpoint_latest.pth`` in the middle of an epoch: every TRAIN.SAVE_STEPS updates, and where training
+    stops. Rank 0's BatchNorm statistics are saved as they are (DDP gives every process rank 0's at the next
+    forward): saving mid-epoch does not change the run."""
+
+    path: Path
+    state: TrainingState
+    save_steps: int  # TRAIN.SAVE_STEPS (0: only where training stops)
+    steps_per_epoch: int
+    is_main: bool
+
+    def due(self, num_updates: int) -> bool:
+        return self.save_steps > 0 and num_updates % self.save_steps == 0
+
+    def save(self, best: Position, epoch: int, steps_done: int, num_updates: int) -> None:
+        """Saves the position ``epoch`` / ``steps_done`` / ``num_updates``, with ``best``'s best accuracies."""
+        position = best._replace(epoch=epoch, step=steps_done, num_updates=num_updates)
+        save_training_checkpoint(self.path, self.state, position, self.is_main)
+
+    def step_hook(self, best: Position) -> StepHook:
+        """An epoch's step hook: saves when due, except at the epoch's end (saved whole after evaluation)."""
+        def save_when_due(epoch: int, steps_done: int, num_updates: int) -> None:
+            if self.due(num_updates) and steps_done < self.steps_per_epoch:
+                self.save(best, epoch, steps_done, num_updates)
+        return save_when_due
+
+
+def evaluate_epoch(run: Training, ctx: DistributedContext, amp_dtype: torch.dtype | None, epoch: int,
+                   train_stats: dict[str, float], best: Position) -> tuple[dict, Position]:
+    """Evaluates the weights (and their EMA) that ``epoch`` ends with and logs the result. Returns the epoch's outputs
+    (:func:`finish_epoch`: its ``log.txt`` record and whether it is the best) and the position after it, with the best
+    accuracies counting it (``best`` holds those before)."""
+    model, model_ema = run.state.model, run.state.model_ema
+    # Every process then evaluates, and rank 0 saves, the same BatchNorm statistics (the EMA's already are).
+    average_batchnorm_statistics(model)
+    val_stats = evaluate(model, run.data.val_loader, ctx.device, amp_dtype)
+    ema_stats = {} if model_ema is None else evaluate(model_ema.module, run.data.val_loader, ctx.device, amp_dtype)
+    is_best, max_accuracy, max_accuracy_ema = track_best(best.max_accuracy, best.max_accuracy_ema, val_stats["acc1"],
+                                                         ema_stats.get("acc1", 0.0))
+    logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
+                val_stats["acc5"], max_accuracy,
+                f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
+    record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+              **{f"val_{k}": v for k, v in val_stats.items()},
+              **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
+              "n_parameters": count_parameters(model)}
+    position = Position(epoch + 1, 0, (epoch + 1) * run.updates_per_epoch, max_accuracy, max_accuracy_ema)
+    return {"record": record, "is_best": is_best}, position
+
+
+def train(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dtype: torch.dtype | None,
+          output_dir: Path, stop_requested: Callable[[], bool]) -> int:
+    """The epoch loop with resume, evaluation, checkpoints and logs; :func:`main` holds the run folder's lock around
+    it. When ``stop_requested()`` (SIGTERM, :class:`StopRequest`) on any rank, every rank stops after the next
+    update, saves there and raises :class:`TrainingStopped`. Returns the process exit status."""
+    run = set_up_training(config, ctx, model, output_dir)
+    state, start = run.state, run.start
+    nothing_to_train = start.position.epoch >= config.TRAIN.EPOCHS
     if nothing_to_train:
         logger.warning("nothing left to train: %s is at epoch %d step %d (epochs count from 0) and TRAIN.EPOCHS is %d "
                        "(raise it to train on); the run's config.yaml is left as it was", start.resume_path,
-                       start_epoch, start_step, config.TRAIN.EPOCHS)
+                       start.position.epoch, start.position.step, config.TRAIN.EPOCHS)
     on_main_rank(ctx.is_main, lambda: _prepare_run_folder(config, output_dir, start.position,
                                                           write_config=not nothing_to_train))
-
+    steps_per_epoch = len(run.data.train_loader)
     latest_path = output_dir / ckpt.LATEST_NAME
-
-    def save_mid_epoch(epoch: int, steps_done: int, num_updates: int) -> None:
-        # Rank 0's BatchNorm statistics, left as they are (DDP gives every process rank 0's at the next forward):
-        # saving mid-epoch must not change the run.
-        save_training_checkpoint(latest_path, state,
-                                 Position(epoch, steps_done, num_updates, max_accuracy, max_accuracy_ema), ctx.is_main)
-
-    def saves_due(num_updates: int) -> bool:  # TRAIN.SAVE_STEPS
-        return config.TRAIN.SAVE_STEPS > 0 and num_updates % config.TRAIN.SAVE_STEPS == 0
-
-    def save_when_due(epoch: int, steps_done: int, num_updates: int) -> None:
-        if saves_due(num_updates) and steps_done < steps_per_epoch:
-            save_mid_epoch(epoch, steps_done, num_updates)
-
+    mid_epoch = MidEpochCheckpoints(latest_path, state, config.TRAIN.SAVE_STEPS, steps_per_epoch, ctx.is_main)
     writer = on_main_rank(ctx.is_main, lambda: open_tensorboard(output_dir))
     logger.info("training %s: %d params, %d epochs of %d steps, from epoch %d step %d", config.MODEL.NAME,
-                count_parameters(model_without_ddp), config.TRAIN.EPOCHS, steps_per_epoch, start_epoch, start_step)
+                count_parameters(state.model), config.TRAIN.EPOCHS, steps_per_epoch, start.position.epoch,
+                start.position.step)
     start_time = time.time()
+    position = start.position  # where training stands, with the best accuracies so far
     with contextlib.ExitStack() as held:
         if writer is not None:
             held.callback(writer.close)
         if start.finished_outputs is not None and start.own_checkpoint:  # what a crash after its last save left
-            finish_epoch(output_dir, start_epoch - 1, start.finished_outputs, start.position, state, ctx, writer,
+            finish_epoch(output_dir, position.epoch - 1, start.finished_outputs, position, state, ctx, writer,
                          completing=True)
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            data.train_sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
+        for epoch in range(position.epoch, config.TRAIN.EPOCHS):
+            run.data.train_sampler.set_epoch(epoch, start=position.step * config.DATA.BATCH_SIZE)
             try:
                 train_stats = train_one_epoch(
-                    model, criterion, data.train_loader, optimizer, lr_scheduler, scaler, ctx.device, epoch,
-                    config.TRAIN.EPOCHS, start_step=start_step, accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
-                    clip_grad=config.TRAIN.CLIP_GRAD, amp_dtype=amp_dtype, model_ema=model_ema,
-                    mixup_fn=data.mixup_fn, mesa_weight=mesa_weight(config, epoch), print_freq=config.PRINT_FREQ,
-                    step_hook=save_when_due, stop_requested=stop_requested,
+                    run.model, run.criterion, run.data.train_loader, state.optimizer, run.lr_scheduler, state.scaler,
+                    ctx.device, epoch, config.TRAIN.EPOCHS, start_step=position.step,
+                    accumulation_steps=config.TRAIN.ACCUMULATION_STEPS, clip_grad=config.TRAIN.CLIP_GRAD,
+                    amp_dtype=amp_dtype, model_ema=state.model_ema, mixup_fn=run.data.mixup_fn,
+                    mesa_weight=mesa_weight(config, epoch), print_freq=config.PRINT_FREQ,
+                    step_hook=mid_epoch.step_hook(position), stop_requested=stop_requested,
                 )
             except NonFiniteLossError as err:
                 logger.error("%s Last good checkpoint: %s", err, latest_path if latest_path.exists() else "none")
                 return 1
             except TrainingStopped as stopped:
-                if not saves_due(stopped.num_updates):  # else the step hook has just saved this position
-                    save_mid_epoch(stopped.epoch, stopped.steps_done, stopped.num_updates)
+                if not mid_epoch.due(stopped.num_updates):  # else the step hook has just saved this position
+                    mid_epoch.save(position, stopped.epoch, stopped.steps_done, stopped.num_updates)
                 raise
-            start_step = 0
-            # Every process then evaluates, and rank 0 saves, the same BatchNorm statistics (the EMA's already are).
-            average_batchnorm_statistics(model_without_ddp)
-            val_stats = evaluate(model_without_ddp, data.val_loader, ctx.device, amp_dtype)
-            ema_stats = evaluate(model_ema.module, data.val_loader, ctx.device, amp_dtype) if model_ema else {}
-            is_best, max_accuracy, max_accuracy_ema = track_best(max_accuracy, max_accuracy_ema, val_stats["acc1"],
-                                                                 ema_stats.get("acc1", 0.0))
-            logger.info("epoch %d: val top-1 %.2f%% top-5 %.2f%% (best %.2f%%)%s", epoch, val_stats["acc1"],
-                        val_stats["acc5"], max_accuracy,
-                        f" | EMA top-1 {ema_stats['acc1']:.2f}% (best {max_accuracy_ema:.2f}%)" if ema_stats else "")
-            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"val_{k}": v for k, v in val_stats.items()},
-                      **{f"ema_{k}": v for k, v in ema_stats.items()}, "max_accuracy": max_accuracy,
-                      "n_parameters": count_parameters(model_without_ddp)}
-            outputs = {"record": record, "is_best": is_best}
-            position = Position(epoch + 1, 0, (epoch + 1) * updates_per_epoch, max_accuracy, max_accuracy_ema)
+            outputs, position = evaluate_epoch(run, ctx, amp_dtype, epoch, train_stats, position)
             # The position first: a crash after it loses nothing, the resumed run writes the rest (finish_epoch).
             save_training_checkpoint(latest_path, state, position, ctx.is_main, epoch_outputs=outputs)
             finish_epoch(output_dir, epoch, outputs, position, state, ctx, writer, completing=False)
             if epoch + 1 < config.TRAIN.EPOCHS and any_rank(stop_requested(), ctx.device):
                 raise TrainingStopped(epoch + 1, 0, position.num_updates)  # everything of the epoch is saved
     if not nothing_to_train:
-        logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time, max_accuracy,
-                    f" (EMA {max_accuracy_ema:.2f}%)" if model_ema is not None else "")
+        ema_best = "" if state.model_ema is None else f" (EMA {position.max_accuracy_ema:.2f}%)"
+        logger.info("training done in %.1f s; best val top-1 %.2f%%%s", time.time() - start_time,
+                    position.max_accuracy, ema_best)
     return 0
 
 
@@ -509,11 +553,12 @@ def _run_logged(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode
         logger.info("%s", line)
     logger.info("selective scan: MODEL.SCAN_BACKEND=%s runs as %r on %s", config.MODEL.SCAN_BACKEND, scan_backend,
                 ctx.device)
-    return run(config, ctx, output_dir, stop_requested)
+    return run(config, ctx, output_dir, mode, stop_requested)
 
 
-def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, stop_requested: Callable[[], bool]) -> int:
-    """Builds the model and runs the mode the config asks for (training stops early when ``stop_requested()``).
+def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode: str,
+        stop_requested: Callable[[], bool]) -> int:
+    """Builds the model and runs ``mode`` (:func:`run_mode`; training stops early when ``stop_requested()``).
     Returns the exit status."""
     set_determinism(config, ctx.rank)
     amp_dtype = AMP_DTYPES[config.AMP]
@@ -522,7 +567,6 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, stop_request
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
     model.to(ctx.device)  # the weights come later: --eval's (load_eval_weights), training's (--pretrained or resume)
-    mode = run_mode(config)
     if mode == "throughput":
         run_throughput(config, ctx, model, amp_dtype)
         return 0
