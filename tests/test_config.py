@@ -1,5 +1,6 @@
 """Config: defaults, yaml/opts merging, errors that name the key or file, lr scaling, build_model mapping."""
 import argparse
+import inspect
 import re
 from pathlib import Path
 
@@ -245,6 +246,21 @@ def test_build_model_maps_every_family_key(monkeypatch):
         assert name == f"{family}_tiny"
         assert kwargs == {"num_classes": 7, "in_chans": 1, "scan_backend": "ref",
                           **{kwarg: value for kwarg, value in keys.values()}}
+
+
+def test_set_family_defaults_are_the_constructors_defaults():
+    """A MODEL.<FAMILY> key that is not None by default repeats the constructor's default (the released model's): the
+    two must not drift apart, or a model built from the config would differ from one built in Python."""
+    from classification.models import DAMamba, DefMamba
+
+    defaults = get_defaults()
+    for family, model_class in (("defmamba", DefMamba), ("damamba", DAMamba)):
+        parameters = inspect.signature(model_class.__init__).parameters
+        for key, argument in build_module.FAMILY_ARGUMENTS[family].items():
+            value = defaults.MODEL[config_module.MODEL_SECTIONS[family]][key]
+            if value is not None:
+                expected = parameters[argument].default
+                assert (tuple(value) if isinstance(value, list) else value) == expected, (family, key)
 
 
 def test_build_model_rejects_name_of_other_family():
