@@ -432,14 +432,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
         map_size = block_map_size(model, batch, args.stage, args.block)
         position = tuple(args.position) if args.position else (map_size[0] // 2, map_size[1] // 2)
         check_position(position, map_size, args.stage, args.block)
-        data = {}
-        for name in figures:
-            if name == POINTS:
-                data[name] = sampling_points(model, batch, args.stage, args.block, args.group)
-            elif name == ORDER:
-                data[name] = scan_orders(model, batch, args.stage, args.block)
-            else:
-                data[name] = effective_receptive_fields(model, batch, args.stage, args.block, position)
+        compute = {POINTS: lambda: sampling_points(model, batch, args.stage, args.block, args.group),
+                   ORDER: lambda: scan_orders(model, batch, args.stage, args.block),
+                   ERF: lambda: effective_receptive_fields(model, batch, args.stage, args.block, position)}
+        data = {name: compute[name]() for name in figures}
     except UsageError as err:
         raise SystemExit(f"visualize: {err}") from err
     output_dir = Path(args.output_dir)
@@ -448,18 +444,16 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[Path, object]]:
     except OSError as err:
         raise SystemExit(f"visualize: --output-dir {output_dir}: {err.strerror or err}") from err
     where = f"stage {args.stage} block {args.block}"
+    group = f", group {args.group}" if isinstance(model, DAMamba) else ""
+    plot = {POINTS: lambda path: plot_points(data[POINTS], image, f"{type(model).__name__} {where}{group}", path,
+                                             args.dpi, args.arrows_per_side),
+            ORDER: lambda path: plot_scan_orders(data[ORDER], map_size, image, where, path, args.dpi),
+            ERF: lambda path: plot_erf(data[ERF], position, map_size, f"{where}, token {position}", path, args.dpi)}
     written = {}
     for name in figures:
         path = output_dir / f"{args.prefix}{name}.png"
         try:
-            if name == POINTS:
-                group = f", group {args.group}" if isinstance(model, DAMamba) else ""
-                plot_points(data[name], image, f"{type(model).__name__} {where}{group}", path, args.dpi,
-                            args.arrows_per_side)
-            elif name == ORDER:
-                plot_scan_orders(data[name], map_size, image, where, path, args.dpi)
-            else:
-                plot_erf(data[name], position, map_size, f"{where}, token {position}", path, args.dpi)
+            plot[name](path)
         except OSError as err:  # e.g. no permission to write there, a full disk
             raise SystemExit(f"visualize: cannot write {path}: {err.strerror or err}") from err
         logger.info("wrote %s", path)
