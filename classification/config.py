@@ -20,6 +20,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from classification.ops.selective_scan import BACKENDS
+from classification.utils.messages import abbreviate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # AMP -> autocast dtype (None: off)
 AMP_MODES = tuple(AMP_DTYPES)
@@ -198,8 +199,7 @@ def _coerce(full_key: str, default: Any, value: Any, source: str) -> Any:
 def _section_not_key(section: CN, name: str) -> str:
     """``NAME is a section, not a key; set one of its keys, e.g. ...`` (the first few keys of ``section``)."""
     keys = [f"{name}.{key}" + (".*" if isinstance(value, CN) else "") for key, value in section.items()]
-    more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
-    return f"{name} is a section, not a key; set one of its keys, e.g. {', '.join(keys[:MAX_LISTED_KEYS])}{more}"
+    return f"{name} is a section, not a key; set one of its keys, e.g. {abbreviate(keys, MAX_LISTED_KEYS)}"
 
 
 def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None:

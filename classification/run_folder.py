@@ -30,11 +30,12 @@ from torch import nn
 from yacs.config import CfgNode
 
 from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
-from classification.data.build import list_classes
+from classification.data.build import MAX_LISTED_CLASSES
 from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, on_main_rank
+from classification.utils.messages import abbreviate
 
 try:
     import fcntl
@@ -305,7 +306,7 @@ def check_same_classes(saved: list[str] | None, classes: list[str], path: str | 
         return
 
     gone, new = [name for name in saved if name not in classes], [name for name in classes if name not in saved]
-    how = "; ".join(f"{what}: {list_classes(names)} ({len(names)})"
+    how = "; ".join(f"{what}: {abbreviate(names, MAX_LISTED_CLASSES)}"
                     for what, names in (("only in the checkpoint", gone), ("only here", new)) if names)
     how = how or "the same names in another order"
     raise ckpt.TrainingCheckpointError(

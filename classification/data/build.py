@@ -26,6 +26,7 @@ from yacs.config import CfgNode
 
 from classification.config import NUMPY_SEED_LIMIT
 from classification.data.images import IMAGE_ERRORS, load_rgb
+from classification.utils.messages import abbreviate
 
 logger = logging.getLogger(__name__)
 
@@ -325,12 +326,6 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
 
 
-def list_classes(names: Sequence[str]) -> str:
-    """The first :data:`MAX_LISTED_CLASSES` class names for a message, comma-separated, with " ..." when there are
-    more."""
-    return f"{', '.join(names[:MAX_LISTED_CLASSES])}{' ...' if len(names) > MAX_LISTED_CLASSES else ''}"
-
-
 def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence[str] | None, num_classes: int) -> None:
     """Gives the val images the labels the weights were trained with, in place.
 
@@ -358,7 +353,7 @@ def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence
     index = {name: label for label, name in enumerate(trained_classes)}
     unknown = [name for name in val_set.classes if name not in index]
     if unknown:
-        raise DatasetError(f"{root} holds classes the weights were not trained on: {list_classes(unknown)} "
+        raise DatasetError(f"{root} holds classes the weights were not trained on: {abbreviate(unknown, MAX_LISTED_CLASSES)} "
                            f"({len(unknown)} of {len(val_set.classes)}; they were trained on {len(trained_classes)} "
                            "classes)")
     if val_set.classes != list(trained_classes):

@@ -23,6 +23,7 @@ import yaml
 from torch import Tensor, nn
 
 from classification.utils.checkpoint import LATEST_NAME, DamagedCheckpointError, verify_records
+from classification.utils.messages import abbreviate
 
 from .registry import model_class
 
@@ -215,9 +216,7 @@ def _likely_mismatch(checkpoint: object, model: nn.Module) -> str:
 
 
 def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
-    return f"[{shown}{more}]"
+    return f"[{abbreviate(keys, MAX_LISTED_KEYS)}]"
 
 
 def load_checkpoint(
