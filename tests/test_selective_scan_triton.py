@@ -54,8 +54,9 @@ def test_triton_matches_ref_float32() -> None:
     _check_against_ref(TRITON_CASES[1], torch.float32)
 
 
-# float32 ULPs allowed for the kernel's exp, softplus and softplus derivative (the interpreter measures 1.7, 1.1 and
-# 0.9; a GPU's approximate exp2 may add a little); float64 to 1e-14 relative.
+# float32 ULPs allowed for the kernel's exp, softplus and softplus derivative (on a GPU, the decays' fast exp counted
+# beyond its allowance, scan_cases.FAST_EXP_ULPS_PER_UNIT; a GPU's approximate exp2 may add a little); float64 to 1e-14
+# relative.
 TRITON_FLOAT32_ULPS = 4.0
 
 
@@ -66,7 +67,7 @@ def test_triton_exp_softplus_and_its_derivative_point_by_point(dtype: torch.dtyp
     """Past the softplus threshold and far below it (log1p of a tiny exp), point by point, not relative to the
     largest value."""
     scan = functools.partial(run_scan, functools.partial(selective_scan_fn, backend="triton"))
-    errors = elementwise_errors(scan, dtype, DEVICE)
+    errors = elementwise_errors(scan, dtype, DEVICE, fast_exp=DEVICE == "cuda")
     assert max(errors.values()) <= (TRITON_FLOAT32_ULPS if dtype == torch.float32 else 1e-14), errors
 
 

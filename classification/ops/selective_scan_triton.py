@@ -113,6 +113,26 @@ def unavailable_reason() -> str:
 if triton is not None:
     # Above this pre-activation softplus(x) is taken as x, like torch.nn.functional.softplus.
     _SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+    # _exp_float32: 1 / ln 2; ln 2 split into a part with 16 significant bits (n * _LN2_HIGH is exact for the n of
+    # float32's range) and the rest; the x where n stays in float32's normal exponents (-126..127 after rounding).
+    _INV_LN2 = tl.constexpr(1.4426950408889634)
+    _LN2_HIGH = tl.constexpr(0.693145751953125)
+    _LN2_LOW = tl.constexpr(1.428606765330187e-06)
+    _EXP_REDUCED_RANGE = tl.constexpr(87.0)
+    _FLOAT32_EXPONENT_BIAS = tl.constexpr(127)
+    _FLOAT32_MANTISSA_BITS = tl.constexpr(23)
+
+    @triton.jit
+    def _exp_float32(x):
+        """exp(x) of a float32 tensor to a few ulp, for softplus and its derivative (once per step and channel). On a
+        GPU tl.exp is ex2.approx of x * log2(e) rounded to float32, off by up to |x| / 2 ulp (17 at x = -30; the
+        decays exp(dt * A) keep it: the size of the rounding already in dt * A). Here x = n ln 2 + r with n an integer
+        and |r| <= ln 2 / 2 taken exactly (Cody and Waite), so only tl.exp(r)'s ~2 ulp remain, times 2^n built from
+        its bits. Past |x| = 87 (0 or inf ahead, and NaN) tl.exp(x) as it is."""
+        n = tl.floor(x * _INV_LN2 + 0.5)
+        r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+        power = ((n.to(tl.int32) + _FLOAT32_EXPONENT_BIAS) << _FLOAT32_MANTISSA_BITS).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(x) <= _EXP_REDUCED_RANGE, power * tl.exp(r), tl.exp(x))
 
     @triton.jit
     def _compose(a_first, b_first, a_second, b_second):
@@ -126,12 +146,19 @@ if triton is not None:
         mask = row_mask[:, None] & (t[None, :] >= 0) & (t[None, :] < L)
         x = tl.load(delta_ptr + row_offsets[:, None] + t[None, :], mask=mask, other=0.0) + bias[:, None]
         if SOFTPLUS:
-            e = tl.exp(x)
-            w = 1.0 + e
+            if x.dtype == tl.float32:  # correctly rounded divisions: a float32 `/` is approximate on a GPU
+                e = _exp_float32(x)
+                w = 1.0 + e
+                log1p_e = tl.math.div_rn(tl.log(w) * e, w - 1.0)
+                sigmoid = tl.math.div_rn(e, w)
+            else:
+                e = tl.exp(x)
+                w = 1.0 + e
+                log1p_e = tl.log(w) * e / (w - 1.0)
+                sigmoid = e / w
             # log1p(e) without cancellation: log(w) * e / (w - 1) corrects the rounding of w = 1 + e.
-            log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-            dt = tl.where(x > _SOFTPLUS_THRESHOLD, x, log1p_e)
-            dt_grad = tl.where(x > _SOFTPLUS_THRESHOLD, 1.0, e / w)
+            dt = tl.where(x > _SOFTPLUS_THRESHOLD, x, tl.where(w == 1.0, e, log1p_e))
+            dt_grad = tl.where(x > _SOFTPLUS_THRESHOLD, 1.0, sigmoid)
         else:
             dt = x
             dt_grad = tl.full(x.shape, 1.0, x.dtype)

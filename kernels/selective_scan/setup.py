@@ -56,8 +56,8 @@ def _extensions() -> list:
             CUDAExtension(
                 name="defmamba_scan_cuda",
                 sources=_sources("cuda", ".cpp", ".cu"),
-                # --use_fast_math (as Mamba's build): hardware exp/log approximations in float32, a few ulp, for the N
-                # exponentials per element; float64 is unaffected (README, GPU selective scan).
+                # --use_fast_math (as Mamba's build): hardware approximations in float32, for the N exponentials per
+                # element; exp_acc corrects the rounding that makes its exp inexact (README, GPU selective scan).
                 extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
             )
         )

@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
 #pragma unroll
     for (int t = 0; t < kChunk; ++t) {
       const acc_t dt = s_dt[local_channel][t];
-      h = exp_acc(dt * A_n) * h + s_B[t][lane] * (dt * s_u[local_channel][t]);  // as the forward rounds it
+      h = decay_exp(dt * A_n) * h + s_B[t][lane] * (dt * s_u[local_channel][t]);  // as the forward rounds it
       hs[t] = h;
     }
 
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) scan_bwd_kernel(const BwdParams p) {
         const acc_t u_t = s_u[local_channel][t];
         const acc_t dy_t = s_dy[local_channel][t];
         const acc_t B_n = s_B[t][lane];
-        const acc_t decay = exp_acc(dt * A_n);
+        const acc_t decay = decay_exp(dt * A_n);
         const acc_t h_prev = t > 0 ? hs[t - 1] : h_start;
         const acc_t g = s_C[t][lane] * dy_t + carry;
         const acc_t decay_grad = g * decay * h_prev;  // d loss / d (dt * A) through the decay

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -39,6 +40,10 @@ ScanSizes check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::T
                        const std::optional<at::Tensor>& delta_bias) {
   TORCH_CHECK(u.dim() == 3, "selective scan (cuda): u must be (batch, channels, seqlen), got shape ", u.sizes());
   TORCH_CHECK(B.dim() == 4, "selective scan (cuda): B must be (batch, groups, dstate, seqlen), got shape ", B.sizes());
+  for (const int64_t size : {u.size(0), u.size(1), u.size(2), B.size(1), B.size(2)}) {
+    TORCH_CHECK(size <= std::numeric_limits<int>::max(), "selective scan (cuda): sizes must fit in int32, got u ",
+                u.sizes(), " and B ", B.sizes());
+  }
   const at::ScalarType input_type = u.scalar_type();
   TORCH_CHECK(input_type == at::kFloat || input_type == at::kDouble || input_type == at::kHalf ||
                   input_type == at::kBFloat16,

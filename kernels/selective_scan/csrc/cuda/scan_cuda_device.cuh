@@ -30,7 +30,24 @@ struct ChunkLen<double> {
 // Above this pre-activation softplus(x) is taken as x (and its derivative as 1), like torch.nn.functional.softplus.
 constexpr float kSoftplusThreshold = 20.0f;
 
-__device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
+// The decays exp(dt * A), N per step and channel, take the hardware exponential: __expf is ex2.approx of
+// x * log2(e) rounded to float, within 2 + 1.173 |x| ulp (CUDA's bound). Most of that is the rounding of the product,
+// |x| / 2 ulp, the size of the rounding already in x = dt * A; correcting it (exp_acc) would cost the hot loop.
+__device__ __forceinline__ float decay_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double decay_exp(double x) { return exp(x); }
+
+// exp for softplus and its derivative, once per step and channel: exp(x) = 2^t * 2^lost with t = x * log2(e) rounded
+// to float and `lost` its rounding error (exact by fma, plus x times the constant's), put back to first order. Leaves
+// ex2.approx's ~2 ulp, where __expf is off by up to 17 ulp at x = -30. For |t| >= 126: 0, inf or NaN as ex2 gives them.
+__device__ __forceinline__ float exp_acc(float x) {
+  constexpr float kLog2e = 1.44269504f;        // log2(e) rounded to float
+  constexpr float kLog2eLow = 1.92596299e-8f;  // log2(e) - kLog2e
+  constexpr float kLn2 = 0.693147181f;
+  const float t = x * kLog2e;
+  const float p = exp2f(t);  // ex2.approx.ftz under --use_fast_math
+  const float lost = fmaf(x, kLog2e, -t) + x * kLog2eLow;
+  return fabsf(t) < 126.0f ? p * (1.0f + lost * kLn2) : p;
+}
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 template <typename acc_t>
@@ -38,10 +55,14 @@ __device__ __forceinline__ acc_t softplus(acc_t x) {
   return x > acc_t(kSoftplusThreshold) ? x : log1p(exp_acc(x));
 }
 
+// 1 / x correctly rounded: under --use_fast_math a float division is an approximate reciprocal (~1 ulp more).
+__device__ __forceinline__ float reciprocal(float x) { return __frcp_rn(x); }
+__device__ __forceinline__ double reciprocal(double x) { return 1.0 / x; }
+
 // d softplus(x) / dx = sigmoid(x), and 1 above the threshold.
 template <typename acc_t>
 __device__ __forceinline__ acc_t softplus_grad(acc_t x) {
-  return x > acc_t(kSoftplusThreshold) ? acc_t(1) : acc_t(1) / (acc_t(1) + exp_acc(-x));
+  return x > acc_t(kSoftplusThreshold) ? acc_t(1) : reciprocal(acc_t(1) + exp_acc(-x));
 }
 
 // Loads an input element in the accumulation type (c10::Half and c10::BFloat16 convert on the device).

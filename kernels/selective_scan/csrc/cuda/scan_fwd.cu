@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_kernel(const FwdParams p) {
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int t = t0_group + i;
-        h = exp_acc(s_dt[local_channel][t] * A_n) * h + s_B[t][lane] * s_dtu[local_channel][t];
+        h = decay_exp(s_dt[local_channel][t] * A_n) * h + s_B[t][lane] * s_dtu[local_channel][t];
         y_parts[i] = s_C[t][lane] * h;
       }
       const acc_t y_t = lane_sum_scatter<lanes, kGroup>(y_parts, lane);
