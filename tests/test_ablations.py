@@ -109,7 +109,8 @@ def test_fixed_branch_scans_its_order_and_returns_to_raster(branch):
     """A one-branch DSSM equals: gather in the loop-built order, scan with the reference, scatter back."""
     torch.manual_seed(0)
     height, width, dim, window = 5, 6, 8, 4
-    mixer = DSSM(dim, D_STATE, 1.0, None, 3, "ref", ScanOptions(branches=(branch,), local_window=window)).double()
+    mixer = DSSM(dim, D_STATE, ssm_ratio=1.0, offset_kernel_size=3, scan_backend="ref",
+                 scan_options=ScanOptions(branches=(branch,), local_window=window)).double()
     x = torch.randn(2, height, width, dim, dtype=torch.float64)
     ys, z = mixer.branch_outputs(x)
     features, gate = mixer.scan_features(x)
@@ -132,7 +133,8 @@ def test_fixed_branch_scans_its_order_and_returns_to_raster(branch):
 
 def test_forward_is_the_branch_mean_for_five_branches():
     torch.manual_seed(0)
-    mixer = DSSM(8, D_STATE, 1.0, None, 3, "ref", ScanOptions(branches=SCAN_BRANCHES, local_window=2)).double()
+    mixer = DSSM(8, D_STATE, ssm_ratio=1.0, offset_kernel_size=3, scan_backend="ref",
+                 scan_options=ScanOptions(branches=SCAN_BRANCHES, local_window=2)).double()
     random_offsets(mixer.deformable)
     x = torch.randn(2, 4, 5, 8, dtype=torch.float64)
     ys, z = mixer.branch_outputs(x)

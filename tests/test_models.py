@@ -273,9 +273,8 @@ def test_pretrained_cfg_gives_the_release_eval_transform(name):
 def test_create_model_checks_override_types(name, overrides, message):
     with pytest.raises(TypeError, match=message):
         create_model(name, **overrides)
-    with torch.device("meta"):  # lists for tuples, ints for floats and None for an optional int are accepted
+    with torch.device("meta"):  # lists for tuples and ints for floats are accepted
         create_model(name, depths=[1, 1, 1, 1], drop_path_rate=0)
-        create_model("defmamba_tiny", dt_rank=None)
 
 
 def test_registry_lists_sorted_names_and_refuses_a_name_taken_by_another_module(monkeypatch):

@@ -371,7 +371,6 @@ class DSSM(nn.Module):
         dim: Block width.
         d_state: SSM state size N.
         ssm_ratio: Inner width / block width.
-        dt_rank: Rank R of the dt projection; None: ceil(inner width / 16).
         offset_kernel_size: Kernel of the offset network's depthwise conv.
         scan_backend: ``backend`` of :func:`classification.ops.selective_scan.selective_scan_fn`.
         scan_options: Scan branches and deformable components (:class:`ScanOptions`).
@@ -382,7 +381,6 @@ class DSSM(nn.Module):
         dim: int,
         d_state: int,
         ssm_ratio: float,
-        dt_rank: int | None,
         offset_kernel_size: int,
         scan_backend: str,
         scan_options: ScanOptions = ScanOptions(),
@@ -394,7 +392,7 @@ class DSSM(nn.Module):
         inner = int(ssm_ratio * dim)
         self.inner = inner
         self.d_state = d_state
-        self.dt_rank = dt_rank if dt_rank is not None else default_dt_rank(inner)
+        self.dt_rank = default_dt_rank(inner)
         self.scan_backend = scan_backend
         self.scan_fn = selective_scan_fn  # replaceable (utils/flops.py swaps in a shape-only stand-in)
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
@@ -506,7 +504,6 @@ class DefMambaBlock(nn.Module):
         dim: int,
         d_state: int,
         ssm_ratio: float,
-        dt_rank: int | None,
         mlp_ratio: float,
         offset_kernel_size: int,
         drop_rate: float,
@@ -516,7 +513,7 @@ class DefMambaBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mixer = DSSM(dim, d_state, ssm_ratio, dt_rank, offset_kernel_size, scan_backend, scan_options)
+        self.mixer = DSSM(dim, d_state, ssm_ratio, offset_kernel_size, scan_backend, scan_options)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
@@ -537,7 +534,6 @@ class DefMambaStage(nn.Module):
         drop_path_rates: list[float],
         d_state: int,
         ssm_ratio: float,
-        dt_rank: int | None,
         mlp_ratio: float,
         offset_kernel_size: int,
         drop_rate: float,
@@ -547,7 +543,7 @@ class DefMambaStage(nn.Module):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            DefMambaBlock(dim, d_state, ssm_ratio, dt_rank, mlp_ratio, offset_kernel_size, drop_rate, rate,
+            DefMambaBlock(dim, d_state, ssm_ratio, mlp_ratio, offset_kernel_size, drop_rate, rate,
                           scan_backend, scan_options)
             for rate in drop_path_rates
         ])
@@ -576,7 +572,6 @@ class DefMamba(Backbone):
         depths: Blocks per stage.
         d_state: SSM state size N.
         ssm_ratio: DSSM inner width / block width.
-        dt_rank: dt projection rank; None: ceil(inner width / 16).
         mlp_ratio: MLP hidden width / block width.
         drop_rate: Dropout inside the MLPs.
         drop_path_rate: Stochastic depth, rising linearly to this over all blocks.
@@ -602,7 +597,6 @@ class DefMamba(Backbone):
         depths: tuple[int, ...] = (2, 2, 9, 2),
         d_state: int = 16,
         ssm_ratio: float = 1.0,
-        dt_rank: int | None = None,
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -633,7 +627,7 @@ class DefMamba(Backbone):
         rates = linear_drop_path_rates(drop_path_rate, tuple(depths))
         self.stages = nn.ModuleList([
             DefMambaStage(
-                dims[max(stage - 1, 0)], dims[stage], stage > 0, rates[stage], d_state, ssm_ratio, dt_rank,
+                dims[max(stage - 1, 0)], dims[stage], stage > 0, rates[stage], d_state, ssm_ratio,
                 mlp_ratio, offset_kernel_sizes[stage], drop_rate, scan_backend, scan_options,
             )
             for stage in range(NUM_STAGES)
