@@ -208,7 +208,8 @@ class DeformableScan(nn.Module):
         num_offsets = NUM_POINT_OFFSET_CHANNELS * deform_points + deform_order
         self.index_offset_channel = NUM_POINT_OFFSET_CHANNELS if deform_points else 0
         self.offset_net = (
-            OffsetNetwork(dim, kernel_size, num_offsets, offset_channel_attention) if num_offsets else None
+            OffsetNetwork(dim, kernel_size, out_channels=num_offsets, channel_attention=offset_channel_attention)
+            if num_offsets else None
         )
         self.offset_bias_table = None
         if offset_bias:
@@ -399,8 +400,9 @@ class DSSM(nn.Module):
         self.conv = nn.Conv2d(inner, inner, kernel_size=3, padding=1, groups=inner)
         self.act = nn.SiLU()
         self.deformable = (
-            DeformableScan(inner, offset_kernel_size, scan_options.deform_points, scan_options.deform_order,
-                           scan_options.offset_bias, scan_options.offset_channel_attention)
+            DeformableScan(inner, offset_kernel_size, deform_points=scan_options.deform_points,
+                           deform_order=scan_options.deform_order, offset_bias=scan_options.offset_bias,
+                           offset_channel_attention=scan_options.offset_channel_attention)
             if DEFORMABLE in self.scan_branches else None
         )
         self.x_proj_weight = nn.Parameter(torch.empty(num_branches, self.dt_rank + 2 * d_state, inner))
@@ -513,7 +515,8 @@ class DefMambaBlock(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mixer = DSSM(dim, d_state, ssm_ratio, offset_kernel_size, scan_backend, scan_options)
+        self.mixer = DSSM(dim, d_state=d_state, ssm_ratio=ssm_ratio, offset_kernel_size=offset_kernel_size,
+                          scan_backend=scan_backend, scan_options=scan_options)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
@@ -543,8 +546,9 @@ class DefMambaStage(nn.Module):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
-            DefMambaBlock(dim, d_state, ssm_ratio, mlp_ratio, offset_kernel_size, drop_rate, rate,
-                          scan_backend, scan_options)
+            DefMambaBlock(dim, d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio,
+                          offset_kernel_size=offset_kernel_size, drop_rate=drop_rate, drop_path_rate=rate,
+                          scan_backend=scan_backend, scan_options=scan_options)
             for rate in drop_path_rates
         ])
         self.grad_checkpointing = False
@@ -610,8 +614,9 @@ class DefMamba(Backbone):
         offset_channel_attention: bool = True,
     ):
         super().__init__()
-        scan_options = ScanOptions(scan_branches, local_window, deform_points, deform_order, offset_bias,
-                                   offset_channel_attention)
+        scan_options = ScanOptions(scan_branches, local_window=local_window, deform_points=deform_points,
+                                   deform_order=deform_order, offset_bias=offset_bias,
+                                   offset_channel_attention=offset_channel_attention)
         if len(depths) != NUM_STAGES or len(offset_kernel_sizes) != NUM_STAGES:
             raise ValueError(f"depths {depths} and offset_kernel_sizes {offset_kernel_sizes} need {NUM_STAGES} entries")
         if embed_dim < MIN_EMBED_DIM:
@@ -627,8 +632,10 @@ class DefMamba(Backbone):
         rates = linear_drop_path_rates(drop_path_rate, tuple(depths))
         self.stages = nn.ModuleList([
             DefMambaStage(
-                dims[max(stage - 1, 0)], dims[stage], stage > 0, rates[stage], d_state, ssm_ratio,
-                mlp_ratio, offset_kernel_sizes[stage], drop_rate, scan_backend, scan_options,
+                dims[max(stage - 1, 0)], dims[stage], downsample=stage > 0, drop_path_rates=rates[stage],
+                d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio,
+                offset_kernel_size=offset_kernel_sizes[stage], drop_rate=drop_rate, scan_backend=scan_backend,
+                scan_options=scan_options,
             )
             for stage in range(NUM_STAGES)
         ])
