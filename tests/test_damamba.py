@@ -6,7 +6,7 @@ import timm
 import torch
 
 from classification.models import create_model
-from classification.models import damamba
+from classification.models import damamba, layers
 from classification.models.damamba import DAMamba, final_map_size
 from classification.ops.deformable import bilinear_sample_ref
 from classification.utils.flops import model_flops
@@ -30,7 +30,7 @@ def _small(name: str, **overrides) -> DAMamba:
 @pytest.mark.parametrize("name", VARIANTS)
 def test_full_size_parameter_counts(name, monkeypatch):
     # Shapes only: on the meta device, without the initialisation passes (slow there, irrelevant to the count).
-    monkeypatch.setattr(damamba, "trunc_normal_", lambda weight, std: weight)
+    monkeypatch.setattr(layers, "trunc_normal_", lambda weight, std: weight)
     monkeypatch.setattr(damamba.DynamicAdaptiveScanSSM, "reset_ssm_parameters", lambda self: None)
     with torch.device("meta"):
         model = create_model(name)

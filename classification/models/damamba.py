@@ -16,7 +16,7 @@ import re
 
 import torch
 from einops import rearrange
-from timm.layers import DropPath, LayerNorm2d, LayerScale2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, LayerScale2d
 from torch import Tensor, nn
 
 from ..ops.deformable import NUM_COORDS, bilinear_sample, pixel_grid
@@ -33,12 +33,12 @@ from .layers import (
     linear_drop_path_rates,
     run_blocks,
     tag_no_weight_decay,
+    trunc_normal_init,
 )
 from .registry import register_model
 
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
-INIT_STD = 0.02  # trunc-normal std of every conv and linear weight
 STEM_DOWNSAMPLINGS = 2  # stride-2 convs in the stem; each later stage starts with one
 STEM_STRIDE = DOWNSAMPLE_STRIDE**STEM_DOWNSAMPLINGS
 
@@ -302,16 +302,12 @@ class DAMamba(Backbone):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """The release's init pass; ``apply`` visits children first, so the SSM's own init runs last."""
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            trunc_normal_(module.weight, std=INIT_STD)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, DynamicAdaptiveScanSSM):
+        """The release's init pass: :func:`trunc_normal_init` of every conv and linear; ``apply`` visits children
+        first, so the SSM's own init (which redraws its projections) runs after its children's."""
+        if isinstance(module, DynamicAdaptiveScanSSM):
             module.reset_ssm_parameters()
+        else:
+            trunc_normal_init(module, weight_types=(nn.Conv2d, nn.Linear))
 
     def check_input(self, x: Tensor) -> None:
         """Training on one image whose last-stage map is 1x1 leaves BatchNorm nothing to normalise over."""

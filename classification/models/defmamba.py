@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from ..ops.deformable import bilinear_sample, pixel_grid, scan_order, sort_tokens_straight_through, unsort_tokens
@@ -49,7 +49,7 @@ from .layers import (
     linear_drop_path_rates,
     run_blocks,
     tag_no_weight_decay,
-    trunc_normal_linear_init,
+    trunc_normal_init,
 )
 from .registry import register_model
 
@@ -216,7 +216,7 @@ class DeformableScan(nn.Module):
             self.offset_bias_table = tag_no_weight_decay(
                 nn.Parameter(torch.empty(dim, OFFSET_BIAS_TABLE_SIZE, OFFSET_BIAS_TABLE_SIZE))
             )
-            nn.init.trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
+            trunc_normal_(self.offset_bias_table, std=OFFSET_BIAS_TABLE_STD)
 
     def deformed_points(self, point_offset: Tensor) -> Tensor:
         """tanh'ed point offsets (B, 2, H, W) in (y, x) order -> deformed points (B, H, W, 2), pixel (x, y)."""
@@ -644,7 +644,7 @@ class DefMamba(Backbone):
             for stage in range(NUM_STAGES)
         ]
         self.head = DefMambaHead(self.num_features, num_classes)
-        self.apply(trunc_normal_linear_init)
+        self.apply(trunc_normal_init)
 
     def to_nchw(self, x: Tensor) -> Tensor:
         return channels_last_to_first(x)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
@@ -38,6 +39,7 @@ NUM_STAGES = 4  # both families: four stages, each at half the resolution of the
 DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
 DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias): log-uniform in [DT_MIN, DT_MAX], floored
+INIT_STD = 0.02  # of the truncated-normal linear (and DAMamba's conv) weights, both releases
 
 
 def default_dt_rank(width: int) -> int:
@@ -100,10 +102,11 @@ def tag_no_weight_decay(param: nn.Parameter) -> nn.Parameter:
     return param
 
 
-def trunc_normal_linear_init(module: nn.Module, std: float = 0.02) -> None:
-    """Truncated-normal Linear weights and zero biases, LayerNorm weight 1 and bias 0 (timm's ``_init_weights``)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=std)
+def trunc_normal_init(module: nn.Module, weight_types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> None:
+    """Both releases' init pass (for ``model.apply``): a module of ``weight_types`` gets truncated-normal weights
+    (timm's ``trunc_normal_``, std INIT_STD) and zero biases; a LayerNorm (or subclass) gets weight 1 and bias 0."""
+    if isinstance(module, weight_types):
+        trunc_normal_(module.weight, std=INIT_STD)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -190,7 +193,7 @@ class Backbone(nn.Module):
         self.num_classes = num_classes
         self.head.fc = self.make_classifier(num_classes)
         if num_classes:
-            trunc_normal_linear_init(self.head.fc)
+            trunc_normal_init(self.head.fc)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
