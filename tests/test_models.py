@@ -160,6 +160,27 @@ def test_forward_intermediates(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_head_is_norm_pool_classifier(name):
+    """``model.head(x)`` is ``forward_head(x)``: the release's norm (DefMamba: LayerNorm over channels; DAMamba: none),
+    the spatial mean, then ``fc``."""
+    model = small_model(name).eval()
+    final = torch.randn(BATCH, model.num_features, 3, 2, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        if name.startswith("defmamba"):
+            norm = model.head.norm
+            normed = F.layer_norm(final.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            normed = normed.permute(0, 3, 1, 2)
+        else:
+            assert not list(model.head.norm.parameters())
+            normed = final
+        torch.testing.assert_close(model.final_norm(final), normed)
+        pooled = normed.mean(dim=(2, 3))
+        torch.testing.assert_close(model.head(final, pre_logits=True), pooled)
+        torch.testing.assert_close(model.head(final), model.head.fc(pooled))
+        torch.testing.assert_close(model.head(final), model.forward_head(final), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_features_only(name):
     torch.manual_seed(0)
     model = timm.create_model(name, features_only=True, out_indices=(1, 3), depths=(1, 1, 1, 1)).eval()

@@ -24,7 +24,9 @@ from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import CheckpointError, register_checkpoint_filter
 from .layers import (
     DOWNSAMPLE_STRIDE,
+    POOL_MEAN,
     Backbone,
+    PooledLinearHead,
     branch_ssm,
     create_backbone,
     default_dt_rank,
@@ -222,19 +224,6 @@ def conv_stem(in_chans: int, dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class PooledLinearHead(nn.Module):
-    """Mean over height and width, then the classifier ``fc`` (no norm, no dropout)."""
-
-    def __init__(self, fc: nn.Module):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(batch, channels, height, width) -> logits (batch, classes), or the pooled (batch, channels)."""
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.fc(x)
-
-
 def final_map_size(height: int, width: int, num_stages: int) -> tuple[int, int]:
     """The last stage's map size for an input of ``height x width``: each stride-2 conv maps n to ceil(n / 2)."""
     for _ in range(STEM_DOWNSAMPLINGS + num_stages - 1):
@@ -297,7 +286,7 @@ class DAMamba(Backbone):
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{index}"))
             in_dim = dim
-        self.head = PooledLinearHead(nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity())
+        self.head = PooledLinearHead(self.num_features, num_classes, norm_eps=None, pool=POOL_MEAN)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -325,16 +314,6 @@ class DAMamba(Backbone):
         """Stage outputs are already (batch, channels, height, width)."""
         return x
 
-    def final_norm(self, x: Tensor) -> Tensor:
-        """No normalisation between the last stage (which ends in its own LayerNorm) and the pooling."""
-        return x
-
-    def prune_final_norm(self) -> None:
-        """Nothing to prune: the head has no normalisation."""
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(batch, num_features, height, width) -> logits (batch, num_classes), or the pooled features."""
-        return self.head(x, pre_logits=pre_logits)
 
 
 # Released key -> ours, each pattern anchored at both ends; stage s and block i keep their indices. A key matching

@@ -38,7 +38,9 @@ from .checkpoint import register_checkpoint_filter
 from .layers import (
     DOWNSAMPLE_STRIDE,
     NUM_STAGES,
+    POOL_ADAPTIVE_AVG,
     Backbone,
+    PooledLinearHead,
     branch_ssm,
     channels_first_to_last,
     channels_last_to_first,
@@ -557,15 +559,6 @@ class DefMambaStage(nn.Module):
         return run_blocks(self.blocks, self.downsample(x), self.grad_checkpointing)
 
 
-class DefMambaHead(nn.Module):
-    """LN -> global average pool -> Linear; :meth:`DefMamba.forward_head` runs it."""
-
-    def __init__(self, num_features: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(num_features, eps=LAYER_NORM_EPS)
-        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-
 class DefMamba(Backbone):
     """DefMamba classifier / backbone.
 
@@ -643,22 +636,13 @@ class DefMamba(Backbone):
             dict(num_chs=dims[stage], reduction=STEM_STRIDE * DOWNSAMPLE_STRIDE ** stage, module=f"stages.{stage}")
             for stage in range(NUM_STAGES)
         ]
-        self.head = DefMambaHead(self.num_features, num_classes)
+        # The release's pooling op, which its FLOP counter counts.
+        self.head = PooledLinearHead(self.num_features, num_classes, norm_eps=LAYER_NORM_EPS,
+                                     pool=POOL_ADAPTIVE_AVG)
         self.apply(trunc_normal_init)
 
     def to_nchw(self, x: Tensor) -> Tensor:
         return channels_last_to_first(x)
-
-    def final_norm(self, x: Tensor) -> Tensor:
-        return channels_last_to_first(self.head.norm(channels_first_to_last(x)))
-
-    def prune_final_norm(self) -> None:
-        self.head.norm = nn.Identity()
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        # The release's pooling op, which its FLOP counter counts.
-        pooled = F.adaptive_avg_pool2d(self.final_norm(x), 1).flatten(1)
-        return pooled if pre_logits else self.head.fc(pooled)
 
 
 # Released key -> ours, applied in order to each key (block i of stage s; the released downsample after stage s is

@@ -2,18 +2,16 @@
 
 :class:`Backbone` gives a family ``forward_features``, ``forward_head``, ``forward``, ``get_classifier`` /
 ``reset_classifier``, ``forward_intermediates`` / ``prune_intermediate_layers`` (timm's semantics),
-``set_grad_checkpointing`` and ``feature_info``. A family supplies its modules and three small hooks:
+``final_norm`` / ``prune_final_norm``, ``set_grad_checkpointing`` and ``feature_info``. A family supplies its modules
+and one hook:
 
 - ``self.stem``: image (batch, in_chans, height, width) -> the first stage's input (in the family's layout);
 - ``self.stages``: ``nn.ModuleList``; stage ``i`` maps stage ``i - 1``'s output to its own output, which is the
   intermediate that ``forward_intermediates`` returns (so a family that downsamples between stages does it at the
   start of the next stage, and a family that normalises each stage's output does it at the stage's end); each stage
   has a ``grad_checkpointing`` attribute that it honours;
-- ``self.head``: a module with a ``fc`` attribute (the classifier, ``nn.Identity`` when ``num_classes == 0``);
-- :meth:`Backbone.to_nchw`: a stage's output -> (batch, channels, height, width);
-- :meth:`Backbone.final_norm`: the head's normalisation of the last map (channels-first in and out), applied to the
-  last intermediate when ``forward_intermediates(norm=True)``; ``nn.Identity``-like when the family has none there;
-- :meth:`Backbone.forward_head`: channels-first last map -> logits (or pooled features with ``pre_logits``).
+- ``self.head``: a :class:`PooledLinearHead` (the release's norm, if any, its pooling op, and the classifier ``fc``);
+- :meth:`Backbone.to_nchw`: a stage's output -> (batch, channels, height, width).
 
 Also shared: the four-stage layout constants and the Mamba SSM both token mixers run (:func:`branch_ssm`), with
 its parameter helpers (dt rank, initialisation, the weight-decay exemption tag).
@@ -22,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
@@ -35,6 +34,7 @@ from .checkpoint import check_checkpoint_file
 SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
 IMAGE_BATCH_DIMS = 4  # (batch, channels, height, width)
+POOL_MEAN, POOL_ADAPTIVE_AVG = "mean", "adaptive_avg_pool2d"  # pooling ops of PooledLinearHead
 NUM_STAGES = 4  # both families: four stages, each at half the resolution of the one before
 DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
 DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
@@ -132,12 +132,55 @@ def linear_drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> li
     return [rates[start:start + depth] for start, depth in zip(starts, depths)]
 
 
+def channels_last_to_first(x: Tensor) -> Tensor:
+    """(batch, height, width, channels) -> (batch, channels, height, width)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def channels_first_to_last(x: Tensor) -> Tensor:
+    """(batch, channels, height, width) -> (batch, height, width, channels)."""
+    return x.permute(0, 2, 3, 1)
+
+
+class PooledLinearHead(nn.Module):
+    """The classifier head of both families: optional LayerNorm over channels, global average pool, then ``fc``.
+
+    Args:
+        num_features: Channels of the last map.
+        num_classes: Classifier outputs; 0: ``fc`` is ``nn.Identity`` (the pooled features come out).
+        norm_eps: eps of the LayerNorm before the pooling (DefMamba); None: no norm (DAMamba), ``norm`` is
+            ``nn.Identity`` and has no parameters.
+        pool: :data:`POOL_MEAN` (``Tensor.mean``, DAMamba) or :data:`POOL_ADAPTIVE_AVG` (``F.adaptive_avg_pool2d``,
+            DefMamba): the same average, but only the second is an op that fvcore counts (each release's FLOPs).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, norm_eps: float | None, pool: str):
+        super().__init__()
+        if pool not in (POOL_MEAN, POOL_ADAPTIVE_AVG):
+            raise ValueError(f"pool={pool!r}: choose {POOL_MEAN!r} or {POOL_ADAPTIVE_AVG!r}")
+        self.norm = nn.Identity() if norm_eps is None else nn.LayerNorm(num_features, eps=norm_eps)
+        self.pool = pool
+        self.fc = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """The norm of the last map, (batch, num_features, height, width) in and out (a LayerNorm runs on the
+        channels-last view)."""
+        return channels_last_to_first(self.norm(channels_first_to_last(x)))
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(batch, num_features, height, width) -> logits (batch, num_classes), or with ``pre_logits`` the pooled
+        features (batch, num_features) that ``fc`` reads."""
+        x = self.normalize(x)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1) if self.pool == POOL_ADAPTIVE_AVG else x.mean(dim=(2, 3))
+        return pooled if pre_logits else self.fc(pooled)
+
+
 class Backbone(nn.Module):
     """Base class of both families: the timm model contract on top of ``stem``, ``stages`` and ``head``.
 
     Subclasses set ``num_classes``, ``num_features`` (channels of the last map), ``head_hidden_size``,
-    ``feature_info`` (one ``dict(num_chs, reduction, module)`` per stage), ``stem``, ``stages``, ``head``, and
-    implement :meth:`to_nchw`, :meth:`final_norm` and :meth:`forward_head`.
+    ``feature_info`` (one ``dict(num_chs, reduction, module)`` per stage), ``stem``, ``stages``, ``head`` (a
+    :class:`PooledLinearHead`), and implement :meth:`to_nchw`.
     """
 
     num_classes: int
@@ -146,7 +189,7 @@ class Backbone(nn.Module):
     feature_info: list[dict[str, object]]
     stem: nn.Module
     stages: nn.ModuleList
-    head: nn.Module
+    head: PooledLinearHead
 
     def check_input(self, x: Tensor) -> None:
         """Raises a ValueError that says what to change for an image batch this model cannot take (both forward paths
@@ -160,15 +203,15 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def final_norm(self, x: Tensor) -> Tensor:
-        """The head's normalisation of the last map, channels-first in and out."""
-        raise NotImplementedError
+        """The head's normalisation of the last map, channels-first in and out (the identity when it has none)."""
+        return self.head.normalize(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Channels-first last map (batch, num_features, height, width) -> logits (batch, num_classes).
 
         With ``pre_logits`` it returns the pooled features (batch, num_features) that the classifier reads.
         """
-        raise NotImplementedError
+        return self.head(x, pre_logits=pre_logits)
 
     def make_classifier(self, num_classes: int) -> nn.Module:
         """A fresh classifier for ``num_classes`` (``nn.Identity`` for 0), on the model's device and dtype."""
@@ -286,17 +329,7 @@ class Backbone(nn.Module):
 
     def prune_final_norm(self) -> None:
         """Replaces the head's normalisation by the identity."""
-        raise NotImplementedError
-
-
-def channels_last_to_first(x: Tensor) -> Tensor:
-    """(batch, height, width, channels) -> (batch, channels, height, width)."""
-    return x.permute(0, 3, 1, 2)
-
-
-def channels_first_to_last(x: Tensor) -> Tensor:
-    """(batch, channels, height, width) -> (batch, height, width, channels)."""
-    return x.permute(0, 2, 3, 1)
+        self.head.norm = nn.Identity()
 
 
 def imagenet_default_cfgs(variants: Sequence[str], first_conv: str, interpolation: str) -> dict:
