@@ -37,7 +37,6 @@ from ..ops.selective_scan import selective_scan_fn
 from .checkpoint import register_checkpoint_filter
 from .layers import (
     DOWNSAMPLE_STRIDE,
-    NUM_STAGES,
     POOL_ADAPTIVE_AVG,
     Backbone,
     PooledLinearHead,
@@ -65,6 +64,7 @@ RELEASED_SCAN_BRANCHES = (FORWARD, BACKWARD, DEFORMABLE)
 DEFAULT_LOCAL_WINDOW = 7  # side of LocalMamba-style windows (divides the 56/28/14/7 maps of a 224 input)
 NUM_POINT_OFFSET_CHANNELS = 2  # (y, x) point offset; the scan-index offset adds 1 channel
 POINT_OFFSET_Y, POINT_OFFSET_X = range(NUM_POINT_OFFSET_CHANNELS)
+NUM_STAGES = 4  # each at half the resolution of the one before
 STEM_STRIDE = DOWNSAMPLE_STRIDE**2  # the stem's two stride-2 convs
 CHANNEL_ATTENTION_REDUCTION = 16
 OFFSET_BIAS_TABLE_SIZE = 7

@@ -13,8 +13,9 @@ and one hook:
 - ``self.head``: a :class:`PooledLinearHead` (the release's norm, if any, its pooling op, and the classifier ``fc``);
 - :meth:`Backbone.to_nchw`: a stage's output -> (batch, channels, height, width).
 
-Also shared: the four-stage layout constants and the Mamba SSM both token mixers run (:func:`branch_ssm`), with
-its parameter helpers (dt rank, initialisation, the weight-decay exemption tag).
+Also shared: the downsampling stride, the init pass (:func:`trunc_normal_init`) and the Mamba SSM both token mixers
+run (:func:`branch_ssm`), with its parameter helpers (dt rank, initialisation, the weight-decay exemption tag). The
+number of stages is each family's: DefMamba has four, DAMamba one per entry of its ``dims``.
 """
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +36,6 @@ SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
 IMAGE_BATCH_DIMS = 4  # (batch, channels, height, width)
 POOL_MEAN, POOL_ADAPTIVE_AVG = "mean", "adaptive_avg_pool2d"  # pooling ops of PooledLinearHead
-NUM_STAGES = 4  # both families: four stages, each at half the resolution of the one before
 DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
 DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias): log-uniform in [DT_MIN, DT_MAX], floored
