@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, register_checkpoint_filter
 from .layers import (
     DOWNSAMPLE_STRIDE,
     POOL_MEAN,
+    STEM_DOWNSAMPLINGS,
     Backbone,
     PooledLinearHead,
     branch_ssm,
@@ -34,6 +35,7 @@ from .layers import (
     init_ssm_projections_,
     linear_drop_path_rates,
     run_blocks,
+    stage_feature_info,
     tag_no_weight_decay,
     trunc_normal_init,
 )
@@ -41,8 +43,6 @@ from .registry import register_model
 
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the release
 D_STATE = 1  # SSM state size
-STEM_DOWNSAMPLINGS = 2  # stride-2 convs in the stem; each later stage starts with one
-STEM_STRIDE = DOWNSAMPLE_STRIDE**STEM_DOWNSAMPLINGS
 
 
 class ResidualDepthwiseConv(nn.Module):
@@ -273,19 +273,17 @@ class DAMamba(Backbone):
         self.num_features = self.head_hidden_size = dims[-1]
         self.stem = conv_stem(in_chans, dims[0])
         self.stages = nn.ModuleList()
-        self.feature_info = []
-        in_dim, reduction = dims[0], STEM_STRIDE
+        in_dim = dims[0]
         for index, (dim, mlp_ratio, rates) in enumerate(
             zip(dims, mlp_ratios, linear_drop_path_rates(drop_path_rate, tuple(depths)))
         ):
-            reduction *= DOWNSAMPLE_STRIDE if index else 1
             self.stages.append(DAMambaStage(
                 in_dim, dim, downsample=index > 0, mlp_ratio=mlp_ratio, head_dim=head_dim,
                 layerscale_init=layerscale_init if index in layerscale else None, drop_path=rates,
                 scan_backend=scan_backend,
             ))
-            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{index}"))
             in_dim = dim
+        self.feature_info = stage_feature_info(dims)
         self.head = PooledLinearHead(self.num_features, num_classes, norm_eps=None, pool=POOL_MEAN)
         self.apply(self._init_weights)
 

@@ -49,6 +49,7 @@ from .layers import (
     init_ssm_projections_,
     linear_drop_path_rates,
     run_blocks,
+    stage_feature_info,
     tag_no_weight_decay,
     trunc_normal_init,
 )
@@ -65,7 +66,6 @@ DEFAULT_LOCAL_WINDOW = 7  # side of LocalMamba-style windows (divides the 56/28/
 NUM_POINT_OFFSET_CHANNELS = 2  # (y, x) point offset; the scan-index offset adds 1 channel
 POINT_OFFSET_Y, POINT_OFFSET_X = range(NUM_POINT_OFFSET_CHANNELS)
 NUM_STAGES = 4  # each at half the resolution of the one before
-STEM_STRIDE = DOWNSAMPLE_STRIDE**2  # the stem's two stride-2 convs
 CHANNEL_ATTENTION_REDUCTION = 16
 OFFSET_BIAS_TABLE_SIZE = 7
 OFFSET_BIAS_TABLE_STD = 0.01
@@ -632,10 +632,7 @@ class DefMamba(Backbone):
             )
             for stage in range(NUM_STAGES)
         ])
-        self.feature_info = [
-            dict(num_chs=dims[stage], reduction=STEM_STRIDE * DOWNSAMPLE_STRIDE ** stage, module=f"stages.{stage}")
-            for stage in range(NUM_STAGES)
-        ]
+        self.feature_info = stage_feature_info(dims)
         # The release's pooling op, which its FLOP counter counts.
         self.head = PooledLinearHead(self.num_features, num_classes, norm_eps=LAYER_NORM_EPS,
                                      pool=POOL_ADAPTIVE_AVG)

@@ -13,7 +13,8 @@ and one hook:
 - ``self.head``: a :class:`PooledLinearHead` (the release's norm, if any, its pooling op, and the classifier ``fc``);
 - :meth:`Backbone.to_nchw`: a stage's output -> (batch, channels, height, width).
 
-Also shared: the downsampling stride, the init pass (:func:`trunc_normal_init`) and the Mamba SSM both token mixers
+Also shared: the downsampling and stem strides with the ``feature_info`` they give (:func:`stage_feature_info`), the
+init pass (:func:`trunc_normal_init`) and the Mamba SSM both token mixers
 run (:func:`branch_ssm`), with its parameter helpers (dt rank, initialisation, the weight-decay exemption tag). The
 number of stages is each family's: DefMamba has four, DAMamba one per entry of its ``dims``.
 """
@@ -37,6 +38,8 @@ SUPPORTED_GLOBAL_POOL = "avg"
 IMAGE_BATCH_DIMS = 4  # (batch, channels, height, width)
 POOL_MEAN, POOL_ADAPTIVE_AVG = "mean", "adaptive_avg_pool2d"  # pooling ops of PooledLinearHead
 DOWNSAMPLE_STRIDE = 2  # of every downsampling conv
+STEM_DOWNSAMPLINGS = 2  # stride-2 convs in each family's stem; each later stage starts with one more
+STEM_STRIDE = DOWNSAMPLE_STRIDE**STEM_DOWNSAMPLINGS
 DT_RANK_DIVISOR = 16  # Mamba's dt_rank = ceil(width / 16)
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # initial softplus(dt_bias): log-uniform in [DT_MIN, DT_MAX], floored
 INIT_STD = 0.02  # of the truncated-normal linear (and DAMamba's conv) weights, both releases
@@ -130,6 +133,13 @@ def linear_drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> li
     rates = torch.linspace(0, drop_path_rate, sum(depths), dtype=torch.float64, device="cpu").tolist()
     starts = [sum(depths[:stage]) for stage in range(len(depths))]
     return [rates[start:start + depth] for start, depth in zip(starts, depths)]
+
+
+def stage_feature_info(dims: Sequence[int]) -> list[dict[str, object]]:
+    """timm ``feature_info`` of stages of widths ``dims`` after a STEM_STRIDE stem, each stage after the first
+    starting with a stride-DOWNSAMPLE_STRIDE downsampling: stage ``i`` is at reduction STEM_STRIDE * 2**i."""
+    return [dict(num_chs=dim, reduction=STEM_STRIDE * DOWNSAMPLE_STRIDE**index, module=f"stages.{index}")
+            for index, dim in enumerate(dims)]
 
 
 def channels_last_to_first(x: Tensor) -> Tensor:
