@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from classification.models import CheckpointError, DefMamba, create_model, has_ema_weights, load_checkpoint
+from classification.models.checkpoint import key_rules, rename_key
 from classification.models.defmamba import checkpoint_filter_fn
 
 SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_classes=10)
@@ -184,6 +185,16 @@ def test_converter_is_key_by_key_renaming(released):
     }
     for released_key, our_key in spot.items():
         assert checkpoint_filter_fn({released_key: released[released_key]}, model) == {our_key: released[released_key]}
+
+
+def test_rename_key_takes_the_first_rule_matching_the_whole_key():
+    rules = key_rules([
+        (r"a\.(\d+)\.w", r"b.\1.w"),
+        (r"a\.(\d+)\.(.*)", lambda match: f"c.{int(match[1]) + 1}.{match[2]}"),
+    ])
+    assert rename_key("a.3.w", rules) == "b.3.w"  # both match: the first wins
+    assert rename_key("a.3.wx", rules) == "c.4.wx"  # the first matches only a prefix
+    assert rename_key("xa.3.w", rules) == "xa.3.w"  # no whole match: unchanged
 
 
 def test_timm_create_model_and_pretrained_filter(released):

@@ -10,13 +10,15 @@ timm's signature ``filter_fn(state_dict, model) -> state_dict``; it maps release
 passes keys that are already ours through unchanged. It is a pure key-by-key renaming / reshaping, so it also converts
 a partial dict or a dict of gradients keyed like the parameters. Subclasses of a registered class use its filter
 (lookup along the method resolution order). A model without a registered filter loads the state dict as it is.
+Both families' filters rename with :func:`rename_key`, from rules made by :func:`key_rules`.
 """
 import logging
 import pickle
+import re
 import zipfile
 from os import PathLike
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import yaml
@@ -30,6 +32,8 @@ from .registry import model_class
 _logger = logging.getLogger(__name__)
 
 CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
+# A renaming rule's replacement: a template (``\1`` for group 1, as in ``re.sub``) or a function of the match.
+KeyReplacement = str | Callable[[re.Match[str]], str]
 
 MAX_LISTED_KEYS = 10  # how many problem keys an error message names before giving the count
 MOSTLY_FOREIGN_FRACTION = 0.5  # a failed load sharing fewer of the model's keys than this suggests another family
@@ -46,6 +50,25 @@ class CheckpointError(RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint path that names no file."""
+
+
+def key_rules(rules: Sequence[tuple[str, KeyReplacement]]) -> list[tuple[re.Pattern[str], KeyReplacement]]:
+    """Compiles ``(pattern, replacement)`` renaming rules for :func:`rename_key`; a pattern must match a whole key."""
+    return [(re.compile(pattern), replacement) for pattern, replacement in rules]
+
+
+def rename_key(key: str, rules: Sequence[tuple[re.Pattern[str], KeyReplacement]]) -> str:
+    """``key`` renamed by the first rule whose pattern matches all of it, or unchanged when none does.
+
+    Args:
+        key: A state-dict key.
+        rules: From :func:`key_rules`, tried in order.
+    """
+    for pattern, replacement in rules:
+        match = pattern.fullmatch(key)
+        if match:
+            return match.expand(replacement) if isinstance(replacement, str) else replacement(match)
+    return key
 
 
 def register_checkpoint_filter(model_cls: type, filter_fn: CheckpointFilter) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..ops.deformable import NUM_COORDS, bilinear_sample, pixel_grid
 from ..ops.selective_scan import selective_scan_fn
-from .checkpoint import CheckpointError, register_checkpoint_filter
+from .checkpoint import CheckpointError, key_rules, register_checkpoint_filter, rename_key
 from .layers import (
     DOWNSAMPLE_STRIDE,
     POOL_MEAN,
@@ -314,10 +314,10 @@ class DAMamba(Backbone):
 
 
 
-# Released key -> ours, each pattern anchored at both ends; stage s and block i keep their indices. A key matching
-# none of them is not a DAMamba key.
+# Released key -> ours: the first rule whose pattern matches the whole key renames it; stage s and block i keep their
+# indices, except the released stage norms norm1..norm4 (stages 0..3). A key matching none is not a DAMamba key.
 _BLOCK = r"(stages\.\d+\.blocks\.\d+)\."
-_RELEASED_KEYS = [
+_RELEASED_KEY_RULES = key_rules([
     (r"(stem\.\d+\.\w+)", r"\1"),
     (r"(stages\.\d+\.downsample\.[01]\.\w+)", r"\1"),
     (_BLOCK + r"pos_embed\.conv\.(weight|bias)", r"\1.pos_embed.conv.\2"),
@@ -338,21 +338,10 @@ _RELEASED_KEYS = [
     (_BLOCK + r"mlp\.conv\.conv\.(weight|bias)", r"\1.mlp.dw_conv.conv.\2"),
     (_BLOCK + r"layer_scale_([12])", r"\1.ls\2.gamma"),
     (r"(head\.fc\.(?:weight|bias))", r"\1"),
-]
+    (r"norm([1-4])\.norm\.(weight|bias)", lambda m: f"stages.{int(m[1]) - 1}.norm.{m[2]}"),
+])
 _RELEASED_IDENTITY_TAP = re.compile(_BLOCK + r"(pos_embed|mlp\.conv)\.conv_constant")
-_RELEASED_STAGE_NORM = re.compile(r"norm([1-4])\.norm\.(weight|bias)")
 _KERNEL_CENTRE = (0, 0, 1, 1)
-
-
-def _convert_key(key: str) -> str | None:
-    """Our name for a released key, or None when the key is not one of the release's DAMamba keys."""
-    for pattern, replacement in _RELEASED_KEYS:
-        if re.fullmatch(pattern, key):
-            return re.sub(pattern, replacement, key)
-    stage_norm = _RELEASED_STAGE_NORM.fullmatch(key)
-    if stage_norm:
-        return f"stages.{int(stage_norm.group(1)) - 1}.norm.{stage_norm.group(2)}"
-    return None
 
 
 def _is_identity_tap(value: Tensor) -> bool:
@@ -389,7 +378,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
                     f"{value.tolist()}; this residual conv is not x + DW3(x) and cannot be loaded"
                 )
         else:
-            converted[_convert_key(key) or key] = value
+            converted[rename_key(key, _RELEASED_KEY_RULES)] = value
     return converted
 
 

@@ -22,7 +22,6 @@ single pixel (no offset along that side), and the scan position of a single toke
 
 Released checkpoints convert with :func:`checkpoint_filter_fn` (registered with :func:`load_checkpoint`).
 """
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from ..ops.deformable import bilinear_sample, pixel_grid, scan_order, sort_tokens_straight_through, unsort_tokens
 from ..ops.selective_scan import selective_scan_fn
-from .checkpoint import register_checkpoint_filter
+from .checkpoint import key_rules, register_checkpoint_filter, rename_key
 from .layers import (
     DOWNSAMPLE_STRIDE,
     POOL_ADAPTIVE_AVG,
@@ -642,50 +641,42 @@ class DefMamba(Backbone):
         return channels_last_to_first(x)
 
 
-# Released key -> ours, applied in order to each key (block i of stage s; the released downsample after stage s is
-# our downsample at the start of stage s + 1).
-_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)\."
-_RELEASED_KEY_RULES: list[tuple[re.Pattern, object]] = [
-    (re.compile(r"^patch_embed\.0\."), "stem.conv1."),
-    (re.compile(r"^patch_embed\.2\."), "stem.norm1."),
-    (re.compile(r"^patch_embed\.5\."), "stem.conv2."),
-    (re.compile(r"^patch_embed\.7\."), "stem.norm2."),
-    (re.compile(r"^layers\.(\d+)\.downsample\.1\."), lambda m: f"stages.{int(m[1]) + 1}.downsample.conv."),
-    (re.compile(r"^layers\.(\d+)\.downsample\.3\."), lambda m: f"stages.{int(m[1]) + 1}.downsample.norm."),
-    (re.compile(r"^classifier\.norm\."), "head.norm."),
-    (re.compile(r"^classifier\.head\."), "head.fc."),
-    (re.compile(_BLOCK + r"norm\."), r"stages.\1.blocks.\2.norm1."),
-    (re.compile(_BLOCK + r"norm2\."), r"stages.\1.blocks.\2.norm2."),
-    (re.compile(_BLOCK + r"mlp\."), r"stages.\1.blocks.\2.mlp."),
-    (re.compile(_BLOCK + r"op\.in_proj\."), r"stages.\1.blocks.\2.mixer.in_proj."),
-    (re.compile(_BLOCK + r"op\.out_proj\."), r"stages.\1.blocks.\2.mixer.out_proj."),
-    (re.compile(_BLOCK + r"op\.conv2d\."), r"stages.\1.blocks.\2.mixer.conv."),
-    (re.compile(_BLOCK + r"op\.x_proj_weight$"), r"stages.\1.blocks.\2.mixer.x_proj_weight"),
-    (re.compile(_BLOCK + r"op\.dt_projs_weight$"), r"stages.\1.blocks.\2.mixer.dt_proj_weight"),
-    (re.compile(_BLOCK + r"op\.dt_projs_bias$"), r"stages.\1.blocks.\2.mixer.dt_bias"),
-    (re.compile(_BLOCK + r"op\.A_logs$"), r"stages.\1.blocks.\2.mixer.A_log"),
-    (re.compile(_BLOCK + r"op\.Ds$"), r"stages.\1.blocks.\2.mixer.D"),
-    (re.compile(_BLOCK + r"op\.DS\.rpe_table$"), r"stages.\1.blocks.\2.mixer.deformable.offset_bias_table"),
-    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.conv1\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.dwconv."),
-    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ca\.0\."),
-     r"stages.\1.blocks.\2.mixer.deformable.offset_net.channel_attention.fc1."),
-    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ca\.2\."),
-     r"stages.\1.blocks.\2.mixer.deformable.offset_net.channel_attention.fc2."),
-    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.ln\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.norm."),
-    (re.compile(_BLOCK + r"op\.DS\.conv_offset\.conv2\."), r"stages.\1.blocks.\2.mixer.deformable.offset_net.proj."),
-]
+# Released key -> ours: the first rule whose pattern matches the whole key renames it. Block i of stage s keeps its
+# indices; the released downsample after stage s is our downsample at the start of stage s + 1. ``(.*)`` is the rest
+# of a key (a parameter or buffer name) that a rule keeps.
+_BLOCK, _OUR_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.blocks.\2."
+_RELEASED_KEY_RULES = key_rules([
+    (r"patch_embed\.0\.(.*)", r"stem.conv1.\1"),
+    (r"patch_embed\.2\.(.*)", r"stem.norm1.\1"),
+    (r"patch_embed\.5\.(.*)", r"stem.conv2.\1"),
+    (r"patch_embed\.7\.(.*)", r"stem.norm2.\1"),
+    (r"layers\.(\d+)\.downsample\.1\.(.*)", lambda m: f"stages.{int(m[1]) + 1}.downsample.conv.{m[2]}"),
+    (r"layers\.(\d+)\.downsample\.3\.(.*)", lambda m: f"stages.{int(m[1]) + 1}.downsample.norm.{m[2]}"),
+    (r"classifier\.norm\.(.*)", r"head.norm.\1"),
+    (r"classifier\.head\.(.*)", r"head.fc.\1"),
+    (_BLOCK + r"norm\.(.*)", _OUR_BLOCK + r"norm1.\3"),
+    (_BLOCK + r"norm2\.(.*)", _OUR_BLOCK + r"norm2.\3"),
+    (_BLOCK + r"mlp\.(.*)", _OUR_BLOCK + r"mlp.\3"),
+    (_BLOCK + r"op\.in_proj\.(.*)", _OUR_BLOCK + r"mixer.in_proj.\3"),
+    (_BLOCK + r"op\.out_proj\.(.*)", _OUR_BLOCK + r"mixer.out_proj.\3"),
+    (_BLOCK + r"op\.conv2d\.(.*)", _OUR_BLOCK + r"mixer.conv.\3"),
+    (_BLOCK + r"op\.x_proj_weight", _OUR_BLOCK + "mixer.x_proj_weight"),
+    (_BLOCK + r"op\.dt_projs_weight", _OUR_BLOCK + "mixer.dt_proj_weight"),
+    (_BLOCK + r"op\.dt_projs_bias", _OUR_BLOCK + "mixer.dt_bias"),
+    (_BLOCK + r"op\.A_logs", _OUR_BLOCK + "mixer.A_log"),
+    (_BLOCK + r"op\.Ds", _OUR_BLOCK + "mixer.D"),
+    (_BLOCK + r"op\.DS\.rpe_table", _OUR_BLOCK + "mixer.deformable.offset_bias_table"),
+    (_BLOCK + r"op\.DS\.conv_offset\.conv1\.(.*)", _OUR_BLOCK + r"mixer.deformable.offset_net.dwconv.\3"),
+    (_BLOCK + r"op\.DS\.conv_offset\.ca\.0\.(.*)",
+     _OUR_BLOCK + r"mixer.deformable.offset_net.channel_attention.fc1.\3"),
+    (_BLOCK + r"op\.DS\.conv_offset\.ca\.2\.(.*)",
+     _OUR_BLOCK + r"mixer.deformable.offset_net.channel_attention.fc2.\3"),
+    (_BLOCK + r"op\.DS\.conv_offset\.ln\.(.*)", _OUR_BLOCK + r"mixer.deformable.offset_net.norm.\3"),
+    (_BLOCK + r"op\.DS\.conv_offset\.conv2\.(.*)", _OUR_BLOCK + r"mixer.deformable.offset_net.proj.\3"),
+])
 
 
-def convert_released_key(key: str) -> str:
-    """A released DefMamba key -> ours; any other key (ours already, or unknown) is returned unchanged."""
-    for pattern, replacement in _RELEASED_KEY_RULES:
-        converted, count = pattern.subn(replacement, key)
-        if count:
-            return converted
-    return key
-
-
-def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Released DefMamba state dict -> ours (timm's filter signature): a pure key renaming, key by key.
 
     Keys already in our naming pass through, so our own checkpoints, partial dicts and dicts of gradients keyed like
@@ -698,7 +689,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
     Returns:
         A new dict with our keys.
     """
-    return {convert_released_key(key): value for key, value in state_dict.items()}
+    return {rename_key(key, _RELEASED_KEY_RULES): value for key, value in state_dict.items()}
 
 
 register_checkpoint_filter(DefMamba, checkpoint_filter_fn)

@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import check_checkpoint_file
+from .checkpoint import CheckpointFilter, check_checkpoint_file
 
 SUPPORTED_OUTPUT_FORMAT = "NCHW"
 SUPPORTED_GLOBAL_POOL = "avg"
@@ -357,7 +357,7 @@ def create_backbone(
     model_cls: type[Backbone],
     variant: str,
     pretrained: bool,
-    checkpoint_filter: Callable[[dict, nn.Module], dict],
+    checkpoint_filter: CheckpointFilter,
     model_args: dict[str, object],
 ) -> Backbone:
     """timm's builder for a variant: pretrained cfg, released-weight filter, ``features_only`` through
