@@ -11,7 +11,6 @@ The module that defines entrypoints must define its timm ``default_cfgs`` before
 """
 import inspect
 import numbers
-import types
 import typing
 from typing import Any, Callable, TypeVar
 
@@ -23,7 +22,6 @@ EntrypointT = TypeVar("EntrypointT", bound=Callable[..., nn.Module])
 _ENTRYPOINTS: dict[str, Callable[..., nn.Module]] = {}
 # What create_model accepts for a constructor argument annotated with one of these types (bool is no int or float).
 _SCALAR_CHECKS: dict[type, Callable[[Any], bool]] = {
-    type(None): lambda value: value is None,
     bool: lambda value: isinstance(value, bool),
     int: lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool),
     float: lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool),
@@ -63,12 +61,9 @@ def is_model(name: str) -> bool:
 
 
 def _fits(value: Any, annotation: Any) -> bool:
-    """Whether ``value`` fits ``annotation`` as far as a cheap check reads it: bool, int, float (an int too), str,
-    None, unions and ``tuple[T, ...]`` (a list too, each item checked); other annotations always pass."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(annotation))
-    if annotation is tuple or origin is tuple:
+    """Whether ``value`` fits ``annotation`` as far as a cheap check reads it: bool, int, float (an int too), str and
+    ``tuple[T, ...]`` (a list too, each item checked); other annotations always pass."""
+    if annotation is tuple or typing.get_origin(annotation) is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, (tuple, list)):
             return False
