@@ -100,7 +100,6 @@ def test_deformable_scan_geometry_stays_float32_under_bf16_autocast():
     assert positions.dtype == torch.float32
 
 
-
 # A model converted with .bfloat16() / .half() runs in that dtype: its geometry and scan state stay float32 inside,
 # and its logits follow the float32 model's within a few of the dtype's unit roundoff (bf16 2^-9 = 0.2%, fp16
 # 2^-12 = 0.02%). Measured on these tiny models at 40x40: 0.8-0.9% (bf16) and 0.07-0.12% (fp16); bounds ~3x that.

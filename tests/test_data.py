@@ -381,7 +381,6 @@ def test_a_loader_worker_ignores_a_foreign_sigterm_and_exits_on_its_parents():
             worker.kill()
 
 
-
 def test_one_class_fewer_than_the_model_has_outputs_is_named(tmp_path, caplog):
     root = make_image_folder(tmp_path / "data", classes=2, train_per_class=1, val_per_class=1)
     with caplog.at_level(logging.WARNING):

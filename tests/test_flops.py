@@ -44,7 +44,6 @@ def test_switches_add_exactly_the_scan_and_the_sampling():
     assert all(module.scan_fn is selective_scan_fn for module in model.modules() if isinstance(module, DSSM))
 
 
-
 def test_a_model_on_the_meta_device_is_explained():
     with torch.device("meta"):
         model = create_model("defmamba_tiny")

@@ -166,7 +166,6 @@ def test_half_inputs_compute_in_float32(backend, half):
         assert relative_error(grad, expected_grads[name]) < grad_tolerance, name
 
 
-
 @pytest.mark.parametrize("empty", ["batch", "channels"])
 @pytest.mark.parametrize("backend", ["auto", *available_backends("cpu")])
 def test_no_sequences_give_an_empty_output_and_zero_gradients(backend, empty):

@@ -120,7 +120,6 @@ def test_softplus_threshold_underflow_and_strong_decay(state_size: int, isa: str
         _compare_with_ref(inputs, True, dtype)
 
 
-
 @pytest.mark.parametrize("state_size", [16, 1, 5])
 @pytest.mark.parametrize("poisoned", ["delta", "delta_bias", "A", "u"])
 def test_nan_propagates_like_the_reference(poisoned: str, state_size: int, isa: str) -> None:

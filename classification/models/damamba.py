@@ -313,7 +313,6 @@ class DAMamba(Backbone):
         return x
 
 
-
 # Released key -> ours: the first rule whose pattern matches the whole key renames it; stage s and block i keep their
 # indices, except the released stage norms norm1..norm4 (stages 0..3). A key matching none is not a DAMamba key.
 _BLOCK = r"(stages\.\d+\.blocks\.\d+)\."
