@@ -29,7 +29,7 @@ from classification.utils.messages import abbreviate
 
 from .registry import model_class
 
-_logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CheckpointFilter = Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]
 # A renaming rule's replacement: a template (``\1`` for group 1, as in ``re.sub``) or a function of the match.
@@ -308,10 +308,10 @@ def load_checkpoint(
                                + _likely_mismatch(checkpoint, model))
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     if missing or unexpected:
-        _logger.warning(
+        logger.warning(
             "non-strict load into %s: %d missing keys %s, %d unexpected keys %s",
             type(model).__name__, len(missing), _listing(missing), len(unexpected), _listing(unexpected),
         )
     if classifier_note:
-        _logger.warning("%s: %s", source, classifier_note)
+        logger.warning("%s: %s", source, classifier_note)
     return model.load_state_dict(state_dict, strict=strict and not own_classifier)

@@ -21,7 +21,7 @@ import torch
 
 from .selective_scan import refuse_double_backward, residuals_needed
 
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 EXTENSION = "defmamba_scan_cuda"
 ACCEPTS_HALF_INPUTS = True
@@ -35,7 +35,7 @@ def _extension():
     try:
         return importlib.import_module(EXTENSION)
     except ImportError as error:
-        _log.debug("%s not importable: %s", EXTENSION, error)
+        logger.debug("%s not importable: %s", EXTENSION, error)
         return None
 
 

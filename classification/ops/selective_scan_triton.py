@@ -41,7 +41,7 @@ except Exception as error:
     triton = None
     _IMPORT_ERROR = error
 
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 ACCEPTS_HALF_INPUTS = False
 INTERPRETER_MAX_CHUNK = 8  # the interpreter runs associative scans element by element in Python: short chunks
