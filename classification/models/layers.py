@@ -18,8 +18,10 @@ init pass (:func:`trunc_normal_init`) and the Mamba SSM both token mixers
 run (:func:`branch_ssm`), with its parameter helpers (dt rank, initialisation, the weight-decay exemption tag). The
 number of stages is each family's: DefMamba has four, DAMamba one per entry of its ``dims``.
 """
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +119,35 @@ def trunc_normal_init(module: nn.Module, weight_types: tuple[type[nn.Module], ..
         nn.init.zeros_(module.bias)
 
 
+@contextlib.contextmanager
+def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Puts back the BatchNorm running statistics (and batch counts) of ``module`` when the block ends: the backward's
+    recomputation of a checkpointed block runs its BatchNorms in train mode again, which would count each batch
+    twice. The recomputed outputs do not depend on them (train mode normalises with the batch's statistics)."""
+    buffers = [buffer for layer in module.modules()
+               if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats
+               for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked) if buffer is not None]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def _checkpoint_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    """``checkpoint``'s ``context_fn`` for ``block``: nothing around its forward; around the recomputation,
+    :func:`_batchnorm_statistics_kept`."""
+    return contextlib.nullcontext(), _batchnorm_statistics_kept(block)
+
+
 def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Tensor:
-    """Runs ``blocks`` in order, each under activation checkpointing when asked (and when autograd records)."""
+    """Runs ``blocks`` in order, each under activation checkpointing when asked (and when autograd records); the
+    backward's recomputation of a block leaves its BatchNorm statistics as the forward left them."""
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(block, x, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, block))
         else:
             x = block(x)
     return x
