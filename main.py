@@ -210,6 +210,12 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
     """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED, else the run's newest
     checkpoint; an error when there is none."""
     path, picked = config.MODEL.RESUME or config.MODEL.PRETRAINED, False
+    own = sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB), key=ckpt.modification_time)
+    if not config.MODEL.RESUME and config.MODEL.PRETRAINED and own:
+        # E.g. a fine-tuned run's config.yaml given as --cfg: its MODEL.PRETRAINED names the weights it started from.
+        logger.warning("--eval scores MODEL.PRETRAINED %s, not the checkpoints of the run's folder %s (newest: %s); to "
+                       "score those, give --resume CHECKPOINT or --opts MODEL.PRETRAINED ''", path, output_dir,
+                       own[-1].name)
     if not path:
         newest = newest_checkpoint(output_dir, ctx)
         if newest is None:

@@ -102,6 +102,12 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     assert "its classifier {'head.fc.weight': (2, 64), 'head.fc.bias': (2,)} does not fit" in log
     finetuned = ckpt.load_training_checkpoint(tmp_path / "defmamba_tiny" / "finetune" / ckpt.LATEST_NAME)
     assert finetuned["model"]["head.fc.weight"].shape == (3, 64)
+    assert "--eval scores MODEL.PRETRAINED" not in _log(tmp_path / "defmamba_tiny" / "pretrained", "eval")
+    # Its config.yaml as --cfg names the weights it started from: --eval says it scores those, not the run's own.
+    finetune_dir = tmp_path / "defmamba_tiny" / "finetune"
+    _run(data, tmp_path, "--eval", "--cfg", str(finetune_dir / "config.yaml"))
+    assert (f"--eval scores MODEL.PRETRAINED {run_dir / ckpt.LATEST_NAME}, not the checkpoints of the run's folder "
+            f"{finetune_dir} (newest: checkpoint_") in _log(finetune_dir, "eval")
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = _log(run_dir, "throughput")
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
