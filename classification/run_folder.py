@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
-from classification.config import SCALED_LR_KEYS, ConfigError, mesa_start_epoch
+from classification.config import MODEL_SECTIONS, SCALED_LR_KEYS, ConfigError, mesa_start_epoch
 from classification.data.build import MAX_LISTED_CLASSES
 from classification.engine import updates_before
 from classification.models import CheckpointError, has_ema_weights, load_checkpoint
@@ -60,6 +60,10 @@ LOCKS_UNSUPPORTED_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.
 # Keys that say where and how a run is executed, not what it trains: differences in them are not reported on resume.
 RUN_LOCATION_KEYS = frozenset({"OUTPUT", "TAG", "MODEL.RESUME", "TRAIN.AUTO_RESUME", "EVAL_MODE", "THROUGHPUT_MODE",
                                "PRINT_FREQ", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY"})
+
+
+# MODEL.<FAMILY> keys that regularise training without changing the model's design: they may change on resume.
+REGULARISATION_KEYS = frozenset({"DROP_RATE", "DROP_PATH_RATE"})
 
 
 class RunFolderBusyError(RuntimeError):
@@ -294,6 +298,28 @@ def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.Pa
         )
 
 
+def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.PathLike) -> None:
+    """A training checkpoint goes on training only as the model it was trained as: MODEL.TYPE and the design keys of
+    its MODEL.<FAMILY> section (all but :data:`REGULARISATION_KEYS`) must match the checkpoint run's config ``saved``.
+    Another design of the same shapes (a scan branch or deformable component switched, as the ablations do) would
+    load its weights without complaint. A key the checkpoint's config lacks (an older version) is not compared.
+
+    Raises:
+        TrainingCheckpointError: A design key differs; the message names each.
+    """
+    saved_items, items = _flat_items(saved), _flat_items(config)
+    section = f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, '')}."
+    design = ["MODEL.TYPE"] + [key for key in items
+                               if key.startswith(section) and key.removeprefix(section) not in REGULARISATION_KEYS]
+    changed = [f"{key} {saved_items[key]} -> {items[key]}" for key in design
+               if key in saved_items and saved_items[key] != items[key]]
+    if changed:
+        raise ckpt.TrainingCheckpointError(
+            f"checkpoint {path} was trained as another model ({'; '.join(changed)}): resumed, its weights would go on "
+            "training in a model they were not trained in. Give this design its own run folder (another --tag), or "
+            "start it from these weights with --pretrained")
+
+
 def check_same_classes(saved: list[str] | None, classes: list[str], path: str | os.PathLike) -> None:
     """A training checkpoint goes on training only on the class folders it was trained on: the labels are their
     indices in sorted order, so another set of folders (one renamed, added or missing) would silently give the images
@@ -329,7 +355,8 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = saved_config(checkpoint)
-    check_same_classes(trained_classes(checkpoint), state.classes, path)  # first: it says more than an image count
+    check_same_architecture(saved, config, path)
+    check_same_classes(trained_classes(checkpoint), state.classes, path)  # before: it says more than an image count
     check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size, state.train_images)
     epoch, step = checkpoint["epoch"], checkpoint["step"]
     num_updates = updates_before(epoch, step, updates_per_epoch, config.TRAIN.ACCUMULATION_STEPS)

@@ -604,11 +604,16 @@ def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail
     assert "nothing left to train: " in _log(second) and "and TRAIN.EPOCHS is 2 (raise it to train on)" in _log(second)
     assert (second / "config.yaml").read_text() == trained_config
 
-    # A checkpoint of another width: one line naming the file and the mismatched keys, exit status 2.
-    assert _run(data, tmp_path, "--tag", "wide", "--resume", outside, "--no-model-ema",
-                opts=("MODEL.DEFMAMBA.EMBED_DIM", "12")) == 2
-    assert re.search(rf"ERROR: {re.escape(outside)}: checkpoint does not fit DefMamba: \d+ shape mismatches",
-                     _log(tmp_path / "defmamba_tiny" / "wide"))
+    # A checkpoint of another design, another width or the same shapes (the learned scan order switched off, as Table
+    # 5's ablation): one line naming the file and the keys, exit status 2. Regularisation may change.
+    for tag, key, was, now in (("wide", "EMBED_DIM", "8", "12"), ("raster", "DEFORM_ORDER", "True", "False")):
+        assert _run(data, tmp_path, "--tag", tag, "--resume", outside, "--no-model-ema",
+                    opts=(f"MODEL.DEFMAMBA.{key}", now)) == 2
+        assert (f"ERROR: checkpoint {outside} was trained as another model (MODEL.DEFMAMBA.{key} {was} -> {now}): "
+                "resumed, its weights would go on training") in _log(tmp_path / "defmamba_tiny" / tag)
+    assert _run(data, tmp_path, "--tag", "regularised", "--resume", outside, "--no-model-ema",
+                opts=("MODEL.DEFMAMBA.DROP_PATH_RATE", "0.3", "TRAIN.EPOCHS", "2")) == 0
+    assert "MODEL.DEFMAMBA.DROP_PATH_RATE 0.2 -> 0.3" in _log(tmp_path / "defmamba_tiny" / "regularised")
     # A mid-epoch checkpoint resumed with another batch size: refused, with what to do.
     mid_epoch = ckpt.load_training_checkpoint(outside)
     mid_epoch["step"] = 1
@@ -646,8 +651,9 @@ def test_resume_refuses_other_class_folders(tmp_path):
                        r"train/ holds \(only in the checkpoint: 1; only here: 1x; 3 classes there, 3 here\): "
                        r"resumed, the images would get other labels.*--pretrained and another --tag"):
         check(["0", "1", "2"], ["0", "1x", "2"], "c.pth")
-    with pytest.raises(ckpt.TrainingCheckpointError, match=r"\(only in the checkpoint: 0, 1, 2, 3, 4, \.\.\. \(6 in all\); 12 "
-                       r"classes there, 6 here\)"):
+    with pytest.raises(ckpt.TrainingCheckpointError,
+                       match=r"\(only in the checkpoint: 0, 1, 2, 3, 4, \.\.\. \(6 in all\); 12 classes there, "
+                             r"6 here\)"):
         check([str(c) for c in range(12)], [str(c) for c in range(6, 12)], "c.pth")
     model = nn.Linear(4, 2)
     config = get_defaults()
