@@ -29,13 +29,20 @@ def assert_weights_equal(model: DefMamba, released: dict) -> None:
         assert torch.equal(ours[key], value), key
 
 
-@pytest.mark.parametrize("wrapper", ["bare", "model", "state_dict", "module_prefix"])
+# The key prefix of a torch.compile'd module (compiling is lazy: nothing is compiled here).
+COMPILED_PREFIX = next(iter(torch.compile(torch.nn.Linear(1, 1)).state_dict())).removesuffix("weight")
+
+
+@pytest.mark.parametrize("wrapper", ["bare", "model", "state_dict", "module_prefix", "compiled", "compiled_in_ddp"])
 def test_released_formats(released, wrapper):
     checkpoint = {
         "bare": released,
         "model": {"model": released, "epoch": 3, "optimizer": {}},
         "state_dict": {"state_dict": released},
         "module_prefix": {"model": {f"module.{key}": value for key, value in released.items()}},
+        # A torch.compile'd model's state dict, also inside DDP.
+        "compiled": {f"{COMPILED_PREFIX}{key}": value for key, value in released.items()},
+        "compiled_in_ddp": {f"module.{COMPILED_PREFIX}{key}": value for key, value in released.items()},
     }[wrapper]
     model = small_model()
     load_checkpoint(model, checkpoint)

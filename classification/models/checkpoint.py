@@ -39,7 +39,8 @@ MAX_LISTED_KEYS = 10  # how many problem keys an error message names before givi
 MOSTLY_FOREIGN_FRACTION = 0.5  # a failed load sharing fewer of the model's keys than this suggests another family
 STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
 EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
-DATA_PARALLEL_PREFIX = "module."
+# Key prefixes of wrapped models: (Distributed)DataParallel, and torch.compile (nested as the wrappers were).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _FILTERS: dict[type, CheckpointFilter] = {}
 
@@ -179,7 +180,8 @@ def _is_state_dict(candidate: object) -> bool:
 
 
 def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) -> dict[str, Tensor]:
-    """Unwraps the weights of a checkpoint dict and strips the ``module.`` prefix of (Distributed)DataParallel.
+    """Unwraps the weights of a checkpoint dict and strips the key prefixes of wrapped models
+    (:data:`WRAPPER_PREFIXES`: ``module.`` of (Distributed)DataParallel, ``_orig_mod.`` of ``torch.compile``).
 
     Args:
         checkpoint: A bare state dict, or a training checkpoint holding it under ``model`` / ``state_dict`` (and the
@@ -187,7 +189,7 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
         use_ema: Take the EMA weights; an error when the checkpoint has none.
 
     Returns:
-        The state dict, keys as stored apart from the prefix.
+        The state dict, keys as stored apart from the prefixes.
     """
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
@@ -206,10 +208,14 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
             f"no state dict found: expected a dict of tensors or one of the entries {STATE_DICT_ENTRIES}, "
             f"got entries {_listing(sorted(map(str, checkpoint)))}"
         )
-    return {
-        (key[len(DATA_PARALLEL_PREFIX):] if key.startswith(DATA_PARALLEL_PREFIX) else key): value
-        for key, value in state_dict.items()
-    }
+    return {_unwrapped_key(key): value for key, value in state_dict.items()}
+
+
+def _unwrapped_key(key: str) -> str:
+    """``key`` without the :data:`WRAPPER_PREFIXES` it starts with, however nested."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _trained_model_name(checkpoint: object) -> str | None:
