@@ -2,6 +2,10 @@
 
 The selective scan is the custom op ``defmamba::selective_scan`` under the compiler; the deformable ops are aten ops.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -10,6 +14,7 @@ from classification.models.registry import create_model
 from classification.ops import custom_ops, selective_scan_fn, selective_scan_ref
 from scan_cases import CASES, make_inputs
 
+REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
 BATCH, IMG_SIZE = 2, 32
 TINY = {
@@ -62,6 +67,28 @@ def test_export_captures_the_scan_as_one_op_and_round_trips(name):
         torch.testing.assert_close(exported.module()(x), model(x), rtol=RTOL, atol=ATOL)
         other = torch.randn(BATCH, 3, IMG_SIZE, IMG_SIZE)  # a different input: nothing was baked in
         torch.testing.assert_close(exported.module()(other), model(other), rtol=RTOL, atol=ATOL)
+
+
+def test_damamba_exports_with_dynamic_height_and_width_and_loads_in_a_fresh_process(tmp_path):
+    """One exported DAMamba takes any input size from 33 pixels on (a backbone for dense prediction), saved and loaded
+    where only the package is imported (which registers the scan op the program calls)."""
+    model = _model("damamba_tiny", "auto").eval()
+    dynamic = {"x": {2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+    torch.export.save(torch.export.export(model, (torch.randn(BATCH, 3, 40, 48),), dynamic_shapes=dynamic),
+                      tmp_path / "damamba.pt2")
+    other = torch.randn(BATCH, 3, 56, 36)  # another height and width than traced
+    with torch.no_grad():
+        torch.save({"input": other, "logits": model(other)}, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch, classification.models\n"
+        "program = torch.export.load(sys.argv[1])\n"
+        "expected = torch.load(sys.argv[2])\n"
+        f"torch.testing.assert_close(program.module()(expected['input']), expected['logits'], rtol={RTOL}, "
+        f"atol={ATOL})\n"
+    )
+    files = [str(tmp_path / "damamba.pt2"), str(tmp_path / "expected.pt")]
+    result = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=lambda case: case.id)

@@ -1,7 +1,8 @@
 """The selective scan as a ``torch.library`` custom op, so ``torch.compile`` and ``torch.export`` see one node.
 
 ``selective_scan_fn`` routes through ``torch.ops.defmamba.selective_scan`` while ``torch.compiler.is_compiling()``
-(dynamo and export tracing); eager calls never touch this module, so eager speed is unchanged.
+(dynamo and export tracing); eager calls never touch this module, so eager speed is unchanged. Importing
+:mod:`classification.ops` registers the op, which a ``torch.export`` program saved with it needs when loaded.
 
 - ``defmamba::selective_scan(u, delta, A, B, C, D?, delta_bias?, delta_softplus, backend) -> y`` runs the eager
   dispatcher (backend resolution, validation, the chosen backend) without building an autograd graph. Its fake

@@ -69,8 +69,10 @@ def bilinear_sample(features: Tensor, points: Tensor) -> Tensor:
     height, width = features.shape[-2:]
     grouped = rearrange(features, "b (g c) h w -> (b g) c h w", g=groups)
     # Pixel-index coordinates -> grid_sample's align_corners=False normalisation (pixel k spans [k - 0.5, k + 0.5]).
-    scale = points.new_tensor([2.0 / width, 2.0 / height])
-    grid = rearrange((points + 0.5) * scale - 1.0, "b g h w xy -> (b g) h w xy")
+    # Each coordinate scaled on its own (not by a tensor of the two scales): the sizes stay symbolic under export.
+    x, y = (points + 0.5).unbind(-1)
+    grid = rearrange(torch.stack((x * (2.0 / width) - 1.0, y * (2.0 / height) - 1.0), dim=-1),
+                     "b g h w xy -> (b g) h w xy")
     sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return rearrange(sampled, "(b g) c h w -> b (g c) h w", g=groups)
 

@@ -581,7 +581,7 @@ def selective_scan_fn(
     """
     _check_softplus_flag(delta_softplus)
     if torch.compiler.is_compiling():
-        from . import custom_ops  # registers the op on first use; imported here, custom_ops imports this module
+        from . import custom_ops  # imported here: custom_ops imports this module (the package imports both)
 
         return custom_ops.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
     return eager_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, backend)
