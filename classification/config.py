@@ -10,6 +10,7 @@ total batch.
 """
 import argparse
 import ast
+import difflib
 import os
 import re
 from pathlib import Path
@@ -202,11 +203,20 @@ def _section_not_key(section: CN, name: str) -> str:
     return f"{name} is a section, not a key; set one of its keys, e.g. {abbreviate(keys, MAX_LISTED_KEYS)}"
 
 
+def _unknown_key(source: str, full_key: str, prefix: str, name: str, section: CN) -> ConfigError:
+    """The error for ``full_key``, whose part ``name`` (after ``prefix``) ``section`` lacks, with the key it most
+    likely means when a key of ``section`` is close to ``name`` (a typo: MODEL.NUM_CLASS)."""
+    close = difflib.get_close_matches(str(name), list(section), n=1)
+    meant = f"{prefix}{close[0]}{full_key[len(prefix) + len(str(name)):]}" if close else full_key
+    hint = f"; did you mean {meant}?" if meant != full_key else ""
+    return ConfigError(f"{source}: unknown config key {full_key}{hint}")
+
+
 def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None:
     for key, value in overrides.items():
         full_key = f"{prefix}{key}"
         if key not in cfg:
-            raise ConfigError(f"{source}: unknown config key {full_key}")
+            raise _unknown_key(source, full_key, prefix, key, cfg)
         if isinstance(cfg[key], CN):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {_section_not_key(cfg[key], full_key)}, got {value!r}")
@@ -278,14 +288,14 @@ def _set_key(cfg: CN, full_key: str, value: Any, source: str, text: str | None =
     if full_key == YAML_BASE_KEY:
         raise ConfigError(f"{source}: {YAML_BASE_KEY} is only read inside a yaml file (the yaml files merged before "
                           "it); give the file with --cfg")
-    node = cfg
+    node, prefix = cfg, ""
     *parents, leaf = full_key.split(".")
     for part in parents:
         if part not in node or not isinstance(node[part], CN):
-            raise ConfigError(f"{source}: unknown config key {full_key}")
-        node = node[part]
+            raise _unknown_key(source, full_key, prefix, part, node)
+        node, prefix = node[part], f"{prefix}{part}."
     if leaf not in node:
-        raise ConfigError(f"{source}: unknown config key {full_key}")
+        raise _unknown_key(source, full_key, prefix, leaf, node)
     if isinstance(node[leaf], CN):
         raise ConfigError(f"{source}: {_section_not_key(node[leaf], full_key)}")
     if text is not None and isinstance(node[leaf], str) and not isinstance(value, str):

@@ -159,7 +159,7 @@ def test_a_run_config_spells_out_the_variants_architecture():
 def test_unknown_yaml_key_names_key_and_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("TRAIN:\n  EPOCS: 3\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*TRAIN\.EPOCS"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key TRAIN\.EPOCS; did you mean TRAIN\.EPOCHS\?"):
         get_config(_args(cfg=str(path)))
 
 
@@ -192,8 +192,16 @@ def test_missing_yaml_names_file(tmp_path):
 
 
 def test_unknown_opts_key_and_odd_opts():
-    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.NOPE"):
+    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.NOPE$"):  # nothing close: no guess
         get_config(_args(opts=["TRAIN.NOPE", "1"]))
+    # A typo gets the key it most likely means, in a section name too; a key that is not a section gets no guess.
+    for key, meant in (("MODEL.NUM_CLASS", "MODEL.NUM_CLASSES"), ("MODL.NUM_CLASSES", "MODEL.NUM_CLASSES"),
+                       ("TRAIN.EMA.DECAI", "TRAIN.EMA.DECAY")):
+        with pytest.raises(ConfigError, match=rf"--opts: unknown config key {re.escape(key)}; did you mean "
+                                              rf"{re.escape(meant)}\?"):
+            get_config(_args(opts=[key, "1"]))
+    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.BASE_LR\.X$"):
+        get_config(_args(opts=["TRAIN.BASE_LR.X", "1"]))
     with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         get_config(_args(opts=["TRAIN.EPOCHS"]))
 

@@ -114,6 +114,14 @@ def test_eval_labels_val_images_by_the_trained_class_list(tmp_path, caplog):
         build_eval_loader(config, 0, 1, pin_memory=False, trained_classes=trained)
 
 
+def test_too_few_training_images_for_one_batch_say_what_to_change(tmp_path):
+    root = make_image_folder(tmp_path, classes=2, train_per_class=3, val_per_class=1)
+    with pytest.raises(DatasetError, match=r"6 training images give no full batch of 4 per process over 2 "
+                                           r"process\(es\): give a smaller --batch-size \(DATA.BATCH_SIZE\)"):
+        build_loader(tiny_config(root), rank=0, world_size=2, pin_memory=False)
+    assert len(build_loader(tiny_config(root), rank=0, world_size=1, pin_memory=False).train_loader) == 1
+
+
 def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog):
     root = make_image_folder(tmp_path, classes=2, train_per_class=4, val_per_class=2)
     (root / "train" / "class0" / "1.png").write_bytes(b"not a png")

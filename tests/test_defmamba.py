@@ -104,6 +104,10 @@ def test_drop_path_rates_rise_linearly():
     model = DefMamba(embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.3, num_classes=5)
     rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.stages for block in stage.blocks]
     assert rates == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3])  # rate 0: identity
+    for rate in (-0.1, 1.0, 1.5):  # both families build their rates through the same function
+        for name in ("defmamba_tiny", "damamba_tiny"):
+            with pytest.raises(ValueError, match=rf"drop_path_rate must be in \[0, 1\), got {rate}"):
+                create_model(name, drop_path_rate=rate)
 
 
 def test_drop_rate_reaches_every_mlp():

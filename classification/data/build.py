@@ -321,7 +321,8 @@ def build_loader(config: CfgNode, rank: int, world_size: int, pin_memory: bool) 
                               **_loader_options(config, pin_memory))
     if len(train_loader) == 0:
         raise DatasetError(f"{len(train_set)} training images give no full batch of {config.DATA.BATCH_SIZE} "
-                           f"per process over {world_size} process(es)")
+                           f"per process over {world_size} process(es): give a smaller --batch-size "
+                           "(DATA.BATCH_SIZE), fewer processes or more images")
     return Data(train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
                 val_loader=_val_loader(config, val_set, rank, world_size, pin_memory), mixup_fn=build_mixup(config))
 

@@ -154,7 +154,13 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Te
 
 
 def linear_drop_path_rates(drop_path_rate: float, depths: tuple[int, ...]) -> list[list[float]]:
-    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over all blocks, split per stage."""
+    """Stochastic-depth rates rising linearly from 0 to ``drop_path_rate`` over all blocks, split per stage.
+
+    Raises:
+        ValueError: ``drop_path_rate`` is outside [0, 1) (a block dropped always, or never kept, trains nothing).
+    """
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     # Always computed on the CPU, so that building a model under a meta-device context (to count parameters) works.
     rates = torch.linspace(0, drop_path_rate, sum(depths), dtype=torch.float64, device="cpu").tolist()
     starts = [sum(depths[:stage]) for stage in range(len(depths))]
