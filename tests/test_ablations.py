@@ -104,6 +104,13 @@ def test_fixed_branch_orders_against_python_loops(height, width):
         scan_branch_order("deformable", height, width, 3)
 
 
+def test_a_local_window_of_one_is_accepted_and_scans_in_raster_order():
+    assert ScanOptions(branches=("local",), local_window=1).local_window == 1  # ">= 1" is the documented bound
+    assert scan_branch_order("local", 3, 4, 1).tolist() == list(range(12))
+    with pytest.raises(ValueError, match="local_window must be >= 1"):
+        ScanOptions(branches=("local",), local_window=0)
+
+
 @pytest.mark.parametrize("branch", ["forward", "backward", "continuous", "local"])
 def test_fixed_branch_scans_its_order_and_returns_to_raster(branch):
     """A one-branch DSSM equals: gather in the loop-built order, scan with the reference, scatter back."""

@@ -143,6 +143,18 @@ def test_within_an_epoch_the_further_step_wins_over_the_newer_file(tmp_path):
     assert path.name == ckpt.LATEST_NAME and position == (2, 3)
 
 
+def test_at_equal_positions_the_newest_file_wins(tmp_path):
+    older, newer = tmp_path / "checkpoint_b.pth", tmp_path / "checkpoint_a.pth"  # names sort against mtime
+    ckpt.atomic_save(make_training_checkpoint(2, 5), older)
+    ckpt.atomic_save(make_training_checkpoint(2, 5), newer)
+    os.utime(older, (1_000_000, 1_000_000))
+    os.utime(newer, (2_000_000, 2_000_000))
+    path, position = ckpt.find_resume_checkpoint(tmp_path)
+    assert path == newer and position == (2, 5)
+    os.utime(older, (3_000_000, 3_000_000))
+    assert ckpt.find_resume_checkpoint(tmp_path)[0] == older
+
+
 def test_a_bit_flip_in_tensor_data_is_caught_and_auto_resume_takes_the_previous_checkpoint(tmp_path, caplog,
                                                                                           flip_record_bit):
     ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
@@ -239,4 +251,19 @@ def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkey
 
     monkeypatch.setattr(torch, "load", load)
     with pytest.raises(ckpt.CheckpointAccessError, match=f"cannot read checkpoint .*{ckpt.LATEST_NAME}"):
+        ckpt.find_resume_checkpoint(tmp_path)
+
+
+def test_an_io_error_reading_a_checkpoint_stops_auto_resume(tmp_path, monkeypatch):
+    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
+    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
+    real_load = torch.load
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(ckpt.LATEST_NAME):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(ckpt.CheckpointAccessError, match="Input/output error"):
         ckpt.find_resume_checkpoint(tmp_path)

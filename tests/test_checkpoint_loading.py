@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from classification.models import CheckpointError, DefMamba, create_model, has_ema_weights, load_checkpoint
-from classification.models.checkpoint import key_rules, rename_key
+from classification.models.checkpoint import extract_state_dict, get_checkpoint_filter, key_rules, rename_key
 from classification.models.defmamba import checkpoint_filter_fn
 
 SMALL = dict(embed_dim=16, depths=(1, 1, 2, 1), num_classes=10)
@@ -47,6 +47,22 @@ def test_released_formats(released, wrapper):
     model = small_model()
     load_checkpoint(model, checkpoint)
     assert_weights_equal(model, released)
+
+
+def test_only_the_leading_wrapper_prefixes_are_stripped():
+    """DDP's module. and torch.compile's prefix go however nested at the start of a key; further in they stay (a
+    submodule may be called "module")."""
+    weight = torch.ones(2)
+    unwrapped = extract_state_dict({
+        f"module.{COMPILED_PREFIX}weight": weight,  # compiled inside DDP
+        f"{COMPILED_PREFIX}module.norm.weight": weight,  # DDP inside compiled
+        "module.bias": weight,
+        "module.blocks.module.weight": weight,
+        "stages.module.weight": weight,
+        f"head.{COMPILED_PREFIX}weight": weight,
+    })
+    assert list(unwrapped) == ["weight", "norm.weight", "bias", "blocks.module.weight", "stages.module.weight",
+                               f"head.{COMPILED_PREFIX}weight"]
 
 
 def test_use_ema_picks_the_ema_weights(released):
@@ -152,6 +168,20 @@ def test_new_classifier_keeps_the_models_own_when_the_class_count_differs(releas
     assert "is left out: the model has none (num_classes 0)" in caplog.text
 
 
+def test_new_classifier_loads_a_checkpoint_without_any_classifier(caplog):
+    source, target = small_model(), small_model(num_classes=9)
+    own_fc = {key: value.clone() for key, value in target.state_dict().items() if key.startswith("head.fc.")}
+    headless = {key: value for key, value in source.state_dict().items() if not key.startswith("head.fc.")}
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(target, headless, new_classifier=True)
+    assert "it holds no classifier: head.fc.* keeps its initialisation" in caplog.text
+    loaded = target.state_dict()
+    for key, value in headless.items():
+        assert torch.equal(loaded[key], value), key
+    for key, value in own_fc.items():
+        assert torch.equal(loaded[key], value), key
+
+
 def test_other_variant_fails_listing_the_shape_mismatches(released):
     with pytest.raises(CheckpointError, match=r"shape mismatches \[stem.conv1.weight"):
         load_checkpoint(small_model(embed_dim=32), released)
@@ -171,6 +201,20 @@ def test_missing_and_unexpected_keys_are_listed(released):
 def test_deeper_variant_misses_blocks(released):
     with pytest.raises(CheckpointError, match="missing keys"):
         load_checkpoint(small_model(depths=(1, 1, 3, 1)), released)
+
+
+def test_the_other_family_hint_needs_fewer_than_half_of_the_keys():
+    class Four(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)  # 4 keys
+
+    half = {key: value for key, value in Four().state_dict().items() if key.startswith("a.")}  # exactly 2 of 4
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(Four(), half)
+    assert "it holds only" not in str(error.value) and "2 missing keys" in str(error.value)
+    with pytest.raises(CheckpointError, match="it holds only 1 of the model's 4 keys"):
+        load_checkpoint(Four(), {"a.weight": half["a.weight"]})
 
 
 def test_converter_is_key_by_key_renaming(released):
@@ -202,6 +246,13 @@ def test_rename_key_takes_the_first_rule_matching_the_whole_key():
     assert rename_key("a.3.w", rules) == "b.3.w"  # both match: the first wins
     assert rename_key("a.3.wx", rules) == "c.4.wx"  # the first matches only a prefix
     assert rename_key("xa.3.w", rules) == "xa.3.w"  # no whole match: unchanged
+
+
+def test_a_subclass_of_a_registered_family_uses_its_checkpoint_filter():
+    class Tweaked(DefMamba):
+        pass
+
+    assert get_checkpoint_filter(Tweaked(**SMALL)) is checkpoint_filter_fn
 
 
 def test_timm_create_model_and_pretrained_filter(released):

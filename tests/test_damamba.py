@@ -70,6 +70,17 @@ def test_layerscale_and_drop_path_per_variant():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
+def test_every_layer_scale_starts_at_layerscale_init():
+    model = DAMamba(**SMALL, layerscale=(1, 3), layerscale_init=0.125)
+    for index, stage in enumerate(model.stages):
+        for block in stage.blocks:
+            for layer_scale in (block.ls1, block.ls2):
+                if index in (1, 3):
+                    assert torch.equal(layer_scale.gamma, torch.full_like(layer_scale.gamma, 0.125))
+                else:
+                    assert isinstance(layer_scale, torch.nn.Identity)
+
+
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
     model = _small("damamba_small", drop_path_rate=0.0).double().train()
     image = torch.randn(2, 3, 40, 56, dtype=torch.float64)

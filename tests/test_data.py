@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from classification.config import get_config
 from classification.data.build import (
-    DatasetError, DatasetNotFoundError, ResumableDistributedSampler, SafeImageFolder, ShardSampler, build_datasets,
-    build_eval_loader, build_loader, build_mixup, build_transform, sample_seed,
+    DatasetError, DatasetNotFoundError, ResumableDistributedSampler, SafeImageFolder, ShardSampler, _val_loader,
+    build_datasets, build_eval_loader, build_loader, build_mixup, build_transform, sample_seed,
 )
 from classification.data.digits import build_digits
 
@@ -226,6 +227,29 @@ def test_transforms_and_mixup_follow_the_config(tmp_path):
     mixup = build_mixup(config)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
             mixup.num_classes) == (0.3, 0.6, 0.7, 0.2, 0.05, 2)
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0)])
+def test_mixup_alone_or_cutmix_alone_is_still_applied(mixup, cutmix):
+    assert build_mixup(tiny_config("")) is None  # both off: no Mixup object
+    mix = build_mixup(tiny_config("", "AUG.MIXUP", str(mixup), "AUG.CUTMIX", str(cutmix)))
+    assert mix is not None and (mix.mixup_alpha, mix.cutmix_alpha) == (mixup, cutmix)
+
+
+def test_the_training_crop_scale_and_erasing_count_follow_the_config():
+    config = tiny_config("", "AUG.SCALE", "[0.5, 0.9]", "AUG.RECOUNT", "3")
+    steps = build_transform(config, is_train=True).transforms
+    crop = next(t for t in steps if type(t).__name__ == "RandomResizedCropAndInterpolation")
+    assert tuple(crop.scale) == (0.5, 0.9)
+    erasing = next(t for t in steps if isinstance(t, RandomErasing))
+    assert erasing.max_count == 3
+
+
+def test_the_validation_loader_keeps_the_last_partial_batch():
+    images = [(torch.full((3, 2, 2), float(i)), i % 2, 0) for i in range(5)]
+    loader = _val_loader(tiny_config("", "DATA.BATCH_SIZE", "2"), images, rank=0, world_size=1, pin_memory=False)
+    seen = torch.cat([batch[0][:, 0, 0, 0] for batch in loader])
+    assert seen.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # every image scored once, the fifth in a batch of one
 
 
 def test_augmentation_depends_only_on_the_sample_key(tmp_path):

@@ -100,6 +100,18 @@ def test_ssm_initialisation_and_no_weight_decay_tags():
     assert len(tagged) == 4 * 4
 
 
+def test_linear_layers_start_trunc_normal_002_with_zero_biases():
+    torch.manual_seed(0)
+    model = DefMamba(embed_dim=32, depths=(1, 1, 2, 1), num_classes=200)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    # timm's trunc_normal_(std=0.02) cuts at +-2 (absolute), far outside 0.02: the std stays 0.02.
+    assert weights.std().item() == pytest.approx(0.02, rel=0.05)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears if m.bias is not None)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
 def test_drop_path_rates_rise_linearly():
     model = DefMamba(embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.3, num_classes=5)
     rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.stages for block in stage.blocks]

@@ -307,6 +307,20 @@ def test_evaluate_top1_top5_match_hand_count():
     assert metrics["count"] == 10 and metrics["skipped_images"] == 3
 
 
+def test_top5_counts_a_target_ranked_exactly_fifth():
+    classes = 7
+    logits = torch.arange(classes, 0, -1, dtype=torch.float32).repeat(classes, 1)  # class c ranked c-th (0-based)
+    targets = torch.arange(classes)  # one image per rank 0..6
+
+    class Lookup(nn.Module):
+        def forward(self, index):
+            return logits[index.long()]
+
+    metrics = evaluate(Lookup(), [(torch.arange(classes), targets, 0)], torch.device("cpu"))
+    assert metrics["acc1"] == pytest.approx(100.0 / 7)
+    assert metrics["acc5"] == pytest.approx(100.0 * 5 / 7)
+
+
 def test_throughput_reports_rate_and_device():
     result = throughput(nn.Conv2d(3, 4, 3), batch_size=2, img_size=8, in_chans=3, device=torch.device("cpu"),
                         amp_dtype=None, iters=2, warmup_iters=1)

@@ -1,6 +1,8 @@
-"""model_flops: the released DefMamba counter's numbers, and what each switch adds."""
+"""model_flops: the released DefMamba counter's numbers, what each switch adds, its defaults, and that counting
+leaves the model as it was."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from classification.models import DefMamba, create_model
 from classification.models.defmamba import DSSM, selective_scan_fn
@@ -42,6 +44,36 @@ def test_switches_add_exactly_the_scan_and_the_sampling():
     assert full - model_flops(model, size, include_sampling=False) == sampling
     assert model.training  # restored
     assert all(module.scan_fn is selective_scan_fn for module in model.modules() if isinstance(module, DSSM))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_counting_flops_leaves_the_mode_and_the_scan_as_they_were(training):
+    model = DefMamba(embed_dim=8, depths=(1, 1, 1, 1), num_classes=5).train(training)
+    scan_fns = [module.scan_fn for module in model.modules() if hasattr(module, "scan_fn")]
+    model_flops(model, img_size=32)
+    assert all(module.training == training for module in model.modules())
+    assert [module.scan_fn for module in model.modules() if hasattr(module, "scan_fn")] == scan_fns
+
+
+class ConvThenSample(torch.nn.Module):
+    """No flops_include_* attributes: the documented defaults (both True) apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, kernel_size=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x)
+        grid = torch.zeros(y.shape[0], 3, 5, 2, dtype=y.dtype)
+        return F.grid_sample(y, grid, align_corners=True)
+
+
+def test_a_model_without_the_class_attributes_counts_the_sampling():
+    model = ConvThenSample()
+    default = model_flops(model, img_size=4)
+    without = model_flops(model, img_size=4, include_sampling=False)
+    assert without == 2 * 4 * 4  # the 1x1 conv: one multiply-add per output element
+    assert default == model_flops(model, img_size=4, include_sampling=True) > without
 
 
 def test_a_model_on_the_meta_device_is_explained():

@@ -177,6 +177,42 @@ def test_forward_intermediates(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_forward_intermediates_norm_applies_the_head_norm_to_the_last_stage_only(name):
+    model = copy.deepcopy(small_model(name)).double().eval()
+    x = image().double()
+    with torch.no_grad():
+        raw = model.forward_intermediates(x, intermediates_only=True)
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+    assert len(normed) == NUM_STAGES
+    for index in range(NUM_STAGES - 1):  # stages before the last come out untouched
+        torch.testing.assert_close(normed[index], raw[index], rtol=0, atol=0)
+    last = raw[-1]
+    if name.startswith("defmamba"):  # LayerNorm over channels with the head's weight and bias, written out
+        norm = model.head.norm
+        mean = last.mean(dim=1, keepdim=True)
+        var = last.var(dim=1, unbiased=False, keepdim=True)
+        expected = (last - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+    else:  # DAMamba's head has no norm
+        expected = last
+    torch.testing.assert_close(normed[-1], expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stop_early_runs_no_stage_after_the_last_taken_one(name):
+    model = small_model(name).eval()
+    calls = []
+    hooks = [stage.register_forward_hook(lambda module, inputs, output, i=i: calls.append(i))
+             for i, stage in enumerate(model.stages)]
+    try:
+        with torch.no_grad():
+            model.forward_intermediates(image(), indices=[1], stop_early=True, intermediates_only=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_head_is_norm_pool_classifier(name):
     """``model.head(x)`` is ``forward_head(x)``: the release's norm (DefMamba: LayerNorm over channels; DAMamba: none),
     the spatial mean, then ``fc``."""
@@ -226,6 +262,18 @@ def test_classifier_reset_and_pruning(name):
                            rf"{model.feature_info[1]['num_chs']} features its head \(built for "
                            rf"{model.num_features}\) cannot take: call forward_intermediates"):
             model(image())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reset_classifier_gives_a_trunc_normal_classifier_in_the_models_dtype(name):
+    model = copy.deepcopy(small_model(name)).double().eval()
+    model.reset_classifier(300)
+    fc = model.get_classifier()
+    assert fc.weight.dtype == torch.float64 and fc.weight.shape == (300, model.num_features)
+    assert fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+    with torch.no_grad():
+        assert model(image().double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize("name", MODELS)
