@@ -238,32 +238,21 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path):
         ckpt.load_training_checkpoint(tmp_path)
 
 
-def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkeypatch):
-    """Falling back to an older checkpoint would overwrite the newer progress of a file that is only unreadable now."""
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EIO, "Input/output error")], ids=["permission", "io"])
+def test_a_checkpoint_that_cannot_be_accessed_stops_auto_resume(tmp_path, monkeypatch, error):
+    """Falling back to an older checkpoint would overwrite the newer progress of a file that is only unreadable now
+    (no permission, or an I/O error of the disk)."""
     ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
     ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
     real_load = torch.load
 
     def load(path, *args, **kwargs):
         if str(path).endswith(ckpt.LATEST_NAME):
-            raise PermissionError(13, "Permission denied", str(path))
+            raise error
         return real_load(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", load)
-    with pytest.raises(ckpt.CheckpointAccessError, match=f"cannot read checkpoint .*{ckpt.LATEST_NAME}"):
-        ckpt.find_resume_checkpoint(tmp_path)
-
-
-def test_an_io_error_reading_a_checkpoint_stops_auto_resume(tmp_path, monkeypatch):
-    ckpt.atomic_save(make_training_checkpoint(1, 0), tmp_path / "checkpoint_epoch0000.pth")
-    ckpt.atomic_save(make_training_checkpoint(2, 0), tmp_path / ckpt.LATEST_NAME)
-    real_load = torch.load
-
-    def load(path, *args, **kwargs):
-        if str(path).endswith(ckpt.LATEST_NAME):
-            raise OSError(errno.EIO, "Input/output error", str(path))
-        return real_load(path, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", load)
-    with pytest.raises(ckpt.CheckpointAccessError, match="Input/output error"):
+    with pytest.raises(ckpt.CheckpointAccessError,
+                       match=f"cannot read checkpoint .*{ckpt.LATEST_NAME}.*{error.strerror}"):
         ckpt.find_resume_checkpoint(tmp_path)

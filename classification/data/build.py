@@ -354,9 +354,9 @@ def label_by_trained_classes(val_set: SafeImageFolder, trained_classes: Sequence
     index = {name: label for label, name in enumerate(trained_classes)}
     unknown = [name for name in val_set.classes if name not in index]
     if unknown:
-        raise DatasetError(f"{root} holds classes the weights were not trained on: {abbreviate(unknown, MAX_LISTED_CLASSES)} "
-                           f"({len(unknown)} of {len(val_set.classes)}; they were trained on {len(trained_classes)} "
-                           "classes)")
+        listed = abbreviate(unknown, MAX_LISTED_CLASSES)
+        raise DatasetError(f"{root} holds classes the weights were not trained on: {listed} ({len(unknown)} of "
+                           f"{len(val_set.classes)}; they were trained on {len(trained_classes)} classes)")
     if val_set.classes != list(trained_classes):
         logger.info("%s holds %d of the %d classes the weights were trained on: labelled by the trained class list",
                     root, len(val_set.classes), len(trained_classes))
