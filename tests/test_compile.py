@@ -2,6 +2,7 @@
 
 The selective scan is the custom op ``defmamba::selective_scan`` under the compiler; the deformable ops are aten ops.
 """
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,27 @@ def test_fullgraph_compile_gives_the_eager_logits_and_gradients(name, backend):
         # Relative to each gradient's own scale: in this tiny model some (dt_proj, dt_bias) are ~1e-10.
         torch.testing.assert_close(compiled_grads[param_name], grad, rtol=RTOL, atol=RTOL * grad.abs().max().item(),
                                    msg=param_name)
+
+
+def test_fullgraph_compile_with_gradient_checkpointing_gives_the_eager_results_and_batchnorm_statistics():
+    """DAMamba (the family with BatchNorm), checkpointed and compiled: the logits, gradients and running statistics of
+    the eager model without checkpointing (the compiler recomputes in its backward graph, updating no buffer)."""
+    torch._dynamo.reset()
+    model = _model("damamba_tiny", "torch").train()
+    eager = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(BATCH, 3, IMG_SIZE, IMG_SIZE)
+    compiled_logits, compiled_grads = _logits_and_grads(model, torch.compile(model, fullgraph=True,
+                                                                             backend="aot_eager"), x)
+    logits, grads = _logits_and_grads(eager, eager, x)
+    torch.testing.assert_close(compiled_logits, logits, rtol=RTOL, atol=ATOL)
+    for param_name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[param_name], grad, rtol=RTOL, atol=RTOL * grad.abs().max().item(),
+                                   msg=param_name)
+    eager_buffers = dict(eager.named_buffers())
+    assert any(name.endswith("num_batches_tracked") for name in eager_buffers)
+    for buffer_name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, eager_buffers[buffer_name], rtol=RTOL, atol=ATOL, msg=buffer_name)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -146,10 +146,14 @@ def run_blocks(blocks: nn.Sequential, x: Tensor, grad_checkpointing: bool) -> Te
     """Runs ``blocks`` in order, each under activation checkpointing when asked (and when autograd records); the
     backward's recomputation of a block leaves its BatchNorm statistics as the forward left them."""
     for block in blocks:
-        if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            x = checkpoint(block, x, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, block))
-        else:
+        if not (grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()):
             x = block(x)
+        elif torch.compiler.is_compiling():
+            # The compiler recomputes inside the backward graph, without the forward's buffer updates (and takes only
+            # dispatch modes as context_fn).
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = checkpoint(block, x, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, block))
     return x
 
 
