@@ -57,6 +57,7 @@ from classification.run_folder import (
     Position,
     RunFolderBusyError,
     TrainingState,
+    check_same_design,
     choose_resume_checkpoint,
     finish_epoch,
     in_run_folder,
@@ -210,12 +211,13 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
     """Loads the weights ``--eval`` scores into ``model``: MODEL.RESUME, else MODEL.PRETRAINED, else the run's newest
     checkpoint; an error when there is none."""
     path, picked = config.MODEL.RESUME or config.MODEL.PRETRAINED, False
-    own = sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB), key=ckpt.modification_time)
-    if not config.MODEL.RESUME and config.MODEL.PRETRAINED and own:
+    if not config.MODEL.RESUME and config.MODEL.PRETRAINED and not in_run_folder(path, output_dir):
         # E.g. a fine-tuned run's config.yaml given as --cfg: its MODEL.PRETRAINED names the weights it started from.
-        logger.warning("--eval scores MODEL.PRETRAINED %s, not the checkpoints of the run's folder %s (newest: %s); to "
-                       "score those, give --resume CHECKPOINT or --opts MODEL.PRETRAINED ''", path, output_dir,
-                       own[-1].name)
+        own = sorted(output_dir.glob(ckpt.CHECKPOINT_GLOB), key=ckpt.modification_time)
+        if own:
+            logger.warning("--eval scores MODEL.PRETRAINED %s, not the checkpoints of the run's folder %s (newest: "
+                           "%s); to score those, give --resume CHECKPOINT or --opts MODEL.PRETRAINED ''", path,
+                           output_dir, own[-1].name)
     if not path:
         newest = newest_checkpoint(output_dir, ctx)
         if newest is None:
@@ -224,6 +226,7 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
         path, picked = newest[0], True
         logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
     checkpoint = read_checkpoint(path, check_crc=not picked)  # the pick's records were just checked
+    check_same_design(checkpoint, config, path)  # weights of another design of the same shapes would load silently
     load_weights(model, checkpoint, path)
     logger.info("loaded weights from %s", path)
     classes = trained_classes(checkpoint)

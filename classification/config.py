@@ -205,11 +205,24 @@ def _section_not_key(section: CN, name: str) -> str:
 
 def _unknown_key(source: str, full_key: str, prefix: str, name: str, section: CN) -> ConfigError:
     """The error for ``full_key``, whose part ``name`` (after ``prefix``) ``section`` lacks, with the key it most
-    likely means when a key of ``section`` is close to ``name`` (a typo: MODEL.NUM_CLASS)."""
-    close = difflib.get_close_matches(str(name), list(section), n=1)
-    meant = f"{prefix}{close[0]}{full_key[len(prefix) + len(str(name)):]}" if close else full_key
-    hint = f"; did you mean {meant}?" if meant != full_key else ""
+    likely means: ``name`` replaced by the key of ``section`` closest to it in any case (a typo: MODEL.NUM_CLASS,
+    MODEL.num_classes), when that names something the config has."""
+    by_upper = {str(key).upper(): key for key in section}
+    close = difflib.get_close_matches(str(name).upper(), list(by_upper), n=1)
+    rest = full_key[len(prefix) + len(str(name)):]  # what follows a section's name (".NUM_CLASSES"), else ""
+    hint = ""
+    if close and _has_path(section[by_upper[close[0]]], rest):
+        hint = f"; did you mean {prefix}{by_upper[close[0]]}{rest}?"
     return ConfigError(f"{source}: unknown config key {full_key}{hint}")
+
+
+def _has_path(node: Any, rest: str) -> bool:
+    """Whether the dotted path ``rest`` ("" for ``node`` itself) leads from ``node`` to a key or section."""
+    for part in filter(None, rest.split(".")):
+        if not isinstance(node, CN) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _merge_dict(cfg: CN, overrides: dict, source: str, prefix: str = "") -> None:

@@ -32,7 +32,7 @@ from yacs.config import CfgNode
 from classification.config import MODEL_SECTIONS, SCALED_LR_KEYS, ConfigError, mesa_start_epoch
 from classification.data.build import MAX_LISTED_CLASSES
 from classification.engine import updates_before
-from classification.models import CheckpointError, has_ema_weights, load_checkpoint
+from classification.models import CheckpointError, has_ema_weights, load_checkpoint, with_variant_values
 from classification.utils import checkpoint as ckpt
 from classification.utils.distributed import DistributedContext, all_gather_objects, broadcast_object, on_main_rank
 from classification.utils.messages import abbreviate
@@ -299,14 +299,18 @@ def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.Pa
 
 
 def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.PathLike) -> None:
-    """A training checkpoint goes on training only as the model it was trained as: MODEL.TYPE and the design keys of
-    its MODEL.<FAMILY> section (all but :data:`REGULARISATION_KEYS`) must match the checkpoint run's config ``saved``.
+    """A checkpoint of ours is resumed or evaluated only as the model it was trained as: MODEL.TYPE and the design
+    keys of its MODEL.<FAMILY> section (all but :data:`REGULARISATION_KEYS`) must match the checkpoint run's config
+    ``saved``.
     Another design of the same shapes (a scan branch or deformable component switched, as the ablations do) would
-    load its weights without complaint. A key the checkpoint's config lacks (an older version) is not compared.
+    load its weights without complaint. The variant's values stand for keys left at None (configs saved before they
+    were spelled out); a key the checkpoint's config lacks (an older version) is not compared.
 
     Raises:
         TrainingCheckpointError: A design key differs; the message names each.
     """
+    if saved.MODEL.TYPE == config.MODEL.TYPE:
+        saved = with_variant_values(saved)
     saved_items, items = _flat_items(saved), _flat_items(config)
     section = f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, '')}."
     design = ["MODEL.TYPE"] + [key for key in items
@@ -315,9 +319,16 @@ def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.Path
                if key in saved_items and saved_items[key] != items[key]]
     if changed:
         raise ckpt.TrainingCheckpointError(
-            f"checkpoint {path} was trained as another model ({'; '.join(changed)}): resumed, its weights would go on "
-            "training in a model they were not trained in. Give this design its own run folder (another --tag), or "
-            "start it from these weights with --pretrained")
+            f"checkpoint {path} was trained as another model ({'; '.join(changed)}): its weights belong to that "
+            "design. Build that one (its run's config.yaml as --cfg), or train this design in its own run folder "
+            "(another --tag), from these weights with --pretrained if wanted")
+
+
+def check_same_design(checkpoint: object, config: CfgNode, path: str | os.PathLike) -> None:
+    """:func:`check_same_architecture` for a checkpoint that carries its run's config (ours: training checkpoints and
+    ``model_ema.pth``); other weights (released ones, bare state dicts) are not checked."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), str):
+        check_same_architecture(saved_config(checkpoint), config, path)
 
 
 def check_same_classes(saved: list[str] | None, classes: list[str], path: str | os.PathLike) -> None:

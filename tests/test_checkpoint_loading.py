@@ -49,9 +49,9 @@ def test_released_formats(released, wrapper):
     assert_weights_equal(model, released)
 
 
-def test_only_the_leading_wrapper_prefixes_are_stripped():
-    """DDP's module. and torch.compile's prefix go however nested at the start of a key; further in they stay (a
-    submodule may be called "module")."""
+def test_wrapper_prefixes_are_stripped_where_they_can_be_told_apart_from_module_names():
+    """DDP's module. and torch.compile's prefix go however nested at the start of a key; further in, module. stays (a
+    submodule may be called "module") and the compile prefix of a submodule compiled on its own goes."""
     weight = torch.ones(2)
     unwrapped = extract_state_dict({
         f"module.{COMPILED_PREFIX}weight": weight,  # compiled inside DDP
@@ -59,10 +59,10 @@ def test_only_the_leading_wrapper_prefixes_are_stripped():
         "module.bias": weight,
         "module.blocks.module.weight": weight,
         "stages.module.weight": weight,
-        f"head.{COMPILED_PREFIX}weight": weight,
+        f"stages.0.{COMPILED_PREFIX}blocks.0.weight": weight,  # model.stages[0] = torch.compile(model.stages[0])
     })
     assert list(unwrapped) == ["weight", "norm.weight", "bias", "blocks.module.weight", "stages.module.weight",
-                               f"head.{COMPILED_PREFIX}weight"]
+                               "stages.0.blocks.0.weight"]
 
 
 def test_use_ema_picks_the_ema_weights(released):

@@ -196,12 +196,13 @@ def test_unknown_opts_key_and_odd_opts():
         get_config(_args(opts=["TRAIN.NOPE", "1"]))
     # A typo gets the key it most likely means, in a section name too; a key that is not a section gets no guess.
     for key, meant in (("MODEL.NUM_CLASS", "MODEL.NUM_CLASSES"), ("MODL.NUM_CLASSES", "MODEL.NUM_CLASSES"),
-                       ("TRAIN.EMA.DECAI", "TRAIN.EMA.DECAY")):
+                       ("TRAIN.EMA.DECAI", "TRAIN.EMA.DECAY"), ("MODEL.num_classes", "MODEL.NUM_CLASSES")):
         with pytest.raises(ConfigError, match=rf"--opts: unknown config key {re.escape(key)}; did you mean "
                                               rf"{re.escape(meant)}\?"):
             get_config(_args(opts=[key, "1"]))
-    with pytest.raises(ConfigError, match=r"unknown config key TRAIN\.BASE_LR\.X$"):
-        get_config(_args(opts=["TRAIN.BASE_LR.X", "1"]))
+    for key in ("TRAIN.BASE_LR.X", "MODL.FOO"):  # the likely section has no such key: no guess
+        with pytest.raises(ConfigError, match=rf"unknown config key {re.escape(key)}$"):
+            get_config(_args(opts=[key, "1"]))
     with pytest.raises(ConfigError, match="KEY VALUE pairs"):
         get_config(_args(opts=["TRAIN.EPOCHS"]))
 

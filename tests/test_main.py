@@ -103,6 +103,9 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
     finetuned = ckpt.load_training_checkpoint(tmp_path / "defmamba_tiny" / "finetune" / ckpt.LATEST_NAME)
     assert finetuned["model"]["head.fc.weight"].shape == (3, 64)
     assert "--eval scores MODEL.PRETRAINED" not in _log(tmp_path / "defmamba_tiny" / "pretrained", "eval")
+    # MODEL.PRETRAINED one of the run's own checkpoints: nothing to warn of.
+    assert _run(data, tmp_path, "--eval", "--no-model-ema", "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 0
+    assert "--eval scores MODEL.PRETRAINED" not in _log(run_dir, "eval")
     # Its config.yaml as --cfg names the weights it started from: --eval says it scores those, not the run's own.
     finetune_dir = tmp_path / "defmamba_tiny" / "finetune"
     _run(data, tmp_path, "--eval", "--cfg", str(finetune_dir / "config.yaml"))
@@ -610,7 +613,11 @@ def test_rerunning_with_an_outside_resume_continues_the_run_and_bad_resumes_fail
         assert _run(data, tmp_path, "--tag", tag, "--resume", outside, "--no-model-ema",
                     opts=(f"MODEL.DEFMAMBA.{key}", now)) == 2
         assert (f"ERROR: checkpoint {outside} was trained as another model (MODEL.DEFMAMBA.{key} {was} -> {now}): "
-                "resumed, its weights would go on training") in _log(tmp_path / "defmamba_tiny" / tag)
+                "its weights belong to that design") in _log(tmp_path / "defmamba_tiny" / tag)
+    # --eval of it as the other design is refused the same way (its weights would be scored in a model they do not fit).
+    assert _run(data, tmp_path, "--eval", "--tag", "raster", "--resume", outside, "--no-model-ema",
+                opts=("MODEL.DEFMAMBA.DEFORM_ORDER", "False")) == 2
+    assert f"checkpoint {outside} was trained as another model" in _log(tmp_path / "defmamba_tiny" / "raster", "eval")
     assert _run(data, tmp_path, "--tag", "regularised", "--resume", outside, "--no-model-ema",
                 opts=("MODEL.DEFMAMBA.DROP_PATH_RATE", "0.3", "TRAIN.EPOCHS", "2")) == 0
     assert "MODEL.DEFMAMBA.DROP_PATH_RATE 0.2 -> 0.3" in _log(tmp_path / "defmamba_tiny" / "regularised")
@@ -639,6 +646,24 @@ def test_a_dataset_error_in_a_loader_worker_is_one_line(data, tmp_path, isolated
     assert _run(unreadable, tmp_path, "--no-model-ema", opts=("DATA.NUM_WORKERS", "1")) == 2
     errors = [line for line in _log(tmp_path / "defmamba_tiny" / "default").splitlines() if " ERROR: " in line]
     assert len(errors) == 1 and errors[0].endswith("every file failed to open or decode"), errors
+
+
+def test_resume_compares_the_design_with_the_variants_values_standing_for_unset_keys():
+    """A checkpoint's config from before the variant's values were spelled out (keys at None) is the same design as
+    today's spelled-out config of that variant; a switched scan component is not, nor another family."""
+    check = run_folder.check_same_architecture
+    spelled_out = main.resolve_model_config(get_config(argparse.Namespace(), world_size=1))  # defmamba_tiny
+    unset = get_defaults()  # EMBED_DIM, DEPTHS, DROP_PATH_RATE at None
+    assert unset.MODEL.DEFMAMBA.EMBED_DIM is None and spelled_out.MODEL.DEFMAMBA.EMBED_DIM == 48
+    check(unset, spelled_out, "old.pth")
+    switched = get_config(argparse.Namespace(opts=["MODEL.DEFMAMBA.OFFSET_BIAS", "False"]), world_size=1)
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"old\.pth was trained as another model "
+                                                         r"\(MODEL\.DEFMAMBA\.OFFSET_BIAS True -> False\)"):
+        check(unset, main.resolve_model_config(switched), "old.pth")
+    damamba = get_config(argparse.Namespace(opts=["MODEL.TYPE", "damamba", "MODEL.NAME", "damamba_tiny"]),
+                         world_size=1)
+    with pytest.raises(ckpt.TrainingCheckpointError, match=r"MODEL\.TYPE defmamba -> damamba"):
+        check(unset, main.resolve_model_config(damamba), "old.pth")
 
 
 def test_resume_refuses_other_class_folders(tmp_path):

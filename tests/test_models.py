@@ -128,7 +128,7 @@ def test_grad_checkpointing_gives_identical_outputs_and_gradients(name):
         torch.testing.assert_close(checkpointed_grads[param_name], grad, rtol=1e-5, atol=1e-7, msg=param_name)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [name for name in MODELS if name.startswith("damamba")])  # the family with BatchNorm
 def test_grad_checkpointing_counts_each_batch_once_in_the_batchnorm_statistics(name):
     """The backward's recomputation runs a block's BatchNorms (DAMamba's) in train mode again: the running statistics
     and batch counts must still be those of one forward, as without checkpointing."""
@@ -139,10 +139,9 @@ def test_grad_checkpointing_counts_each_batch_once_in_the_batchnorm_statistics(n
         for _ in range(2):
             model(image()).square().mean().backward()
     plain_buffers = dict(plain.named_buffers())
+    assert any(buffer_name.endswith("num_batches_tracked") for buffer_name in plain_buffers)
     for buffer_name, buffer in checkpointed.named_buffers():
         torch.testing.assert_close(buffer, plain_buffers[buffer_name], rtol=1e-6, atol=1e-7, msg=buffer_name)
-    if name.startswith("damamba"):  # the family with BatchNorm
-        assert any(buffer_name.endswith("num_batches_tracked") for buffer_name in plain_buffers)
 
 
 @pytest.mark.parametrize("name", MODELS)

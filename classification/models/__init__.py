@@ -3,4 +3,4 @@ from .checkpoint import CheckpointError, has_ema_weights, load_checkpoint, read_
 from .registry import create_model, is_model, list_models, register_model
 from .defmamba import DefMamba
 from .damamba import DAMamba
-from .build import build_model, resolve_model_config
+from .build import build_model, resolve_model_config, with_variant_values

@@ -96,12 +96,22 @@ def resolve_model_config(config: CfgNode) -> CfgNode:
         model = build_model(config)
     if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
         _check_training_batch(model, config)
+    return with_variant_values(config)
+
+
+def with_variant_values(config: CfgNode) -> CfgNode:
+    """``config`` (frozen copy) with its ``MODEL.<TYPE>`` keys left at None set to the ``MODEL.NAME`` variant's
+    values; a key the config lacks (one written by an older version) stays absent.
+
+    Raises:
+        ConfigError: MODEL.TYPE names no model family.
+    """
     section, keys = _family_keys(config)
     resolved = config.clone()
     resolved.defrost()
     variant_args = VARIANT_ARGS.get(config.MODEL.NAME, {})
     for key, argument in keys.items():
-        if resolved.MODEL[section][key] is None and argument in variant_args:
+        if resolved.MODEL[section].get(key, False) is None and argument in variant_args:
             value = variant_args[argument]
             resolved.MODEL[section][key] = list(value) if isinstance(value, tuple) else value
     resolved.freeze()

@@ -40,7 +40,8 @@ MOSTLY_FOREIGN_FRACTION = 0.5  # a failed load sharing fewer of the model's keys
 STATE_DICT_ENTRIES = ("model", "state_dict")  # where training checkpoints keep the weights, in order of preference
 EMA_STATE_DICT_ENTRIES = ("model_ema", "state_dict_ema")
 # Key prefixes of wrapped models: (Distributed)DataParallel, and torch.compile (nested as the wrappers were).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+DATA_PARALLEL_PREFIX, COMPILED_PREFIX = "module.", "_orig_mod."
+WRAPPER_PREFIXES = (DATA_PARALLEL_PREFIX, COMPILED_PREFIX)
 
 _FILTERS: dict[type, CheckpointFilter] = {}
 
@@ -212,10 +213,11 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
 
 
 def _unwrapped_key(key: str) -> str:
-    """``key`` without the :data:`WRAPPER_PREFIXES` it starts with, however nested."""
+    """``key`` without the :data:`WRAPPER_PREFIXES` it starts with, however nested, and without the ``_orig_mod.``
+    of a submodule compiled on its own (``stages.0._orig_mod.blocks...``; no model has a module of that name)."""
     while key.startswith(WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
-    return key
+    return key.replace(f".{COMPILED_PREFIX}", ".")
 
 
 def _trained_model_name(checkpoint: object) -> str | None:

@@ -125,7 +125,7 @@ if triton is not None:
     @triton.jit
     def _exp_float32(x):
         """exp(x) of a float32 tensor to a few ulp, for softplus and its derivative (once per step and channel). On a
-        GPU tl.exp is ex2.approx of x * log2(e) rounded to float32, off by up to |x| / 2 ulp (17 at x = -30; the
+        GPU tl.exp is ex2.approx of x * log2(e) rounded to float32, off by up to |x| ulp (17 at x = -30; the
         decays exp(dt * A) keep it: the size of the rounding already in dt * A). Here x = n ln 2 + r with n an integer
         and |r| <= ln 2 / 2 taken exactly (Cody and Waite), so only tl.exp(r)'s ~2 ulp remain, times 2^n built from
         its bits. Past |x| = 87 (0 or inf ahead, and NaN) tl.exp(x) as it is."""
