@@ -159,6 +159,10 @@ def test_release_initialisation():
     assert mixer.dt_proj.weight.abs().max() <= mixer.dt_rank ** -0.5
     assert torch.equal(mixer.offset.proj.bias, torch.zeros_like(mixer.offset.proj.bias))
     assert 0.01 < mixer.offset.proj.weight.std() < 0.03  # the model-wide trunc-normal(0.02) pass, not zeros
+    # Every conv of the model too (the release's pass covers convs and linears): zero biases, std 0.02 weights.
+    convs = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
+    assert all(not conv.bias.any() for conv in convs if conv.bias is not None)
+    assert torch.cat([conv.weight.detach().flatten() for conv in convs]).std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.equal(model.stages[3].blocks[0].ls2.gamma, torch.full((64,), 1e-6))
     for param in (mixer.A_log, mixer.D, mixer.dt_bias):
         assert param._no_weight_decay

@@ -11,7 +11,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from classification.config import ConfigError, get_config
-from classification.engine import NonFiniteLossError, TrainingStopped, evaluate, throughput, train_one_epoch
+from classification.engine import (
+    NonFiniteLossError,
+    TrainingStopped,
+    evaluate,
+    throughput,
+    train_one_epoch,
+    warn_if_slow_autocast,
+)
 from classification.lr_scheduler import build_scheduler
 from classification.models import build_model
 from classification.optim import build_optimizer, split_weight_decay
@@ -358,3 +365,13 @@ def test_fp16_gradients_are_unscaled_before_they_are_measured_and_clipped():
                                        torch.device("cpu"), 0, 1, clip_grad=0.5, amp_dtype=amp_dtype, print_freq=100))
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-2)
     torch.testing.assert_close(half.fc.weight, full.fc.weight, rtol=1e-2, atol=1e-3)
+
+
+def test_only_fp16_autocast_on_the_cpu_is_warned_about_as_slow(caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with caplog.at_level(logging.WARNING):
+        for device, amp_dtype in ((cpu, None), (cpu, torch.bfloat16), (cuda, torch.float16), (cuda, torch.bfloat16)):
+            warn_if_slow_autocast(device, amp_dtype)
+        assert not caplog.records
+        warn_if_slow_autocast(cpu, torch.float16)
+    assert "AMP fp16 on the CPU: autocast to float16 runs slowly" in caplog.text

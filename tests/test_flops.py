@@ -3,9 +3,11 @@ leaves the model as it was."""
 import pytest
 import torch
 import torch.nn.functional as F
+from fvcore.nn import FlopCountAnalysis
 
-from classification.models import DefMamba, create_model
+from classification.models import DAMamba, DefMamba, create_model
 from classification.models.defmamba import DSSM, selective_scan_fn
+from classification.models.layers import POOL_ADAPTIVE_AVG, POOL_MEAN, PooledLinearHead
 from classification.utils.flops import model_flops, selective_scan_flops
 
 RELEASED_GFLOPS = {"defmamba_tiny": 1.29, "defmamba_small": 5.01, "defmamba_base": 8.93}
@@ -81,3 +83,19 @@ def test_a_model_on_the_meta_device_is_explained():
         model = create_model("defmamba_tiny")
     with pytest.raises(ValueError, match="model_flops runs the model once: build it on a device with values"):
         model_flops(model, 224)
+
+
+def test_the_heads_pooling_counts_in_defmambas_convention_only():
+    """fvcore counts adaptive_avg_pool2d (1 per input element) but not a mean: DefMamba's released counter saw its
+    head's pooling, DAMamba's did not."""
+    final = torch.zeros(1, 8, 3, 2)
+    for pool, expected in ((POOL_ADAPTIVE_AVG, 8 * 3 * 2), (POOL_MEAN, 0)):
+        analysis = FlopCountAnalysis(PooledLinearHead(8, 0, norm_eps=None, pool=pool), final)
+        analysis.unsupported_ops_warnings(False)
+        assert analysis.total() == expected, pool
+    for model, counted in ((DefMamba(embed_dim=16, depths=(1, 1, 1, 1), num_classes=0), True),
+                           (DAMamba(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_classes=0), False)):
+        analysis = FlopCountAnalysis(model.head, torch.zeros(1, model.num_features, 2, 2))
+        analysis.unsupported_ops_warnings(False)
+        pooling = analysis.by_operator().get("adaptive_avg_pool2d", 0)
+        assert pooling == (model.num_features * 2 * 2 if counted else 0), type(model).__name__

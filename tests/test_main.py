@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -728,6 +729,40 @@ def test_accumulating_more_steps_than_an_epoch_has_is_named(data, tmp_path, isol
                 opts=("TRAIN.EPOCHS", "1")) == 0
     assert "TRAIN.ACCUMULATION_STEPS 3 is more than the 2 steps of an epoch: each epoch is one update" in _log(
         tmp_path / "defmamba_tiny" / "short")
+    # Each epoch is one update however the steps divide: the epoch ends at update 1 (steps / accumulation, rounded up).
+    for tag in ("default", "short"):
+        assert ckpt.load_training_checkpoint(tmp_path / "defmamba_tiny" / tag / ckpt.LATEST_NAME)["num_updates"] == 1
+
+
+def test_mid_epoch_checkpoints_are_due_every_save_steps_updates_but_saved_whole_at_the_epochs_end(monkeypatch):
+    saved = []
+    monkeypatch.setattr(main, "save_training_checkpoint", lambda path, state, position, is_main: saved.append(position))
+    best = run_folder.Position(0, 0, 0, 60.0, 55.0)  # the best accuracies so far, which each save carries
+    mid_epoch = main.MidEpochCheckpoints(Path("latest.pth"), None, save_steps=3, steps_per_epoch=6, is_main=True)
+    hook = mid_epoch.step_hook(best)
+    for steps_done in range(1, 7):  # epoch 2 of 6 steps, 12 updates before it (accumulation 1)
+        hook(2, steps_done, 12 + steps_done)
+    # Update 15 (step 3) is saved; update 18 ends the epoch, which is saved whole after its evaluation.
+    assert saved == [run_folder.Position(2, 3, 15, 60.0, 55.0)]
+    assert not main.MidEpochCheckpoints(Path("latest.pth"), None, 0, 6, True).due(6)  # SAVE_STEPS 0: no step saves
+
+
+def test_an_epochs_evaluation_keeps_the_best_accuracies_of_the_model_and_of_its_ema_apart(monkeypatch):
+    model, ema_model = nn.Linear(2, 2), nn.Linear(2, 2)
+    top1 = {}
+    monkeypatch.setattr(main, "evaluate", lambda evaluated, loader, device, amp_dtype: {
+        "acc1": top1[evaluated], "acc5": 100.0, "loss": 0.5})
+    state = run_folder.TrainingState(model, types.SimpleNamespace(module=ema_model), None, None, None, [], 0)
+    run = main.Training(None, state, types.SimpleNamespace(val_loader=None), None, None, 10, None)
+    ctx = main.DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    best = run_folder.Position(3, 0, 30, 75.0, 85.0)
+    for (model_top1, ema_top1), expected, is_best in (((70.0, 80.0), (75.0, 85.0), False),
+                                                      ((78.0, 90.0), (78.0, 90.0), True)):
+        top1.update({model: model_top1, ema_model: ema_top1})
+        outputs, position = main.evaluate_epoch(run, ctx, None, 3, {"loss": 1.0}, best)
+        assert position == run_folder.Position(4, 0, 40, *expected)
+        assert outputs["is_best"] is is_best and outputs["record"]["max_accuracy"] == expected[0]
+        assert (outputs["record"]["val_acc1"], outputs["record"]["ema_acc1"]) == (model_top1, ema_top1)
 
 
 def test_a_run_resumed_on_renamed_class_folders_stops(data, tmp_path, isolated_logging):

@@ -254,6 +254,10 @@ def test_classifier_reset_and_pruning(name):
         assert model(image()).shape == (BATCH, model.num_features)
         kept = model.prune_intermediate_layers(indices=(1,), prune_norm=True)
         assert kept == [1] and len(model.stages) == 2 and len(model.feature_info) == 2
+        # prune_norm: the head's norm is gone (final_norm is the identity), whichever family had one.
+        assert not list(model.head.norm.parameters())
+        last = torch.randn(BATCH, model.num_features, 3, 2, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(model.final_norm(last), last, rtol=0, atol=0)
         assert model.forward_intermediates(image(), indices=kept, intermediates_only=True)[0].shape[1] == (
             model.feature_info[1]["num_chs"]
         )
