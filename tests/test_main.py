@@ -747,6 +747,23 @@ def test_mid_epoch_checkpoints_are_due_every_save_steps_updates_but_saved_whole_
     assert not main.MidEpochCheckpoints(Path("latest.pth"), None, 0, 6, True).due(6)  # SAVE_STEPS 0: no step saves
 
 
+def test_mid_epoch_checkpoints_carry_the_best_accuracy_of_the_epochs_before(data, tmp_path, isolated_logging,
+                                                                             monkeypatch):
+    monkeypatch.setattr(main, "evaluate", lambda model, loader, device, amp_dtype: {"acc1": 40.0, "acc5": 100.0,
+                                                                                   "loss": 1.0})
+    saved, save = [], main.save_training_checkpoint
+
+    def recording(path, state, position, is_main, epoch_outputs=None):
+        saved.append(position)
+        save(path, state, position, is_main, epoch_outputs=epoch_outputs)
+
+    monkeypatch.setattr(main, "save_training_checkpoint", recording)
+    assert _run(data, tmp_path, "--no-model-ema", opts=("TRAIN.EPOCHS", "2", "TRAIN.SAVE_STEPS", "1")) == 0
+    mid_epoch = {epoch: {position.max_accuracy for position in saved if position.epoch == epoch and position.step}
+                 for epoch in (0, 1)}
+    assert mid_epoch == {0: {0.0}, 1: {40.0}}  # epoch 1's saves know epoch 0's evaluation
+
+
 def test_an_epochs_evaluation_keeps_the_best_accuracies_of_the_model_and_of_its_ema_apart(monkeypatch):
     model, ema_model = nn.Linear(2, 2), nn.Linear(2, 2)
     top1 = {}
