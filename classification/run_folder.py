@@ -303,14 +303,14 @@ def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.Path
     keys of its MODEL.<FAMILY> section (all but :data:`REGULARISATION_KEYS`) must match the checkpoint run's config
     ``saved``.
     Another design of the same shapes (a scan branch or deformable component switched, as the ablations do) would
-    load its weights without complaint. The variant's values stand for keys left at None (configs saved before they
-    were spelled out); a key the checkpoint's config lacks (an older version) is not compared.
+    load its weights without complaint. The variant's values stand for keys left at None, on both sides (configs
+    saved before they were spelled out); a key the checkpoint's config lacks (an older version) is not compared.
 
     Raises:
         TrainingCheckpointError: A design key differs; the message names each.
     """
     if saved.MODEL.TYPE == config.MODEL.TYPE:
-        saved = with_variant_values(saved)
+        saved, config = with_variant_values(saved), with_variant_values(config)
     saved_items, items = _flat_items(saved), _flat_items(config)
     section = f"MODEL.{MODEL_SECTIONS.get(config.MODEL.TYPE, '')}."
     design = ["MODEL.TYPE"] + [key for key in items
