@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from classification.config import AMP_DTYPES, AMP_MODES, SCAN_BACKENDS, ConfigError, get_config, mesa_weight
-from classification.data.build import Data, DatasetError, build_eval_loader, build_loader
+from classification.data.build import VAL_SPLIT, Data, DatasetError, build_eval_loader, build_loader, dataset_root
 from classification.engine import (
     NonFiniteLossError,
     StepHook,
@@ -193,6 +193,9 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
                                trained_classes=weights.classes)
     ema_model = weights.ema_model
     metrics = evaluate(model, loader, ctx.device, amp_dtype)
+    if metrics["count"] == 0:  # every image unreadable: a top-1 of 0% would be recorded as a result
+        raise DatasetError(f"none of the {metrics['skipped_images']} validation images in "
+                           f"{dataset_root(config) / VAL_SPLIT} could be read: nothing was scored")
     released = model_flops(model, config.DATA.IMG_SIZE)
     complete = model_flops(model, config.DATA.IMG_SIZE, include_scan=True, include_sampling=True)
     logger.info("eval on %d images: top-1 %.2f%% top-5 %.2f%% loss %.4f | params %d | GFLOPs %.4g (release's "
@@ -577,6 +580,9 @@ def run(config: CfgNode, ctx: DistributedContext, output_dir: Path, mode: str,
         model.set_grad_checkpointing(True)
     model.to(ctx.device)  # the weights come later: --eval's (load_eval_weights), training's (--pretrained or resume)
     if mode == "throughput":
+        if config.MODEL.PRETRAINED or config.MODEL.RESUME:
+            logger.info("--throughput times random weights (the speed does not depend on them): MODEL.PRETRAINED / "
+                        "MODEL.RESUME are not read")
         run_throughput(config, ctx, model, amp_dtype)
         return 0
     if mode == "eval":

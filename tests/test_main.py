@@ -114,9 +114,22 @@ def test_eval_needs_weights_then_scores_the_runs_newest_checkpoint_and_its_ema(d
             f"{finetune_dir} (newest: checkpoint_") in _log(finetune_dir, "eval")
     assert _run(data, tmp_path, "--throughput", opts=("THROUGHPUT_ITERS", "2")) == 0
     log = _log(run_dir, "throughput")
+    assert "MODEL.PRETRAINED / MODEL.RESUME are not read" not in log
+    # A val/ whose every image is unreadable: nothing scored is an error, not a top-1 of 0%.
+    unreadable = tmp_path / "unreadable"
+    for label in ("class0", "class1"):
+        (unreadable / "val" / label).mkdir(parents=True)
+        (unreadable / "val" / label / "0.png").write_bytes(b"not a png")
+    assert _run(unreadable, tmp_path, "--eval", "--no-model-ema", "--tag", "unreadable",
+                "--pretrained", str(run_dir / ckpt.LATEST_NAME)) == 2
+    assert (f"ERROR: none of the 2 validation images in {unreadable / 'val'} could be read: nothing was scored"
+            in _log(tmp_path / "defmamba_tiny" / "unreadable", "eval"))
     assert re.search(r"throughput: \d+\.\d images/s \(batch 4, 32x32, amp off\) on cpu", log)
     assert "AMP fp16 on the CPU" not in log
-    assert _run(data, tmp_path, "--throughput", "--tag", "fp16", "--amp", "fp16", opts=("THROUGHPUT_ITERS", "1")) == 0
+    assert _run(data, tmp_path, "--throughput", "--tag", "fp16", "--amp", "fp16", "--pretrained", "absent.pth",
+                opts=("THROUGHPUT_ITERS", "1")) == 0
+    assert "--throughput times random weights (the speed does not depend on them): MODEL.PRETRAINED / MODEL.RESUME " \
+           "are not read" in _log(tmp_path / "defmamba_tiny" / "fp16", "throughput")
     assert "AMP fp16 on the CPU: autocast to float16 runs slowly" in _log(tmp_path / "defmamba_tiny" / "fp16",
                                                                          "throughput")
 
