@@ -1,5 +1,6 @@
 """load_checkpoint: released and own formats, wrappers, clear errors; the converter is a pure renaming."""
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -140,12 +141,16 @@ def test_weights_only_names_what_it_refuses(tmp_path, released):
 
 
 def test_new_classifier_keeps_the_models_own_when_the_class_count_differs(released, caplog):
-    with pytest.raises(CheckpointError, match=r"shape mismatches \[head\.fc\.weight.*only the classifier differs "
-                       r"\(another number of classes\): new_classifier=True loads the rest"):
+    classes = released["classifier.head.weight"].shape[0]
+    with pytest.raises(CheckpointError, match=rf"shape mismatches \[head\.fc\.weight.*only the classifier differs: "
+                                              rf"it has {classes} classes; build the model with as many to use it "
+                                              r"\(MODEL.NUM_CLASSES\), or load with new_classifier=True"):
         load_checkpoint(small_model(num_classes=12), released)
-    with pytest.raises(CheckpointError) as other_width:  # more than the classifier: no such hint
+    with pytest.raises(CheckpointError) as other_width:  # more than the classifier: another variant, said first
         load_checkpoint(small_model(embed_dim=32, num_classes=12), released)
     assert "only the classifier differs" not in str(other_width.value)
+    assert re.search(r"does not fit DefMamba: its weights have the model's names but other shapes: a checkpoint of "
+                     r"other widths or depths\? .* \d+ shape mismatches", str(other_width.value))
     model = small_model(num_classes=12)
     initial_head = {key: value.clone() for key, value in model.state_dict().items() if key.startswith("head.fc.")}
     with caplog.at_level(logging.WARNING):

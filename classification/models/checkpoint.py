@@ -246,6 +246,15 @@ def _likely_mismatch(checkpoint: object, model: nn.Module) -> str:
     return f"a checkpoint of another model family (its config says MODEL.NAME {trained_as})"
 
 
+def _other_shapes(checkpoint: object) -> str:
+    """Why a checkpoint has this model's keys in other shapes: another variant of the family (named when its config
+    says which)."""
+    trained_as = _trained_model_name(checkpoint)
+    named = f" (its config says MODEL.NAME {trained_as})" if trained_as else ""
+    return (f"its weights have the model's names but other shapes: a checkpoint of other widths or depths{named}? "
+            "Build the model it was trained as (its variant, or its run's config.yaml as --cfg)")
+
+
 def _listing(keys: list[str]) -> str:
     return f"[{abbreviate(keys, MAX_LISTED_KEYS)}]"
 
@@ -303,8 +312,12 @@ def load_checkpoint(
         problems.append(f"{len(mismatched)} shape mismatches {_listing(mismatched)}")
         classifier = _classifier_prefix(model)
         if classifier and all(key.startswith(classifier) for key in mismatched_keys):
-            problems.append("only the classifier differs (another number of classes): new_classifier=True loads the "
-                            "rest and keeps the model's own classifier, as --pretrained does")
+            classes = state_dict[f"{classifier}weight"].shape[0] if f"{classifier}weight" in state_dict else None
+            problems.append(f"only the classifier differs: it has {classes} classes; build the model with as many "
+                            "to use it (MODEL.NUM_CLASSES), or load with new_classifier=True to keep the model's own "
+                            "for fine-tuning (as --pretrained does)")
+        elif len(missing) < len(expected) * MOSTLY_FOREIGN_FRACTION:  # the same keys, other shapes
+            problems.insert(0, _other_shapes(checkpoint))
     if strict and missing:
         problems.append(f"{len(missing)} missing keys {_listing(missing)}")
     if strict and unexpected:
