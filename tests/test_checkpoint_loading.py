@@ -73,6 +73,12 @@ def test_use_ema_picks_the_ema_weights(released):
     assert_weights_equal(model, released)
     with pytest.raises(CheckpointError, match="model_ema"):
         load_checkpoint(model, {"model": released}, use_ema=True)
+    # A file of EMA weights alone: the error says how to load them.
+    with pytest.raises(CheckpointError, match=r"it holds only EMA weights: load them with use_ema=True"):
+        load_checkpoint(small_model(), {"model_ema": released, "epoch": 3})
+    model = small_model()
+    load_checkpoint(model, {"model_ema": released, "epoch": 3}, use_ema=True)
+    assert_weights_equal(model, released)
     # timm's names: state_dict and state_dict_ema; "model" is preferred to "state_dict" when both are there.
     model = small_model()
     assert has_ema_weights({"state_dict": noisy, "state_dict_ema": released})
@@ -97,7 +103,8 @@ def test_missing_corrupt_and_truncated_files(tmp_path, released):
     model = small_model()
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(model, tmp_path / "nope.pth")
-    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a folder: give a checkpoint file, e\.g\. .*latest"):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a folder: give a checkpoint file \(this folder holds no "
+                                              r"\.pth file\)"):
         load_checkpoint(model, tmp_path)
     path = tmp_path / "full.pth"
     torch.save({"model": released}, path)

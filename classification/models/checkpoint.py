@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from classification.utils.checkpoint import LATEST_NAME, DamagedCheckpointError, verify_records
+from classification.utils.checkpoint import DamagedCheckpointError, folder_given, verify_records
 from classification.utils.messages import abbreviate
 
 from .registry import model_class
@@ -131,7 +131,7 @@ def check_checkpoint_file(path: str | PathLike) -> None:
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder: give a checkpoint file, e.g. {path / LATEST_NAME}")
+        raise CheckpointError(folder_given(path))
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
@@ -205,9 +205,12 @@ def extract_state_dict(checkpoint: Mapping[str, object], use_ema: bool = False) 
             )
         state_dict = checkpoint
     if not _is_state_dict(state_dict):
+        ema_only = not use_ema and has_ema_weights(checkpoint)
         raise CheckpointError(
             f"no state dict found: expected a dict of tensors or one of the entries {STATE_DICT_ENTRIES}, "
             f"got entries {_listing(sorted(map(str, checkpoint)))}"
+            + ("; it holds only EMA weights: load them with use_ema=True (visualize.py --use-ema), or save them as "
+               "its 'model' entry" if ema_only else "")
         )
     return {_unwrapped_key(key): value for key, value in state_dict.items()}
 

@@ -188,6 +188,14 @@ class CheckpointAccessError(TrainingCheckpointError):
     auto-resume stops instead of falling back to an older checkpoint and overwriting the newer progress."""
 
 
+def folder_given(path: str | os.PathLike) -> str:
+    """The message for a folder given where a checkpoint file is wanted: the folder's newest ``.pth`` file as the
+    example, or that it holds none."""
+    candidates = sorted(Path(path).glob("*.pth"), key=modification_time)
+    example = f", e.g. {candidates[-1]}" if candidates else " (this folder holds no .pth file)"
+    return f"{path} is a folder: give a checkpoint file{example}"
+
+
 def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) -> dict:
     """Loads a training checkpoint on the CPU (memory-mapped: tensors are read when used) and checks that it holds
     :data:`REQUIRED_KEYS`.
@@ -202,7 +210,7 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         TrainingCheckpointError: The file is corrupt or lacks a required key.
     """
     if Path(path).is_dir():
-        raise TrainingCheckpointError(f"{path} is a folder: give a checkpoint file, e.g. {Path(path) / LATEST_NAME}")
+        raise TrainingCheckpointError(folder_given(path))
     try:
         if check_crc:
             verify_records(path)
