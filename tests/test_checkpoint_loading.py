@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 from classification.models import CheckpointError, DefMamba, create_model, has_ema_weights, load_checkpoint
@@ -110,8 +111,12 @@ def test_missing_corrupt_and_truncated_files(tmp_path, released):
     torch.save({"model": released}, path)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    truncated_error = r"truncated\.pth is truncated: a torch\.save file without its end"
+    with pytest.raises(CheckpointError, match=truncated_error):
         load_checkpoint(model, truncated)
+    with pytest.raises(CheckpointError, match=truncated_error):  # timm's route too, which reads the file itself
+        timm.create_model("defmamba_tiny", pretrained=True, **SMALL,
+                          pretrained_cfg_overlay=dict(file=str(truncated), num_classes=SMALL["num_classes"]))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):

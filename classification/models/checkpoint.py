@@ -24,7 +24,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from classification.utils.checkpoint import DamagedCheckpointError, folder_given, verify_records
+from classification.utils.checkpoint import (
+    TRUNCATED,
+    DamagedCheckpointError,
+    folder_given,
+    is_truncated_archive,
+    verify_records,
+)
 from classification.utils.messages import abbreviate
 
 from .registry import model_class
@@ -136,10 +142,13 @@ def check_checkpoint_file(path: str | PathLike) -> None:
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
         verify_records(path)
+        truncated = is_truncated_archive(path)  # torch.load's own error would not say so (timm's route reads it)
     except DamagedCheckpointError as err:
         raise CheckpointError(str(err)) from err
     except (OSError, zipfile.BadZipFile) as err:
         raise _unreadable(path, err) from err
+    if truncated:
+        raise CheckpointError(f"checkpoint {path} is {TRUNCATED}")
 
 
 def read_checkpoint(path: str | PathLike, weights_only: bool = False, check_crc: bool = True) -> object:

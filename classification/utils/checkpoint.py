@@ -77,6 +77,16 @@ def first_crc_mismatch(path: str | os.PathLike) -> str | None:
     return None
 
 
+TRUNCATED = "truncated: a torch.save file without its end (the zip directory)"
+
+
+def is_truncated_archive(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as a zip archive (as torch.save writes) but lacks its end: an interrupted copy."""
+    with open(path, "rb") as stream:
+        starts_as_zip = stream.read(len(ZIP_LOCAL_HEADER_SIGNATURE)) == ZIP_LOCAL_HEADER_SIGNATURE
+    return starts_as_zip and not zipfile.is_zipfile(path)
+
+
 class DamagedCheckpointError(ValueError):
     """A ``torch.save`` file with a damaged record (:func:`first_crc_mismatch`); the message names file and record."""
 
@@ -225,9 +235,7 @@ def load_training_checkpoint(path: str | os.PathLike, check_crc: bool = True) ->
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
     except LOAD_ERRORS as err:
         if not zipfile.is_zipfile(path):  # torch's own message would suggest re-saving it with another option
-            with open(path, "rb") as stream:
-                starts_as_zip = stream.read(len(ZIP_LOCAL_HEADER_SIGNATURE)) == ZIP_LOCAL_HEADER_SIGNATURE
-            what = ("truncated: a torch.save file without its end (the zip directory)" if starts_as_zip
+            what = (TRUNCATED if is_truncated_archive(path)
                     else "not a training checkpoint: not a file torch.save wrote (a zip archive)")
             raise TrainingCheckpointError(f"{path} is {what}") from err
         raise TrainingCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from err
