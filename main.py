@@ -202,7 +202,7 @@ def run_eval(config: CfgNode, ctx: DistributedContext, model: nn.Module, amp_dty
                 "counter convention), %.4g (scan and sampling included) at %dx%d", metrics["count"], metrics["acc1"],
                 metrics["acc5"], metrics["loss"], count_parameters(model), released / 1e9, complete / 1e9,
                 config.DATA.IMG_SIZE, config.DATA.IMG_SIZE)
-    if metrics["skipped_images"]:
+    if metrics["skipped_images"] and ctx.is_main:  # a count over all ranks: said once
         logger.warning("%d unreadable validation images were left out", metrics["skipped_images"])
     if ema_model is not None:
         ema_metrics = evaluate(ema_model, loader, ctx.device, amp_dtype)
