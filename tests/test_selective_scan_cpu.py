@@ -6,6 +6,8 @@ DEFMAMBA_ALLOW_NO_CPU_KERNEL=1 to skip them on a machine that cannot build it.
 import functools
 import math
 import os
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +33,7 @@ CPU_CASES = CASES + (
 # The kernel's own float32 functions, at most this many ULPs off (README: exp 1, softplus 3.1, its derivative 2.2).
 FLOAT32_ULPS = {"exp": 1.0, "softplus": 3.1, "sigmoid": 2.2}
 ISAS = ("avx2", "generic")
+MIN_SCAN_SECONDS = 0.3  # how long the GIL test keeps scanning
 
 
 @pytest.fixture(autouse=True)
@@ -260,3 +263,30 @@ def test_set_isa_switches_the_kernels_that_run() -> None:
 def test_unavailable_reason_names_the_build_command() -> None:
     assert "make kernels-cpu" in selective_scan_cpu.unavailable_reason()
     assert selective_scan_cpu.instruction_set() in ISAS
+
+
+def test_the_scans_let_other_python_threads_run() -> None:
+    """The kernel releases the GIL while it scans: a thread ticking every millisecond keeps ticking. Holding it, the
+    thread would tick only between calls, about once per call."""
+    case = ScanCase(batch=4, channels=48, length=3136, state_size=16, groups=3)
+    inputs = make_inputs(case, dtype=torch.float32)
+    leaves = [value for value in inputs.values() if value is not None]
+    stop, ticks = threading.Event(), []
+
+    def tick() -> None:
+        while not stop.is_set():
+            time.sleep(0.001)
+            ticks.append(None)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    calls, start = 0, time.perf_counter()
+    try:
+        while time.perf_counter() - start < MIN_SCAN_SECONDS or calls < 2:
+            y = selective_scan_fn(**inputs, delta_softplus=True, backend="cpu")
+            torch.autograd.grad(y.sum(), leaves)  # the forward and the backward kernel
+            calls += 1
+    finally:
+        stop.set()
+        ticker.join()
+    assert len(ticks) > 4 * calls + 20, (len(ticks), calls)

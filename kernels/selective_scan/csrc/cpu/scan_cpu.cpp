@@ -1,6 +1,6 @@
 // Python binding of the CPU selective scan (module defmamba_scan_cpu): input checks, buffers, the parallel loops and
 // the fixed-order reductions. The per-task kernels are in scan_kernel.h; the instruction set (avx2 or generic) is
-// picked once at run time.
+// chosen when the module loads, and set_isa switches it (tests; not while a scan runs).
 //
 // Determinism: forward tasks are (batch, channel) rows and write disjoint outputs; backward tasks are (batch, group,
 // channel block) with the block count a function of the shape only, each writing its own partial buffers, which are
@@ -246,13 +246,16 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_in, const at::Tensor& u_in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Selective scan on the CPU: grouped forward and backward (float32 and float64)";
+  // The scans release Python's GIL (their arguments are converted before, their results after): other Python
+  // threads (logging, a TensorBoard writer, a pin-memory thread) run meanwhile.
   m.def("forward", &defmamba_scan::forward, "y, checkpoints = forward(u, delta, A, B, C, D, delta_bias, "
         "delta_softplus, save_checkpoints)", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
-        py::arg("D"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("save_checkpoints"));
+        py::arg("D"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("save_checkpoints"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward", &defmamba_scan::backward, "du, ddelta, dA, dB, dC, dD, ddelta_bias = backward(dy, u, delta, A, "
         "B, C, D, delta_bias, delta_softplus, checkpoints)", py::arg("dy"), py::arg("u"), py::arg("delta"),
         py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("delta_softplus"),
-        py::arg("checkpoints"));
+        py::arg("checkpoints"), py::call_guard<py::gil_scoped_release>());
   m.def("isa", &defmamba_scan::isa, "the instruction set the kernels run with: 'avx2' or 'generic'");
   m.def("set_isa", &defmamba_scan::set_isa, "run the 'generic' kernels, or the 'avx2' ones where supported (tests)",
         py::arg("name"));

@@ -22,7 +22,8 @@ template <typename scalar_t>
 constexpr scalar_t kSoftplusThreshold = scalar_t(20);
 
 // Eight float32 lanes (GCC/Clang vector extensions): AVX2 registers in scan_avx2.cpp, pairs of SSE2/NEON registers
-// in scan_generic.cpp. Used for the nstate values of one channel when nstate is a multiple of kFloatLanes.
+// in scan_generic.cpp. Used for the nstate values of one channel on the nstate = 16 path (two vectors); other nstate
+// values but 1 take the scalar path (forward_dispatch).
 constexpr int64_t kFloatLanes = 8;
 using vfloat = float __attribute__((vector_size(kFloatLanes * sizeof(float))));
 using vint = int32_t __attribute__((vector_size(kFloatLanes * sizeof(int32_t))));
