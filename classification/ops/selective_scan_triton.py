@@ -113,7 +113,7 @@ def unavailable_reason() -> str:
 if triton is not None:
     # Above this pre-activation softplus(x) is taken as x, like torch.nn.functional.softplus.
     _SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
-    # _exp_float32: 1 / ln 2; ln 2 split into a part with 16 significant bits (n * _LN2_HIGH is exact for the n of
+    # _exp_accurate: 1 / ln 2; ln 2 split into a part with 16 significant bits (n * _LN2_HIGH is exact for the n of
     # float32's range) and the rest; the x where n stays in float32's normal exponents (-126..127 after rounding).
     _INV_LN2 = tl.constexpr(1.4426950408889634)
     _LN2_HIGH = tl.constexpr(0.693145751953125)
@@ -123,16 +123,30 @@ if triton is not None:
     _FLOAT32_MANTISSA_BITS = tl.constexpr(23)
 
     @triton.jit
-    def _exp_float32(x):
-        """exp(x) of a float32 tensor to a few ulp, for softplus and its derivative (once per step and channel). On a
-        GPU tl.exp is ex2.approx of x * log2(e) rounded to float32, off by up to |x| ulp (17 at x = -30; the
-        decays exp(dt * A) keep it: the size of the rounding already in dt * A). Here x = n ln 2 + r with n an integer
-        and |r| <= ln 2 / 2 taken exactly (Cody and Waite), so only tl.exp(r)'s ~2 ulp remain, times 2^n built from
-        its bits. Past |x| = 87 (0 or inf ahead, and NaN) tl.exp(x) as it is."""
-        n = tl.floor(x * _INV_LN2 + 0.5)
-        r = (x - n * _LN2_HIGH) - n * _LN2_LOW
-        power = ((n.to(tl.int32) + _FLOAT32_EXPONENT_BIAS) << _FLOAT32_MANTISSA_BITS).to(tl.float32, bitcast=True)
-        return tl.where(tl.abs(x) <= _EXP_REDUCED_RANGE, power * tl.exp(r), tl.exp(x))
+    def _exp_accurate(x):
+        """exp(x) to a few ulp, for softplus and its derivative (once per step and channel). On a GPU a float32 tl.exp
+        is ex2.approx of x * log2(e) rounded to float32, off by up to |x| ulp (17 at x = -30; the decays exp(dt * A)
+        keep it: the size of the rounding already in dt * A). In float32, x = n ln 2 + r with n an integer and
+        |r| <= ln 2 / 2 taken exactly (Cody and Waite), so only tl.exp(r)'s ~2 ulp remain, times 2^n built from its
+        bits; past |x| = 87 (0 or inf ahead, and NaN) tl.exp(x) as it is. float64 takes tl.exp (libdevice's exp)."""
+        if x.dtype == tl.float32:
+            n = tl.floor(x * _INV_LN2 + 0.5)
+            r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+            power = ((n.to(tl.int32) + _FLOAT32_EXPONENT_BIAS) << _FLOAT32_MANTISSA_BITS).to(tl.float32, bitcast=True)
+            result = tl.where(tl.abs(x) <= _EXP_REDUCED_RANGE, power * tl.exp(r), tl.exp(x))
+        else:
+            result = tl.exp(x)
+        return result
+
+    @triton.jit
+    def _divide(numerator, denominator):
+        """numerator / denominator correctly rounded: a float32 `/` is an approximate division on a GPU (float64's is
+        exact)."""
+        if numerator.dtype == tl.float32:
+            quotient = tl.math.div_rn(numerator, denominator)
+        else:
+            quotient = numerator / denominator
+        return quotient
 
     @triton.jit
     def _compose(a_first, b_first, a_second, b_second):
@@ -146,19 +160,12 @@ if triton is not None:
         mask = row_mask[:, None] & (t[None, :] >= 0) & (t[None, :] < L)
         x = tl.load(delta_ptr + row_offsets[:, None] + t[None, :], mask=mask, other=0.0) + bias[:, None]
         if SOFTPLUS:
-            if x.dtype == tl.float32:  # correctly rounded divisions: a float32 `/` is approximate on a GPU
-                e = _exp_float32(x)
-                w = 1.0 + e
-                log1p_e = tl.math.div_rn(tl.log(w) * e, w - 1.0)
-                sigmoid = tl.math.div_rn(e, w)
-            else:
-                e = tl.exp(x)
-                w = 1.0 + e
-                log1p_e = tl.log(w) * e / (w - 1.0)
-                sigmoid = e / w
+            e = _exp_accurate(x)
+            w = 1.0 + e
             # log1p(e) without cancellation: log(w) * e / (w - 1) corrects the rounding of w = 1 + e.
-            dt = tl.where(x > _SOFTPLUS_THRESHOLD, x, tl.where(w == 1.0, e, log1p_e))
-            dt_grad = tl.where(x > _SOFTPLUS_THRESHOLD, 1.0, sigmoid)
+            log1p_e = tl.where(w == 1.0, e, _divide(tl.log(w) * e, w - 1.0))
+            dt = tl.where(x > _SOFTPLUS_THRESHOLD, x, log1p_e)
+            dt_grad = tl.where(x > _SOFTPLUS_THRESHOLD, 1.0, _divide(e, w))
         else:
             dt = x
             dt_grad = tl.full(x.shape, 1.0, x.dtype)
