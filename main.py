@@ -57,7 +57,7 @@ from classification.run_folder import (
     Position,
     RunFolderBusyError,
     TrainingState,
-    check_same_design,
+    check_checkpoint_design,
     choose_resume_checkpoint,
     finish_epoch,
     in_run_folder,
@@ -229,7 +229,7 @@ def load_eval_weights(config: CfgNode, ctx: DistributedContext, model: nn.Module
         path, picked = newest[0], True
         logger.info("--eval without --resume or --pretrained: evaluating the run's newest checkpoint, %s", path)
     checkpoint = read_checkpoint(path, check_crc=not picked)  # the pick's records were just checked
-    check_same_design(checkpoint, config, path)  # weights of another design of the same shapes would load silently
+    check_checkpoint_design(checkpoint, config, path)  # another design's weights of the same shapes load silently
     load_weights(model, checkpoint, path)
     logger.info("loaded weights from %s", path)
     classes = trained_classes(checkpoint)

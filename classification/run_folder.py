@@ -298,7 +298,7 @@ def check_mid_epoch_position(checkpoint: dict, saved: CfgNode, path: str | os.Pa
         )
 
 
-def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.PathLike) -> None:
+def check_same_design(saved: CfgNode, config: CfgNode, path: str | os.PathLike) -> None:
     """A checkpoint of ours is resumed or evaluated only as the model it was trained as: MODEL.TYPE and the design
     keys of its MODEL.<FAMILY> section (all but :data:`REGULARISATION_KEYS`) must match the checkpoint run's config
     ``saved``.
@@ -324,11 +324,11 @@ def check_same_architecture(saved: CfgNode, config: CfgNode, path: str | os.Path
             "(another --tag), from these weights with --pretrained if wanted")
 
 
-def check_same_design(checkpoint: object, config: CfgNode, path: str | os.PathLike) -> None:
-    """:func:`check_same_architecture` for a checkpoint that carries its run's config (ours: training checkpoints and
+def check_checkpoint_design(checkpoint: object, config: CfgNode, path: str | os.PathLike) -> None:
+    """:func:`check_same_design` for a checkpoint that carries its run's config (ours: training checkpoints and
     ``model_ema.pth``); other weights (released ones, bare state dicts) are not checked."""
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), str):
-        check_same_architecture(saved_config(checkpoint), config, path)
+        check_same_design(saved_config(checkpoint), config, path)
 
 
 def check_same_classes(saved: list[str] | None, classes: list[str], path: str | os.PathLike) -> None:
@@ -366,7 +366,7 @@ def resume_training(path: str, state: TrainingState, ctx: DistributedContext, lr
     config, model, model_ema, optimizer = state.config, state.model, state.model_ema, state.optimizer
     checkpoint = ckpt.load_training_checkpoint(path, check_crc)
     saved = saved_config(checkpoint)
-    check_same_architecture(saved, config, path)
+    check_same_design(saved, config, path)
     check_same_classes(trained_classes(checkpoint), state.classes, path)  # before: it says more than an image count
     check_mid_epoch_position(checkpoint, saved, path, config, ctx.world_size, state.train_images)
     epoch, step = checkpoint["epoch"], checkpoint["step"]

@@ -665,7 +665,7 @@ def test_a_dataset_error_in_a_loader_worker_is_one_line(data, tmp_path, isolated
 def test_resume_compares_the_design_with_the_variants_values_standing_for_unset_keys():
     """A checkpoint's config from before the variant's values were spelled out (keys at None) is the same design as
     today's spelled-out config of that variant; a switched scan component is not, nor another family."""
-    check = run_folder.check_same_architecture
+    check = run_folder.check_same_design
     spelled_out = main.resolve_model_config(get_config(argparse.Namespace(), world_size=1))  # defmamba_tiny
     unset = get_defaults()  # EMBED_DIM, DEPTHS, DROP_PATH_RATE at None
     assert unset.MODEL.DEFMAMBA.EMBED_DIM is None and spelled_out.MODEL.DEFMAMBA.EMBED_DIM == 48
